@@ -1,0 +1,3 @@
+from earlyfw.cli import main
+
+main()

@@ -1,0 +1,322 @@
+"""The one typed configuration model, validated once at the edge.
+
+Nothing reaches a template, a shell script or an nft ruleset that did not pass
+through `Config.from_dict`: every field here is already a strict type (an
+ipaddress object, an int in range, an enum member, an interface name matching a
+conservative pattern), so the templates can interpolate without escaping.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+
+from earlyfw.errors import ConfigError
+
+E = TypeVar("E", bound=StrEnum)
+
+DEFAULT_CONFIG_PATH = Path("/etc/earlyfw/earlyfw.toml")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Linux allows almost any byte in an interface name; earlyfw accepts the subset
+# that is safe unquoted in nft, shell, systemd and pf, and refuses the rest.
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+IFNAMSIZ = 16  # including the trailing NUL, so 15 usable bytes
+
+DEFAULT_REJECT_AFTER_SECONDS = 180  # WireGuard's REJECT_AFTER_TIME
+
+
+class TunnelKind(StrEnum):
+    WIREGUARD = "wireguard"
+    OPENVPN = "openvpn"
+    MANUAL = "manual"
+
+    @property
+    def default_interface(self) -> str:
+        return {"wireguard": "wg0", "openvpn": "tun0", "manual": "tun0"}[self.value]
+
+
+class Protocol(StrEnum):
+    UDP = "udp"
+    TCP = "tcp"
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    address: IPAddress
+    port: int
+    protocol: Protocol = Protocol.UDP
+
+    @property
+    def family(self) -> int:
+        return self.address.version
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class Config:
+    tunnel_kind: TunnelKind
+    interface: str
+    endpoints: tuple[Endpoint, ...]
+    dns_servers: tuple[IPAddress, ...] = ()
+    lan_allow: bool = False
+    # Physical interfaces whose raw-socket (AF_PACKET) egress is filtered too.
+    egress_interfaces: tuple[str, ...] = ()
+    # Hosts reachable from inside the initramfs only (NFS root, Tang, dropbear).
+    initramfs_allow: tuple[Endpoint, ...] = ()
+    reject_after_seconds: int = DEFAULT_REJECT_AFTER_SECONDS
+    source: Path | None = field(default=None, compare=False)
+
+    def endpoints_of(self, version: int) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.endpoints if e.family == version)
+
+    def dns_of(self, version: int) -> tuple[IPAddress, ...]:
+        return tuple(a for a in self.dns_servers if a.version == version)
+
+    def initramfs_allow_of(self, version: int) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.initramfs_allow if e.family == version)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: Path | None = None) -> Config:
+        doc = _Doc(data, "")
+        doc.only({"tunnel", "endpoint", "dns", "lan", "egress", "initramfs", "watch"})
+
+        tunnel = doc.table("tunnel", required=True)
+        tunnel.only({"kind", "interface"})
+        kind = tunnel.enum("kind", TunnelKind, default=TunnelKind.WIREGUARD)
+        interface = tunnel.interface("interface", default=kind.default_interface)
+
+        endpoints = tuple(_endpoint(e) for e in doc.array_of_tables("endpoint", required=True))
+        if not endpoints:
+            raise ConfigError("endpoint: at least one [[endpoint]] is required", hint=_ENDPOINT_HINT)
+        _no_duplicates("endpoint", endpoints)
+
+        dns = doc.table("dns")
+        dns.only({"servers"})
+        servers = tuple(_address(f"dns.servers[{i}]", value) for i, value in enumerate(dns.items("servers")))
+
+        lan = doc.table("lan")
+        lan.only({"allow"})
+
+        egress = doc.table("egress")
+        egress.only({"interfaces"})
+        egress_interfaces = tuple(
+            _interface_name(f"egress.interfaces[{i}]", value) for i, value in enumerate(egress.items("interfaces"))
+        )
+        if interface in egress_interfaces:
+            raise ConfigError(
+                f"egress.interfaces: {interface!r} is the tunnel interface",
+                hint="list the physical interfaces (e.g. eth0, wlan0), never the tunnel",
+            )
+
+        initramfs = doc.table("initramfs")
+        initramfs.only({"allow"})
+        initramfs_allow = tuple(_endpoint(e) for e in initramfs.array_of_tables("allow"))
+
+        watch = doc.table("watch")
+        watch.only({"reject_after_seconds"})
+        reject_after = watch.integer("reject_after_seconds", default=DEFAULT_REJECT_AFTER_SECONDS, low=1, high=86400)
+
+        return cls(
+            tunnel_kind=kind,
+            interface=interface,
+            endpoints=endpoints,
+            dns_servers=servers,
+            lan_allow=lan.boolean("allow", default=False),
+            egress_interfaces=egress_interfaces,
+            initramfs_allow=initramfs_allow,
+            reject_after_seconds=reject_after,
+            source=source,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML document that `from_dict` reads back to an equal Config."""
+        data: dict[str, Any] = {
+            "tunnel": {"kind": str(self.tunnel_kind), "interface": self.interface},
+            "endpoint": [_endpoint_dict(e) for e in self.endpoints],
+            "dns": {"servers": [str(a) for a in self.dns_servers]},
+            "lan": {"allow": self.lan_allow},
+        }
+        if self.egress_interfaces:
+            data["egress"] = {"interfaces": list(self.egress_interfaces)}
+        if self.initramfs_allow:
+            data["initramfs"] = {"allow": [_endpoint_dict(e) for e in self.initramfs_allow]}
+        if self.reject_after_seconds != DEFAULT_REJECT_AFTER_SECONDS:
+            data["watch"] = {"reject_after_seconds": self.reject_after_seconds}
+        return data
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such config file",
+            hint="create one (see payload/examples/earlyfw.toml) or `earlyfw import wg /etc/wireguard/wg0.conf`",
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    return parse(text, source=path)
+
+
+def parse(text: str, *, source: Path | None = None) -> Config:
+    where = f"{source}: " if source else ""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}not valid TOML: {e}") from None
+    try:
+        return Config.from_dict(data, source=source)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}", hint=e.hint) from None
+
+
+_ENDPOINT_HINT = 'add e.g. [[endpoint]] address = "198.51.100.7" port = 51820 protocol = "udp"'
+
+
+def _endpoint(doc: _Doc) -> Endpoint:
+    doc.only({"address", "port", "protocol"})
+    return Endpoint(
+        address=_address(doc.key("address"), doc.get("address", required=True)),
+        port=doc.integer("port", required=True, low=1, high=65535),
+        protocol=doc.enum("protocol", Protocol, default=Protocol.UDP),
+    )
+
+
+def _endpoint_dict(e: Endpoint) -> dict[str, Any]:
+    return {"address": str(e.address), "port": e.port, "protocol": str(e.protocol)}
+
+
+def _no_duplicates(key: str, items: Iterable[object]) -> None:
+    seen: set[object] = set()
+    for item in items:
+        if item in seen:
+            raise ConfigError(f"{key}: {item} is listed twice")
+        seen.add(item)
+
+
+def _address(key: str, value: object) -> IPAddress:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected an IP address string, got {_show(value)}")
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            raise ConfigError(f"{key}: {value!r} carries a zone index", hint="give the address without %zone")
+        if address.is_unspecified or address.is_multicast:
+            raise ConfigError(f"{key}: {value!r} is not a host address")
+        return address
+    if "/" in value:
+        raise ConfigError(
+            f"{key}: {value!r} is a network (CIDR), not an address",
+            hint="give a single host address without /prefix",
+        )
+    if re.fullmatch(r"[A-Za-z0-9.-]+", value) and not value.replace(".", "").isdigit():
+        raise ConfigError(
+            f"{key}: {value!r} is a hostname; earlyfw needs an IP address",
+            hint=f"resolve it first (getent ahosts {value}) and list each address: "
+            "the firewall must not depend on DNS, which it blocks",
+        )
+    raise ConfigError(f"{key}: {value!r} is not an IPv4 or IPv6 address")
+
+
+def _interface_name(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected an interface name string, got {_show(value)}")
+    if len(value.encode()) >= IFNAMSIZ:
+        raise ConfigError(f"{key}: {value!r} is {len(value.encode())} bytes; Linux interface names are at most 15")
+    if value in {".", ".."} or not _IFNAME.fullmatch(value):
+        raise ConfigError(
+            f"{key}: {value!r} is not an interface name earlyfw accepts",
+            hint="use letters, digits, '_', '.' and '-', starting with a letter, digit or '_'",
+        )
+    return value
+
+
+def _show(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+class _Doc:
+    """A view of one TOML table that knows its dotted key for error messages."""
+
+    def __init__(self, data: object, prefix: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{prefix.rstrip('.')}: expected a table, got {_show(data)}")
+        self.data: Mapping[str, Any] = data
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def only(self, allowed: set[str]) -> None:
+        for name in self.data:
+            if name not in allowed:
+                raise ConfigError(
+                    f"{self.key(name)}: unknown key",
+                    hint=f"known keys here: {', '.join(sorted(allowed))}",
+                )
+
+    def get(self, name: str, *, required: bool = False, default: object = None) -> object:
+        if name in self.data:
+            return self.data[name]
+        if required:
+            raise ConfigError(f"{self.key(name)}: missing")
+        return default
+
+    def table(self, name: str, *, required: bool = False) -> _Doc:
+        return _Doc(self.get(name, required=required, default={}), f"{self.key(name)}.")
+
+    def array_of_tables(self, name: str, *, required: bool = False) -> list[_Doc]:
+        value = self.get(name, required=required, default=[])
+        if not isinstance(value, list):
+            raise ConfigError(f"{self.key(name)}: expected an array of tables ([[{name}]]), got {_show(value)}")
+        return [_Doc(item, f"{self.key(name)}[{i}].") for i, item in enumerate(value)]
+
+    def items(self, name: str) -> list[object]:
+        value = self.get(name, default=[])
+        if not isinstance(value, list):
+            raise ConfigError(f"{self.key(name)}: expected a list, got {_show(value)}")
+        return value
+
+    def integer(self, name: str, *, low: int, high: int, required: bool = False, default: int | None = None) -> int:
+        value = self.get(name, required=required, default=default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(name)}: expected an integer {low}-{high}, got {_show(value)}")
+        if not low <= value <= high:
+            raise ConfigError(f"{self.key(name)}: {value} is out of range {low}-{high}")
+        return value
+
+    def boolean(self, name: str, *, default: bool) -> bool:
+        value = self.get(name, default=default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
+        return value
+
+    def interface(self, name: str, *, default: str) -> str:
+        return _interface_name(self.key(name), self.get(name, default=default))
+
+    def enum(self, name: str, enum: type[E], *, default: E) -> E:
+        value = self.get(name, default=default)
+        try:
+            return enum(value) if isinstance(value, str) else enum[""]
+        except (ValueError, KeyError):
+            choices = " | ".join(m.value for m in enum)
+            raise ConfigError(f"{self.key(name)}: {value!r} is not one of {choices}") from None

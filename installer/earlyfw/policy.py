@@ -1,0 +1,91 @@
+"""The kill-switch policy: one nft script per state, rendered from the config."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+
+from earlyfw import templates
+from earlyfw.config import Config
+
+TABLE = "earlyfw"
+EGRESS_TABLE = "earlyfw_egress"
+TEMPLATE = "payload/nftables/earlyfw.nft.j2"
+
+# Refuse rules carry named counters so `earlyfw status` can say what was stopped.
+COUNTERS = {
+    "refused_out": "outbound traffic outside the tunnel (rejected)",
+    "refused_dns": "DNS or DNS-over-TLS not through the tunnel to the VPN's resolvers",
+    "dropped_in": "inbound traffic not belonging to an allowed flow",
+    "dropped_forward": "forwarded traffic (containers, VMs) outside the tunnel",
+}
+
+# What "the LAN" is when [lan] allow = true: private, link-local and ULA ranges,
+# plus the multicast groups LAN discovery (mDNS, LLMNR, SSDP, IGMP) uses.
+LAN_V4 = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "224.0.0.0/24",
+        "239.255.255.250/32",
+        "255.255.255.255/32",
+    )
+)
+LAN_V6 = tuple(ipaddress.IPv6Network(n) for n in ("fe80::/10", "fc00::/7", "ff02::/16"))
+
+
+class State(StrEnum):
+    """The ruleset's states. Every one of them blocks all traffic outside the
+    tunnel; they differ only in what else they let through."""
+
+    BLOCKED = "blocked"
+    RELAXED = "relaxed"
+    # Blocked, plus the hosts [initramfs] allow names (NFS root, Tang, dropbear);
+    # loaded only inside the initramfs and replaced by BLOCKED after switch_root.
+    INITRAMFS = "initramfs"
+
+    @property
+    def allows_tunnel(self) -> bool:
+        return self is State.RELAXED
+
+    @property
+    def allows_initramfs_hosts(self) -> bool:
+        return self is State.INITRAMFS
+
+    @property
+    def ruleset_name(self) -> str:
+        return f"{self.value}.nft"
+
+
+Counters = Mapping[str, tuple[int, int]]
+
+
+def render(
+    config: Config,
+    state: State,
+    *,
+    counters: Counters | None = None,
+    egress_devices: Iterable[str] = (),
+) -> str:
+    """The nft script that atomically puts `state` in place.
+
+    `counters` carries the refuse counters over a state change; `egress_devices`
+    are the physical interfaces, present right now, whose raw egress is filtered.
+    """
+    devices = sorted(set(egress_devices))
+    unknown = set(devices) - set(config.egress_interfaces)
+    if unknown:
+        raise ValueError(f"egress devices not in the config: {sorted(unknown)}")
+    return templates.render(
+        TEMPLATE,
+        config=config,
+        state=state,
+        counters=dict(counters or {}),
+        egress_devices=devices,
+        lan_v4=LAN_V4,
+        lan_v6=LAN_V6,
+    )

@@ -1,0 +1,69 @@
+"""The one seam through which earlyfw runs external commands.
+
+Every command is logged as `+ argv` before it runs, so a user sees exactly what
+touched their kernel; tests swap in a RecordingRunner to see the same list.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from plumbum import local
+from plumbum.commands.processes import CommandNotFound
+
+from earlyfw.errors import CommandError
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner:
+    """Runs commands for real."""
+
+    def __init__(self, *, verbose: bool = True) -> None:
+        self.verbose = verbose
+
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> Result:
+        if self.verbose:
+            print("+ " + shlex.join(argv), file=sys.stderr)
+        result = self._execute(argv, input)
+        if check and result.returncode != 0:
+            detail = result.stderr.strip().splitlines()
+            raise CommandError(
+                f"{shlex.join(argv)} failed with status {result.returncode}" + (f": {detail[0]}" if detail else ""),
+                hint="\n".join(detail[1:]) or None,
+            )
+        return result
+
+    def _execute(self, argv: Sequence[str], input: str | None) -> Result:
+        try:
+            command = local[argv[0]]
+        except CommandNotFound:
+            raise CommandError(f"{argv[0]}: command not found", hint="install it and try again") from None
+        code, out, err = command[list(argv[1:])].run(stdin=input, retcode=None)
+        return Result(code, out, err)
+
+
+@dataclass
+class RecordingRunner(Runner):
+    """Records every call instead of running it; `respond` scripts the answers."""
+
+    respond: Callable[[Sequence[str], str | None], Result] = field(default=lambda argv, input: Result(0, "", ""))
+    calls: list[tuple[tuple[str, ...], str | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(verbose=False)
+
+    def _execute(self, argv: Sequence[str], input: str | None) -> Result:
+        self.calls.append((tuple(argv), input))
+        return self.respond(argv, input)
+
+    def argvs(self) -> list[tuple[str, ...]]:
+        return [argv for argv, _ in self.calls]

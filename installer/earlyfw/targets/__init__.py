@@ -1,0 +1,109 @@
+"""Targets: one per system earlyfw installs into (the core files, dracut,
+initramfs-tools, mkinitcpio, systemd, Windows, macOS).
+
+Each target has a pure `plan` that renders everything it would write, from the
+config alone, and an `apply` that writes the plan through a Transaction and, on
+a live host only, runs its commands through the Runner. Subclasses register
+themselves by name, so adding a system is adding a module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar
+
+from earlyfw.config import Config
+from earlyfw.root import Root, Transaction
+from earlyfw.run import Runner
+
+
+class System(StrEnum):
+    LINUX = "linux"
+    WINDOWS = "windows"
+    MACOS = "macos"
+
+
+@dataclass(frozen=True)
+class File:
+    path: str
+    content: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class Symlink:
+    path: str
+    target: str
+
+
+Artifact = File | Symlink
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: str
+    artifacts: tuple[Artifact, ...] = ()
+    # For image builds (--root): what the pipeline still has to run itself.
+    image_notes: tuple[str, ...] = field(default=())
+
+    def paths(self) -> list[str]:
+        return [a.path for a in self.artifacts]
+
+
+class Target(ABC):
+    name: ClassVar[str]
+    system: ClassVar[System]
+    # Lower runs first; the core files come before anything that reads them.
+    order: ClassVar[int] = 50
+    registry: ClassVar[dict[str, type[Target]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            Target.registry[cls.name] = cls
+
+    def __init__(self, root: Root, runner: Runner) -> None:
+        self.root = root
+        self.runner = runner
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, root: Root) -> bool:
+        """True if this target belongs on the system under `root`."""
+
+    @abstractmethod
+    def plan(self, config: Config) -> Plan:
+        """Everything this target would write. Pure: reads nothing but config."""
+
+    def apply(self, plan: Plan, txn: Transaction) -> None:
+        """Write the plan. Subclasses that act on a live host (reload a daemon,
+        rebuild an initramfs) extend this and check `self.root.is_host`."""
+        write_artifacts(plan.artifacts, txn)
+
+    def after_install(self, config: Config) -> None:
+        """Runs once every target's files are in place (host installs only)."""
+
+    def after_uninstall(self) -> None:
+        """Runs once every target's files are gone (host installs only)."""
+
+
+def write_artifacts(artifacts: Iterable[Artifact], txn: Transaction) -> None:
+    created: list[str] = []
+    for artifact in artifacts:
+        parent = artifact.path.rsplit("/", 1)[0] or "/"
+        txn.root.makedirs(parent, created)
+        if isinstance(artifact, File):
+            txn.write(artifact.path, artifact.content, mode=artifact.mode)
+        else:
+            txn.symlink(artifact.path, artifact.target)
+    txn.created_directories.extend(created)
+
+
+def load_all() -> dict[str, type[Target]]:
+    """Import every target module so each registers itself."""
+    from earlyfw.targets import core  # noqa: F401, PLC0415
+
+    return dict(sorted(Target.registry.items(), key=lambda kv: (kv[1].order, kv[0])))

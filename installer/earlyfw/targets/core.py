@@ -1,0 +1,37 @@
+"""The core target: the config and one ruleset per state under /etc/earlyfw.
+Every other Linux target loads these files; none renders its own policy."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from earlyfw import nft, policy
+from earlyfw.config import Config
+from earlyfw.root import Root
+from earlyfw.targets import File, Plan, System, Target
+
+CONFIG_DIR = "/etc/earlyfw"
+CONFIG_PATH = f"{CONFIG_DIR}/earlyfw.toml"
+
+
+def ruleset_path(state: policy.State) -> str:
+    return f"{CONFIG_DIR}/{state.ruleset_name}"
+
+
+class Core(Target):
+    name: ClassVar[str] = "core"
+    system: ClassVar[System] = System.LINUX
+    order: ClassVar[int] = 0
+
+    @classmethod
+    def detect(cls, root: Root) -> bool:
+        return True
+
+    def plan(self, config: Config) -> Plan:
+        files = [File(CONFIG_PATH, config.to_toml().encode(), 0o644)]
+        files += [File(ruleset_path(state), policy.render(config, state).encode(), 0o644) for state in policy.State]
+        return Plan(self.name, tuple(files))
+
+    def after_uninstall(self) -> None:
+        # Nobody is locked out: with earlyfw gone, so is its table.
+        nft.delete_tables(self.runner)

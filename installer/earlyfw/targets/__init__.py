@@ -9,6 +9,9 @@ themselves by name, so adding a system is adding a module.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -103,7 +106,7 @@ def write_artifacts(artifacts: Iterable[Artifact], txn: Transaction) -> None:
 
 
 def load_all() -> dict[str, type[Target]]:
-    """Import every target module so each registers itself."""
-    from earlyfw.targets import core  # noqa: F401, PLC0415
-
+    """Import every module of this package so each target registers itself."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
     return dict(sorted(Target.registry.items(), key=lambda kv: (kv[1].order, kv[0])))

@@ -105,7 +105,7 @@ class Config:
 
         dns = doc.table("dns")
         dns.only({"servers"})
-        servers = tuple(_address(f"dns.servers[{i}]", value) for i, value in enumerate(dns.items("servers")))
+        servers = tuple(parse_address(f"dns.servers[{i}]", value) for i, value in enumerate(dns.items("servers")))
 
         lan = doc.table("lan")
         lan.only({"allow"})
@@ -192,7 +192,7 @@ _ENDPOINT_HINT = 'add e.g. [[endpoint]] address = "198.51.100.7" port = 51820 pr
 def _endpoint(doc: _Doc) -> Endpoint:
     doc.only({"address", "port", "protocol"})
     return Endpoint(
-        address=_address(doc.key("address"), doc.get("address", required=True)),
+        address=parse_address(doc.key("address"), doc.get("address", required=True)),
         port=doc.integer("port", required=True, low=1, high=65535),
         protocol=doc.enum("protocol", Protocol, default=Protocol.UDP),
     )
@@ -210,7 +210,7 @@ def _no_duplicates(key: str, items: Iterable[object]) -> None:
         seen.add(item)
 
 
-def _address(key: str, value: object) -> IPAddress:
+def parse_address(key: str, value: object) -> IPAddress:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected an IP address string, got {_show(value)}")
     try:

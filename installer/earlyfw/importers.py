@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from earlyfw.config import Config
+from earlyfw.config import Config, parse_address
 from earlyfw.errors import ConfigError
 
 
@@ -54,6 +54,7 @@ def from_wireguard(path: Path) -> Config:
         key = key.lower()
         if section == "peer" and key == "endpoint":
             host, port = _split_host_port(value, f"{where}: Endpoint")
+            parse_address(f"{where}: Endpoint", host)
             endpoints.append({"address": host, "port": _port(port, f"{where}: Endpoint"), "protocol": "udp"})
         elif section == "interface" and key == "dns":
             # DNS = may mix resolver addresses with search domains.
@@ -96,6 +97,7 @@ def from_openvpn(path: Path) -> Config:
             continue
         match words:
             case ["remote", host, *rest]:
+                parse_address(f"{where}: remote", host)
                 remotes.append((host, rest[0] if rest else None, rest[1] if len(rest) > 1 else None, where))
             case ["port" | "rport", port]:
                 default_port = port

@@ -47,7 +47,9 @@ class Runner:
             command = local[argv[0]]
         except CommandNotFound:
             raise CommandError(f"{argv[0]}: command not found", hint="install it and try again") from None
-        code, out, err = command[list(argv[1:])].run(stdin=input, retcode=None)
+        bound = command[list(argv[1:])]
+        runnable = bound if input is None else bound << input
+        code, out, err = runnable.run(retcode=None)
         return Result(code, out, err)
 
 

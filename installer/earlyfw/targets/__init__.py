@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field

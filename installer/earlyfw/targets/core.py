@@ -3,6 +3,7 @@ Every other Linux target loads these files; none renders its own policy."""
 
 from __future__ import annotations
 
+import platform
 from typing import ClassVar
 
 from earlyfw import nft, policy
@@ -33,5 +34,7 @@ class Core(Target):
         return Plan(self.name, tuple(files))
 
     def after_uninstall(self) -> None:
+        if platform.system() != "Linux":  # no nft there; the macos/windows targets clean up their own firewall
+            return
         # Nobody is locked out: with earlyfw gone, so is its table.
         nft.delete_tables(self.runner)

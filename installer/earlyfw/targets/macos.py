@@ -1,0 +1,317 @@
+"""The macOS target: pf, held in place by a launchd job.
+
+/etc/pf.conf is rewritten by system updates, Apple's pfctl job only loads it
+(pf stays disabled), and `pfctl -d` from any tool turns pf off. So earlyfw edits
+no system file: a LaunchDaemon runs earlyfw-pf at boot, which loads earlyfw's
+own anchor inside Apple's com.apple/* anchor point (or calls it from the main
+ruleset where that point is missing), enables pf with a reference of its own
+(`pfctl -E`), and from then on re-asserts both every few seconds and relaxes
+the `tunnel` sub-anchor when WireGuard's handshake completes.
+"""
+
+from __future__ import annotations
+
+import platform
+import plistlib
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from earlyfw import pf, policy, templates
+from earlyfw.config import Config, Endpoint, IPAddress, Protocol
+from earlyfw.errors import CommandError, ConfigError, EarlyfwError
+from earlyfw.policy import State
+from earlyfw.root import Root, Transaction
+from earlyfw.run import Runner
+from earlyfw.targets import File, Plan, System, Target
+
+LABEL = "org.earlyfw.pf"
+PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
+# Apple's pf.conf calls com.apple/* in name order, so "000." is evaluated
+# before Apple's own 200.AirDrop and 250.ApplicationFirewall anchors.
+ANCHOR = "com.apple/000.earlyfw"
+TUNNEL = "tunnel"
+TUNNEL_ANCHOR = f"{ANCHOR}/{TUNNEL}"
+PFCTL = "pfctl"
+LAUNCHCTL = "launchctl"
+# launchd's default PATH plus Homebrew's two prefixes, where `wg` lives.
+DAEMON_PATH = "/usr/bin:/bin:/usr/sbin:/sbin:/opt/homebrew/bin:/usr/local/bin"
+WATCH_INTERVAL = 2  # seconds between two watchdog passes
+DNS_PORTS = (53, 853)
+LAN_TABLE = "earlyfw_lan"
+DNS_TABLE = "earlyfw_dns"
+SYSTEM_VERSION = "/System/Library/CoreServices/SystemVersion.plist"
+
+TEMPLATES = "payload/macos"
+
+_UTUN = re.compile(r"utun[0-9]+")
+# Paths are written into the shell script inside double quotes: no quote,
+# dollar, backslash or backtick can ever reach it.
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9 /._-]*")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the files live on the Mac. Tests lay the same files out under a
+    temporary directory (with a space in it, like Application Support)."""
+
+    support_dir: str = "/Library/Application Support/earlyfw"
+    run_dir: str = "/var/run/earlyfw"
+    log_path: str = "/var/log/earlyfw.log"
+
+    def __post_init__(self) -> None:
+        for path in (self.support_dir, self.run_dir, self.log_path):
+            if not _SAFE_PATH.fullmatch(path) or "/../" in f"{path}/":
+                raise ValueError(f"unsafe path for the macOS layout: {path!r}")
+
+    @property
+    def script(self) -> str:
+        return f"{self.support_dir}/earlyfw-pf"
+
+    @property
+    def rules(self) -> str:
+        return f"{self.support_dir}/earlyfw.pf"
+
+    @property
+    def tunnel_rules(self) -> str:
+        return f"{self.support_dir}/tunnel.pf"
+
+    @property
+    def emergency_rules(self) -> str:
+        return f"{self.support_dir}/emergency.pf"
+
+    @property
+    def token_file(self) -> str:
+        return f"{self.run_dir}/pf.token"
+
+    @property
+    def locked_at_file(self) -> str:
+        return f"{self.run_dir}/locked-at"
+
+
+LAYOUT = Layout()
+
+
+@dataclass(frozen=True)
+class EndpointGroup:
+    """Every endpoint address reached with one protocol and port: one pf
+    table, since pf tables hold addresses only. Grouping by (protocol, port)
+    keeps the pairing exact: an address is reachable only on its own port."""
+
+    protocol: Protocol
+    port: int
+    addresses: tuple[IPAddress, ...]
+
+    @property
+    def table(self) -> str:
+        return f"earlyfw_{self.protocol}_{self.port}"
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        versions = {a.version for a in self.addresses}
+        return tuple(name for name, version in (("inet", 4), ("inet6", 6)) if version in versions)
+
+
+def endpoint_groups(endpoints: Iterable[Endpoint]) -> tuple[EndpointGroup, ...]:
+    groups: dict[tuple[Protocol, int], list[IPAddress]] = defaultdict(list)
+    for e in endpoints:
+        groups[(e.protocol, e.port)].append(e.address)
+    return tuple(
+        EndpointGroup(protocol, port, tuple(sorted(addresses, key=lambda a: (a.version, int(a)))))
+        for (protocol, port), addresses in sorted(groups.items())
+    )
+
+
+def wg_endpoint(endpoint: Endpoint) -> str:
+    """An endpoint as `wg show dump` prints a peer's: host:port, [v6]:port."""
+    host = f"[{endpoint.address}]" if endpoint.family == 6 else str(endpoint.address)
+    return f"{host}:{endpoint.port}"
+
+
+def require_utun(interface: str) -> str:
+    """macOS names every tunnel device utunN; the rules must name the exact one."""
+    if not _UTUN.fullmatch(interface):
+        raise ConfigError(
+            f"tunnel.interface: {interface!r} is not a macOS tunnel device (utunN)",
+            hint='give the exact utun device your VPN uses, e.g. interface = "utun9" with '
+            "`wg-quick up utun9` (a high number: macOS creates low-numbered utun devices itself)",
+        )
+    return interface
+
+
+def is_darwin() -> bool:
+    return platform.system() == "Darwin"
+
+
+def require_darwin(action: str) -> None:
+    if not is_darwin():
+        raise EarlyfwError(
+            f"{action}: the macos target drives launchctl and pfctl, which exist only on macOS",
+            hint="on Linux it can only install into a Mac image: --root DIR --target macos",
+        )
+
+
+@dataclass(frozen=True)
+class Rendered:
+    rules: str
+    tunnel: str
+    emergency: str
+    script: str
+    plist: bytes
+
+
+def render(config: Config, layout: Layout = LAYOUT) -> Rendered:
+    """Every file of the target, each checked against the pf subset and the
+    anchor's required shape before it can be written."""
+    interface = require_utun(config.interface)
+    common = {"anchor": ANCHOR, "tunnel": TUNNEL, "interface": interface, "dns_ports": DNS_PORTS}
+    rules = templates.render(
+        f"{TEMPLATES}/earlyfw.pf.j2",
+        groups=endpoint_groups(config.endpoints),
+        lan=(*policy.LAN_V4, *policy.LAN_V6) if config.lan_allow else (),
+        lan_table=LAN_TABLE,
+        **common,
+    )
+    tunnel = templates.render(
+        f"{TEMPLATES}/tunnel.pf.j2",
+        dns=sorted(config.dns_servers, key=lambda a: (a.version, int(a))),
+        dns_table=DNS_TABLE,
+        **common,
+    )
+    emergency = templates.render(f"{TEMPLATES}/emergency.pf.j2", **common)
+    try:
+        main = pf.parse(rules)
+        pf.check_main(main, interface, TUNNEL)
+        pf.check_tunnel(pf.parse(tunnel), interface)
+        pf.parse(emergency)
+    except pf.PfError as e:  # a template bug, never a user error: refuse to write it
+        raise EarlyfwError(f"rendered pf rules are invalid: {e}") from None
+    script = templates.render(
+        f"{TEMPLATES}/earlyfw-pf.sh.j2",
+        label=LABEL,
+        layout=layout,
+        kind=config.tunnel_kind,
+        wg_endpoints=[wg_endpoint(e) for e in config.endpoints if e.protocol is Protocol.UDP],
+        rule_count=len(main.rules),
+        reject_after=config.reject_after_seconds,
+        interval=WATCH_INTERVAL,
+        **common,
+    )
+    return Rendered(rules, tunnel, emergency, script, launchd_plist(layout))
+
+
+def launchd_plist(layout: Layout = LAYOUT) -> bytes:
+    """The LaunchDaemon: started at boot, restarted whenever it exits."""
+    job = {
+        "Label": LABEL,
+        # /bin/sh explicitly: the job runs even if the script lost its x bit.
+        "ProgramArguments": ["/bin/sh", layout.script, "watch"],
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        "EnvironmentVariables": {"PATH": DAEMON_PATH},
+        "StandardOutPath": layout.log_path,
+        "StandardErrorPath": layout.log_path,
+    }
+    return plistlib.dumps(job, fmt=plistlib.FMT_XML, sort_keys=True)
+
+
+class MacOS(Target):
+    name: ClassVar[str] = "macos"
+    system: ClassVar[System] = System.MACOS
+
+    @classmethod
+    def detect(cls, root: Root) -> bool:
+        return is_darwin() and (root.is_host or root.exists(SYSTEM_VERSION))
+
+    def plan(self, config: Config) -> Plan:
+        r = render(config, LAYOUT)
+        files = (
+            # launchd refuses a job whose plist is not root:wheel and not group/world-writable.
+            File(PLIST, r.plist, 0o644),
+            File(LAYOUT.script, r.script.encode(), 0o755),
+            File(LAYOUT.rules, r.rules.encode(), 0o644),
+            File(LAYOUT.tunnel_rules, r.tunnel.encode(), 0o644),
+            File(LAYOUT.emergency_rules, r.emergency.encode(), 0o644),
+        )
+        notes = (f"keep {PLIST} owned by root:wheel, mode 0644, when copying the image: launchd ignores it otherwise",)
+        return Plan(self.name, files, notes)
+
+    def apply(self, plan: Plan, txn: Transaction) -> None:
+        if self.root.is_host:
+            require_darwin("install --target macos")
+        super().apply(plan, txn)
+
+    def after_install(self, config: Config) -> None:
+        require_darwin("install --target macos")
+        # bootout + bootstrap rather than kickstart: launchd rereads the plist,
+        # and the job's first pass reloads every rule file from disk.
+        self.runner.run([LAUNCHCTL, "bootout", f"system/{LABEL}"], check=False)
+        self.runner.run([LAUNCHCTL, "enable", f"system/{LABEL}"])
+        bootstrap(self.runner)
+
+    def after_uninstall(self) -> None:
+        require_darwin("uninstall")
+        # The job first, or its next pass would put everything back.
+        self.runner.run([LAUNCHCTL, "bootout", f"system/{LABEL}"], check=False)
+        token = self._recorded_token()
+        if token:
+            # A token from an earlier boot is simply unknown to pf: not an error.
+            self.runner.run([PFCTL, "-X", token], check=False)
+        failed = [
+            f"{anchor} ({what})"
+            for anchor in (TUNNEL_ANCHOR, ANCHOR)
+            for what in ("rules", "Tables")
+            if self.runner.run([PFCTL, "-a", anchor, "-F", what], check=False).returncode != 0
+        ]
+        self.root.remove(LAYOUT.token_file)
+        self.root.remove(LAYOUT.locked_at_file)
+        self.root.rmdir_if_empty(LAYOUT.run_dir)
+        self.root.remove(LAYOUT.log_path)
+        if failed:
+            raise EarlyfwError(
+                "earlyfw's files are removed, but pf still holds: " + ", ".join(failed),
+                hint=f"sudo pfctl -a '{ANCHOR}' -F all",
+            )
+
+    def _recorded_token(self) -> str | None:
+        try:
+            token = self.root.read_bytes(LAYOUT.token_file).decode().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return token if token.isdigit() else None
+
+
+def bootstrap(runner: Runner, attempts: int = 3, delay: float = 0.5) -> None:
+    """`launchctl bootstrap` right after a bootout can fail while launchd is
+    still tearing the old job down (EIO); it succeeds moments later."""
+    for attempt in range(1, attempts + 1):
+        try:
+            runner.run([LAUNCHCTL, "bootstrap", "system", PLIST])
+            return
+        except CommandError as e:
+            if attempt == attempts:
+                raise EarlyfwError(
+                    f"launchd did not load {PLIST}: {e}",
+                    hint=f"sudo launchctl bootstrap system {PLIST}; then `sudo launchctl print system/{LABEL}`",
+                ) from None
+            time.sleep(delay)
+
+
+# --- Relax and lock on a live Mac (`earlyfw relax` / `earlyfw lock`) ----------
+
+
+def put_state(runner: Runner, config: Config, state: State, layout: Layout = LAYOUT) -> None:
+    """What `earlyfw relax|lock|apply --state` do on macOS: run the installed
+    earlyfw-pf, so the CLI, the OpenVPN up/down hooks and the launchd job
+    share one implementation (and its record of the last lock)."""
+    require_darwin(f"apply --state {state}")
+    require_utun(config.interface)
+    if state is State.INITRAMFS:
+        raise EarlyfwError(f"state {state} exists only in a Linux initramfs")
+    if not Path(layout.script).exists():
+        raise EarlyfwError(f"{layout.script}: missing; earlyfw is not installed", hint="sudo earlyfw install")
+    runner.run(["/bin/sh", layout.script, "relax" if state is State.RELAXED else "lock"])

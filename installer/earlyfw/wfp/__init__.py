@@ -1,0 +1,14 @@
+"""earlyfw on Windows: the kill switch as Windows Filtering Platform objects.
+
+Windows Firewall's own boot-time policy blocks nothing outbound before the Base
+Filtering Engine (BFE) starts, and `netsh wfp` cannot add filters, so earlyfw
+talks to BFE itself through fwpuclnt.dll with ctypes:
+
+- `structs`: the x64 layouts of the WFP structures, the GUIDs and constants,
+  and the C prototypes of every function earlyfw calls;
+- `rules`: the filter set as a pure function of the Config;
+- `engine`: the transactions (install, relax, lock, uninstall) against a
+  `Backend`, which is either the real DLLs (`backend`, Windows only) or the
+  recording BFE model (`recording`), so the same code runs in tests on Linux;
+- `watch`: the handshake watcher the scheduled task runs.
+"""

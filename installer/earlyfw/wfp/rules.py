@@ -1,0 +1,404 @@
+"""The kill switch as WFP filters: a pure function of the Config.
+
+Everything lives in earlyfw's own sublayer, weighted above every other, at the
+four ALE authorisation layers (outbound connect, inbound accept, IPv4 and
+IPv6). Inside the sublayer the highest-weighted matching filter decides, so
+the policy is a ladder of weights, read top down like the nft output chain:
+
+  15  loopback                          permit
+  13  tunnel DNS to the VPN's resolvers  permit   } relaxed only, on the
+  12  other DNS through the tunnel       block    } tunnel's LUID
+  10  the tunnel                         permit   }
+   8  endpoints, DHCP, neighbour discovery permit
+   6  DNS anywhere else                  block
+   4  the LAN ([lan] allow = true)       permit
+   0  everything                         block
+
+The block-all and loopback filters exist twice: as boot-time filters, which
+tcpip.sys enforces from its start until BFE has initialised, and as persistent
+ones, which BFE loads at every start (the two flags cannot be combined). Blocks
+clear the action right, so no lower sublayer can turn them into a permit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from earlyfw import policy
+from earlyfw.config import Config, Endpoint, Protocol
+from earlyfw.wfp import structs as s
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+PROTOCOLS = {Protocol.TCP: IPPROTO_TCP, Protocol.UDP: IPPROTO_UDP}
+DNS_PORTS = (53, 853)  # DNS and DNS-over-TLS, as in the nft policy
+
+
+class Layer(StrEnum):
+    CONNECT_V4 = "ALE_AUTH_CONNECT_V4"
+    CONNECT_V6 = "ALE_AUTH_CONNECT_V6"
+    RECV_ACCEPT_V4 = "ALE_AUTH_RECV_ACCEPT_V4"
+    RECV_ACCEPT_V6 = "ALE_AUTH_RECV_ACCEPT_V6"
+
+    @property
+    def key(self) -> uuid.UUID:
+        return {
+            Layer.CONNECT_V4: s.FWPM_LAYER_ALE_AUTH_CONNECT_V4,
+            Layer.CONNECT_V6: s.FWPM_LAYER_ALE_AUTH_CONNECT_V6,
+            Layer.RECV_ACCEPT_V4: s.FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4,
+            Layer.RECV_ACCEPT_V6: s.FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6,
+        }[self]
+
+    @property
+    def version(self) -> int:
+        return 4 if self.value.endswith("V4") else 6
+
+    @property
+    def outbound(self) -> bool:
+        return "CONNECT" in self.value
+
+    @classmethod
+    def by_key(cls, key: uuid.UUID) -> Layer:
+        return next(layer for layer in cls if layer.key == key)
+
+
+class Lifetime(StrEnum):
+    BOOTTIME = "boottime"  # tcpip.sys start until BFE is up
+    PERSISTENT = "persistent"  # loaded by BFE at every start
+    # Until reboot or BFE restart: the relax permits, which name a tunnel LUID
+    # that is only valid while that adapter exists. A crash or reboot comes
+    # back blocked and the watcher relaxes again on a fresh handshake.
+    RUNTIME = "runtime"
+
+    @property
+    def flags(self) -> int:
+        return {
+            Lifetime.BOOTTIME: s.FWPM_FILTER_FLAG_BOOTTIME,
+            Lifetime.PERSISTENT: s.FWPM_FILTER_FLAG_PERSISTENT,
+            Lifetime.RUNTIME: 0,
+        }[self]
+
+
+class Action(StrEnum):
+    BLOCK = "block"
+    PERMIT = "permit"
+
+    @property
+    def code(self) -> int:
+        return s.FWP_ACTION_BLOCK if self is Action.BLOCK else s.FWP_ACTION_PERMIT
+
+    @property
+    def flags(self) -> int:
+        # A hard block: lower sublayers cannot override it. Permits stay soft,
+        # so Windows Firewall and others can still block what earlyfw allows.
+        return s.FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT if self is Action.BLOCK else 0
+
+
+class Weight(IntEnum):
+    """FWP_UINT8 weights: BFE maps weight w into the w-th sixteenth of the
+    64-bit weight range, so the ladder holds whatever else BFE adds."""
+
+    BLOCK_ALL = 0
+    LAN = 4
+    DNS_BLOCK = 6
+    BASELINE = 8
+    TUNNEL = 10
+    TUNNEL_DNS_BLOCK = 12
+    TUNNEL_DNS_PERMIT = 13
+    LOOPBACK = 15
+
+
+class Field(StrEnum):
+    REMOTE_ADDRESS = "remote_address"
+    REMOTE_PORT = "remote_port"
+    LOCAL_PORT = "local_port"  # the ICMP type for ICMP packets
+    PROTOCOL = "protocol"
+    LOCAL_INTERFACE = "local_interface"
+    FLAGS = "flags"
+
+    @property
+    def key(self) -> uuid.UUID:
+        return {
+            Field.REMOTE_ADDRESS: s.FWPM_CONDITION_IP_REMOTE_ADDRESS,
+            Field.REMOTE_PORT: s.FWPM_CONDITION_IP_REMOTE_PORT,
+            Field.LOCAL_PORT: s.FWPM_CONDITION_IP_LOCAL_PORT,
+            Field.PROTOCOL: s.FWPM_CONDITION_IP_PROTOCOL,
+            Field.LOCAL_INTERFACE: s.FWPM_CONDITION_IP_LOCAL_INTERFACE,
+            Field.FLAGS: s.FWPM_CONDITION_FLAGS,
+        }[self]
+
+    @property
+    def match(self) -> int:
+        return s.FWP_MATCH_FLAGS_ALL_SET if self is Field.FLAGS else s.FWP_MATCH_EQUAL
+
+    @classmethod
+    def by_key(cls, key: uuid.UUID) -> Field:
+        # ICMP_TYPE is LOCAL_PORT under another name: the first match wins.
+        return next(f for f in cls if f.key == key)
+
+
+@dataclass(frozen=True)
+class Interface:
+    """The tunnel adapter: its alias from the config, its LUID once known."""
+
+    alias: str
+    luid: int
+
+    def __str__(self) -> str:
+        return f"{self.alias} (LUID {self.luid:#x})"
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Value = int | Address | Network | Interface
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Conditions on the same field are ORed, different fields ANDed."""
+
+    field: Field
+    value: Value
+
+    def to_json(self) -> dict[str, Any]:
+        value: Any = self.value
+        if isinstance(value, Interface):
+            value = {"alias": value.alias, "luid": value.luid}
+        elif not isinstance(value, int):
+            value = str(value)
+        return {
+            "field": str(self.field),
+            "match": "flags_all_set" if self.field is Field.FLAGS else "equal",
+            "value": value,
+        }
+
+
+@dataclass(frozen=True)
+class Filter:
+    # What the filter is for; with the lifetime and layer it names the key, so
+    # the same filter gets the same GUID on every install.
+    role: str
+    layer: Layer
+    lifetime: Lifetime
+    action: Action
+    weight: Weight
+    conditions: tuple[Condition, ...] = ()
+
+    @property
+    def key(self) -> uuid.UUID:
+        return filter_key(self.lifetime, self.role, self.layer)
+
+    @property
+    def flags(self) -> int:
+        return self.lifetime.flags | self.action.flags
+
+    @property
+    def name(self) -> str:
+        return f"earlyfw: {self.action} {self.role}"
+
+    @property
+    def description(self) -> str:
+        return f"earlyfw kill switch, {self.lifetime} filter at {self.layer}, weight {int(self.weight)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": str(self.key),
+            "name": self.name,
+            "layer": str(self.layer),
+            "lifetime": str(self.lifetime),
+            "flags": self.flags,
+            "action": str(self.action),
+            "weight": int(self.weight),
+            "conditions": [c.to_json() for c in self.conditions],
+        }
+
+
+def filter_key(lifetime: Lifetime, role: str, layer: Layer) -> uuid.UUID:
+    return uuid.uuid5(s.FILTER_NAMESPACE, f"{lifetime}/{role}/{layer}")
+
+
+def _conditions(field: Field, values: Iterable[Value]) -> tuple[Condition, ...]:
+    return tuple(Condition(field, v) for v in values)
+
+
+LOOPBACK = _conditions(Field.FLAGS, [s.FWP_CONDITION_FLAG_IS_LOOPBACK])
+
+
+def _always(layer: Layer, lifetime: Lifetime) -> Iterator[Filter]:
+    """What both the boot-time and the persistent set hold."""
+    yield Filter("all", layer, lifetime, Action.BLOCK, Weight.BLOCK_ALL)
+    # Windows' own boot-time policy lets loopback through too: blocking it
+    # before BFE would only break local IPC, nothing leaves the host by it.
+    yield Filter("loopback", layer, lifetime, Action.PERMIT, Weight.LOOPBACK, LOOPBACK)
+
+
+def boottime_set() -> tuple[Filter, ...]:
+    """Config-independent, so their keys are fixed: uninstall can scrub them
+    even on a boot where BFE no longer lists them."""
+    return tuple(f for layer in Layer for f in _always(layer, Lifetime.BOOTTIME))
+
+
+def _endpoint(e: Endpoint, layer: Layer, role: str) -> Filter:
+    return Filter(
+        f"{role} {e}",
+        layer,
+        Lifetime.PERSISTENT,
+        Action.PERMIT,
+        Weight.BASELINE,
+        (
+            Condition(Field.REMOTE_ADDRESS, e.address),
+            Condition(Field.REMOTE_PORT, e.port),
+            Condition(Field.PROTOCOL, PROTOCOLS[e.protocol]),
+        ),
+    )
+
+
+def _dhcp(layer: Layer) -> Filter:
+    client, server = (68, 67) if layer.version == 4 else (546, 547)
+    conditions = [Condition(Field.PROTOCOL, IPPROTO_UDP)]
+    if layer.version == 6:
+        peers: list[Value] = [ipaddress.IPv6Network("fe80::/10")]
+        if layer.outbound:
+            peers.append(ipaddress.IPv6Network("ff02::1:2/128"))  # All_DHCP_Relay_Agents_and_Servers
+        conditions += _conditions(Field.REMOTE_ADDRESS, peers)
+    conditions += [Condition(Field.LOCAL_PORT, client), Condition(Field.REMOTE_PORT, server)]
+    return Filter("dhcp", layer, Lifetime.PERSISTENT, Action.PERMIT, Weight.BASELINE, tuple(conditions))
+
+
+def _icmpv6(role: str, layer: Layer, types: Iterable[int], peers: Iterable[str]) -> Filter:
+    return Filter(
+        role,
+        layer,
+        Lifetime.PERSISTENT,
+        Action.PERMIT,
+        Weight.BASELINE,
+        (
+            Condition(Field.PROTOCOL, IPPROTO_ICMPV6),
+            *_conditions(Field.REMOTE_ADDRESS, [ipaddress.IPv6Network(p) for p in peers]),
+            *_conditions(Field.LOCAL_PORT, types),
+        ),
+    )
+
+
+def _neighbour_discovery(layer: Layer) -> Iterator[Filter]:
+    """What IPv6 needs to find routers and neighbours, as the nft policy has it."""
+    if layer.outbound:
+        yield _icmpv6("neighbour-discovery", layer, (133, 135, 136), ("fe80::/10", "ff02::/16"))
+        yield _icmpv6("multicast-listener-report", layer, (131, 143), ("ff02::/16",))
+    else:
+        yield _icmpv6("neighbour-discovery", layer, (134, 135, 136), ("::/128", "fe80::/10"))
+        yield _icmpv6("multicast-listener-query", layer, (130,), ("fe80::/10",))
+
+
+def _dns(
+    layer: Layer,
+    role: str,
+    lifetime: Lifetime,
+    action: Action,
+    weight: Weight,
+    *,
+    tunnel: tuple[Condition, ...] = (),
+    resolvers: tuple[Condition, ...] = (),
+) -> Filter:
+    """DNS and DNS-over-TLS, on any interface or only on the tunnel, to any
+    resolver or only to the given ones."""
+    dns = (*_conditions(Field.PROTOCOL, (IPPROTO_TCP, IPPROTO_UDP)), *_conditions(Field.REMOTE_PORT, DNS_PORTS))
+    return Filter(role, layer, lifetime, action, weight, (*tunnel, *dns, *resolvers))
+
+
+def _lan(layer: Layer) -> Filter:
+    networks: tuple[Network, ...] = policy.LAN_V4 if layer.version == 4 else policy.LAN_V6
+    return Filter(
+        "lan",
+        layer,
+        Lifetime.PERSISTENT,
+        Action.PERMIT,
+        Weight.LAN,
+        _conditions(Field.REMOTE_ADDRESS, networks),
+    )
+
+
+def persistent_set(config: Config) -> tuple[Filter, ...]:
+    filters: list[Filter] = []
+    for layer in Layer:
+        filters += _always(layer, Lifetime.PERSISTENT)
+        role = "endpoint" if layer.outbound else "from endpoint"
+        filters += [_endpoint(e, layer, role) for e in config.endpoints_of(layer.version)]
+        filters.append(_dhcp(layer))
+        if layer.version == 6:
+            filters += _neighbour_discovery(layer)
+        if layer.outbound:
+            filters.append(_dns(layer, "dns", Lifetime.PERSISTENT, Action.BLOCK, Weight.DNS_BLOCK))
+        if config.lan_allow:
+            filters.append(_lan(layer))
+    return tuple(filters)
+
+
+def install_set(config: Config) -> tuple[Filter, ...]:
+    """Everything `earlyfw install` puts in place: the blocked state."""
+    return boottime_set() + persistent_set(config)
+
+
+RELAX_ROLES = ("tunnel", "tunnel dns", "tunnel dns to resolvers")
+
+
+def relax_set(config: Config, tunnel: Interface) -> tuple[Filter, ...]:
+    """The permits `earlyfw relax` adds on top of the blocked state."""
+    on_tunnel = (Condition(Field.LOCAL_INTERFACE, tunnel),)
+    filters: list[Filter] = []
+    for layer in Layer:
+        filters.append(Filter(RELAX_ROLES[0], layer, Lifetime.RUNTIME, Action.PERMIT, Weight.TUNNEL, on_tunnel))
+        if not (layer.outbound and config.dns_servers):
+            continue
+        # With resolvers configured, DNS through the tunnel goes to them only.
+        block = _dns(layer, RELAX_ROLES[1], Lifetime.RUNTIME, Action.BLOCK, Weight.TUNNEL_DNS_BLOCK, tunnel=on_tunnel)
+        filters.append(block)
+        resolvers = _conditions(Field.REMOTE_ADDRESS, config.dns_of(layer.version))
+        if resolvers:
+            role = RELAX_ROLES[2]
+            filters.append(
+                _dns(
+                    layer,
+                    role,
+                    Lifetime.RUNTIME,
+                    Action.PERMIT,
+                    Weight.TUNNEL_DNS_PERMIT,
+                    tunnel=on_tunnel,
+                    resolvers=resolvers,
+                )
+            )
+    return tuple(filters)
+
+
+def relax_keys() -> frozenset[uuid.UUID]:
+    """Every key a relax can have added, whatever the config: what lock removes."""
+    return frozenset(filter_key(Lifetime.RUNTIME, role, layer) for role in RELAX_ROLES for layer in Layer)
+
+
+def fixed_keys() -> frozenset[uuid.UUID]:
+    """The keys that do not depend on the config: the ones that block."""
+    persistent = (f for layer in Layer for f in _always(layer, Lifetime.PERSISTENT))
+    return frozenset(f.key for f in (*boottime_set(), *persistent)) | relax_keys()
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """The filter set as JSON: what the windows target writes next to the
+    config, and what `earlyfw windows show` prints."""
+    placeholder = Interface(config.interface, 0)
+    return {
+        "provider": {"key": str(s.PROVIDER_KEY), "flags": s.FWPM_PROVIDER_FLAG_PERSISTENT},
+        "sublayer": {
+            "key": str(s.SUBLAYER_KEY),
+            "flags": s.FWPM_SUBLAYER_FLAG_PERSISTENT,
+            "weight": s.SUBLAYER_WEIGHT,
+        },
+        "blocked": [f.to_json() for f in install_set(config)],
+        # The LUID is looked up when the watcher relaxes; 0 stands for it here.
+        "relaxed_adds": [f.to_json() for f in relax_set(config, placeholder)],
+    }

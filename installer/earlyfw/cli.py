@@ -17,6 +17,9 @@ from earlyfw.errors import EarlyfwError
 from earlyfw.policy import State
 from earlyfw.root import Root, describe_mode
 from earlyfw.run import Runner
+from earlyfw.targets import macos
+from earlyfw.watch import daemon, sources
+from earlyfw.wfp import cli as windows_cli
 
 
 @dataclass
@@ -32,6 +35,12 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 STATE = click.Choice([s.value for s in State])
+REBUILD_HELP = "With --root: also rebuild the image's initramfs inside it (chroot); on / it always is."
+
+
+def _check_rebuild(root: Root, rebuild_initramfs: bool) -> None:
+    if rebuild_initramfs and root.is_host:
+        raise click.UsageError("--rebuild-initramfs goes with --root; on / the initramfs is always rebuilt")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,10 +89,33 @@ def lock(ctx: Context) -> None:
 
 
 def _put(ctx: Context, state: State) -> None:
+    if windows_cli.ON_WINDOWS:  # WFP filters in BFE, not nft (see earlyfw.wfp)
+        windows_cli.put_state(ctx, state)
+        click.echo(f"earlyfw: {state}")
+        return
     nft.require_root_for(f"apply --state {state}")
     config = ctx.config()
-    nft.put_state(ctx.runner, config, state)
+    if macos.is_darwin():  # pf through the installed launchd job's script, not nft
+        macos.put_state(ctx.runner, config, state)
+    else:
+        nft.put_state(ctx.runner, config, state)
     click.echo(f"earlyfw: {state}")
+
+
+@cli.command()
+@click.option(
+    "--source",
+    type=click.Choice(["auto", "uapi", "netlink", "wg"]),
+    default="auto",
+    show_default=True,
+    help="Where WireGuard peers are read: userspace UAPI socket, kernel netlink, or `wg show`.",
+)
+@pass_context
+def watch(ctx: Context, source: str) -> None:
+    """Relax the block only once the tunnel's handshake completes; lock it again
+    when the tunnel stops being live; repair earlyfw's table if it is removed."""
+    ctx.runner.verbose = False
+    sys.exit(daemon.main(ctx.config(), ctx.runner, sources.SourceKind(source)))
 
 
 @cli.command()
@@ -131,15 +163,19 @@ def verify(ctx: Context) -> None:
 )
 @click.option("--target", "targets", multiple=True, help="Install these targets, not the detected ones.")
 @click.option("--now", is_flag=True, help="Also load the blocked state right away (host only).")
+@click.option("--rebuild-initramfs", is_flag=True, help=REBUILD_HELP)
 @pass_context
-def install(ctx: Context, root_dir: Path | None, targets: tuple[str, ...], now: bool) -> None:
+def install(ctx: Context, root_dir: Path | None, targets: tuple[str, ...], now: bool, rebuild_initramfs: bool) -> None:
     """Write earlyfw's files (config, rulesets, boot hooks) into / or --root."""
     root = Root(root_dir or Path("/"))
     if now and not root.is_host:
         raise click.UsageError("--now loads the ruleset into the running kernel; it cannot go with --root")
-    if root.is_host:
+    _check_rebuild(root, rebuild_initramfs)
+    if root.is_host and not windows_cli.ON_WINDOWS:  # there: BFE refuses a non-admin
         nft.require_root_for("install")
-    report = installer.install(ctx.config(root), root, ctx.runner, targets, now=now)
+    report = installer.install(
+        ctx.config(root), root, ctx.runner, targets, now=now, rebuild_initramfs=rebuild_initramfs
+    )
     for path in report.written:
         click.echo(f"wrote {root / path}  {describe_mode(root / path)}")
     for path in report.removed:
@@ -150,17 +186,21 @@ def install(ctx: Context, root_dir: Path | None, targets: tuple[str, ...], now: 
 
 @cli.command()
 @click.option("--root", "root_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--rebuild-initramfs", is_flag=True, help=REBUILD_HELP)
 @pass_context
-def uninstall(ctx: Context, root_dir: Path | None) -> None:
+def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool) -> None:
     """Remove exactly what install wrote, and restore what it replaced."""
     root = Root(root_dir or Path("/"))
-    if root.is_host:
+    _check_rebuild(root, rebuild_initramfs)
+    if root.is_host and not windows_cli.ON_WINDOWS:
         nft.require_root_for("uninstall")
-    report = installer.uninstall(root, ctx.runner)
+    report = installer.uninstall(root, ctx.runner, rebuild_initramfs=rebuild_initramfs)
     for path in report.removed:
         click.echo(f"removed {root / path}")
     for path in report.restored:
         click.echo(f"restored {root / path}")
+    for note in report.image_notes:
+        click.echo(f"next: {note}")
 
 
 @cli.command("import")
@@ -182,6 +222,9 @@ def import_(ctx: Context, kind: str, source: Path, output: str | None, force: bo
     target.parent.mkdir(parents=True, exist_ok=True)
     Root().write(str(target.resolve()), text.encode(), mode=0o644, uid=os.geteuid(), gid=os.getegid())
     click.echo(f"wrote {target}: {len(config.endpoints)} endpoint(s), interface {config.interface}")
+
+
+cli.add_command(windows_cli.windows)
 
 
 def main() -> None:

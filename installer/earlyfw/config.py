@@ -77,6 +77,9 @@ class Config:
     # Hosts reachable from inside the initramfs only (NFS root, Tang, dropbear).
     initramfs_allow: tuple[Endpoint, ...] = ()
     reject_after_seconds: int = DEFAULT_REJECT_AFTER_SECONDS
+    # OpenVPN's management socket (`management PATH unix`); without it the
+    # watcher follows the --up/--down hook instead.
+    openvpn_management: Path | None = None
     source: Path | None = field(default=None, compare=False)
 
     def endpoints_of(self, version: int) -> tuple[Endpoint, ...]:
@@ -126,8 +129,13 @@ class Config:
         initramfs_allow = tuple(_endpoint(e) for e in initramfs.array_of_tables("allow"))
 
         watch = doc.table("watch")
-        watch.only({"reject_after_seconds"})
+        watch.only({"reject_after_seconds", "openvpn_management"})
         reject_after = watch.integer("reject_after_seconds", default=DEFAULT_REJECT_AFTER_SECONDS, low=1, high=86400)
+        management = watch.get("openvpn_management")
+        if management is not None and kind is not TunnelKind.OPENVPN:
+            raise ConfigError(
+                f'watch.openvpn_management: only for [tunnel] kind = "openvpn", not {kind.value!r}',
+            )
 
         return cls(
             tunnel_kind=kind,
@@ -138,6 +146,7 @@ class Config:
             egress_interfaces=egress_interfaces,
             initramfs_allow=initramfs_allow,
             reject_after_seconds=reject_after,
+            openvpn_management=None if management is None else _socket_path("watch.openvpn_management", management),
             source=source,
         )
 
@@ -154,7 +163,9 @@ class Config:
         if self.initramfs_allow:
             data["initramfs"] = {"allow": [_endpoint_dict(e) for e in self.initramfs_allow]}
         if self.reject_after_seconds != DEFAULT_REJECT_AFTER_SECONDS:
-            data["watch"] = {"reject_after_seconds": self.reject_after_seconds}
+            data.setdefault("watch", {})["reject_after_seconds"] = self.reject_after_seconds
+        if self.openvpn_management is not None:
+            data.setdefault("watch", {})["openvpn_management"] = str(self.openvpn_management)
         return data
 
     def to_toml(self) -> str:
@@ -248,6 +259,23 @@ def _interface_name(key: str, value: object) -> str:
             hint="use letters, digits, '_', '.' and '-', starting with a letter, digit or '_'",
         )
     return value
+
+
+# sun_path holds 108 bytes including the NUL.
+_SOCKET_PATH = re.compile(r"/[A-Za-z0-9_.@+/-]+")
+SUN_PATH_MAX = 107
+
+
+def _socket_path(key: str, value: object) -> Path:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a socket path string, got {_show(value)}")
+    if not _SOCKET_PATH.fullmatch(value) or ".." in value.split("/") or len(value.encode()) > SUN_PATH_MAX:
+        raise ConfigError(
+            f"{key}: {value!r} is not a unix socket path earlyfw accepts",
+            hint="an absolute path of letters, digits and _ . @ + - / (at most 107 bytes), "
+            'e.g. "/run/openvpn/client.sock"',
+        )
+    return Path(value)
 
 
 def _show(value: object) -> str:

@@ -4,6 +4,7 @@ manifest so uninstall removes exactly what install wrote."""
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from earlyfw.errors import EarlyfwError
 from earlyfw.policy import State
 from earlyfw.root import BACKUP_DIR, MANIFEST, Entry, Manifest, Root, Transaction, sha256
 from earlyfw.run import Runner
-from earlyfw.targets import Artifact, File, Plan, Target, load_all
+from earlyfw.targets import Artifact, File, Plan, System, Target, load_all
 
 
 @dataclass
@@ -36,6 +37,8 @@ def select(root: Root, names: Sequence[str] = ()) -> list[type[Target]]:
     chosen = [cls for name, cls in registry.items() if name == "core" or name in names]
     if not names:
         chosen = [cls for cls in registry.values() if cls.detect(root)]
+    if root.is_host and sys.platform == "win32":  # Linux's files mean nothing to a live Windows
+        chosen = [cls for cls in chosen if cls.system is System.WINDOWS]
     return chosen
 
 
@@ -51,7 +54,13 @@ def plan(config: Config, targets: Sequence[Target]) -> list[Plan]:
 
 
 def install(
-    config: Config, root: Root, runner: Runner, target_names: Sequence[str] = (), *, now: bool = False
+    config: Config,
+    root: Root,
+    runner: Runner,
+    target_names: Sequence[str] = (),
+    *,
+    now: bool = False,
+    rebuild_initramfs: bool = False,
 ) -> Report:
     targets = [cls(root, runner) for cls in select(root, target_names)]
     plans = plan(config, targets)  # everything renders before anything is written
@@ -75,7 +84,21 @@ def install(
             target.after_install(config)
         if now:
             nft.put_state(runner, config, State.BLOCKED)
+    else:
+        _finish_image(root, runner, targets, report, run=rebuild_initramfs)
     return report
+
+
+def _finish_image(root: Root, runner: Runner, targets: Sequence[Target], report: Report, *, run: bool) -> None:
+    """What must run inside an image once earlyfw's files are in or out of it
+    (an initramfs rebuild): run it there with chroot, or tell the pipeline."""
+    for target in targets:
+        for command in target.in_root_commands():
+            argv = ["chroot", os.path.abspath(root.path), *command]
+            if run:
+                runner.run(argv, stream=True)
+            else:
+                report.image_notes.append(shlex.join(argv))
 
 
 def _entry_for(root: Root, old: Manifest, artifact: Artifact, txn: Transaction) -> Entry:
@@ -115,7 +138,7 @@ def _remove_entry(root: Root, manifest: Manifest, entry: Entry, txn: Transaction
         report.restored.append(entry.path)
 
 
-def uninstall(root: Root, runner: Runner) -> Report:
+def uninstall(root: Root, runner: Runner, *, rebuild_initramfs: bool = False) -> Report:
     manifest = Manifest.load(root)
     report = Report()
     if not manifest.entries and not root.exists(MANIFEST):
@@ -127,8 +150,10 @@ def uninstall(root: Root, runner: Runner) -> Report:
         txn.remove(MANIFEST)
     for directory in sorted(manifest.directories, key=len, reverse=True):
         root.rmdir_if_empty(directory)
+    targets = [registry[name](root, runner) for name in manifest.targets if name in registry]
     if root.is_host:
-        for name in manifest.targets:
-            if name in registry:
-                registry[name](root, runner).after_uninstall()
+        for target in targets:
+            target.after_uninstall()
+    else:
+        _finish_image(root, runner, targets, report, run=rebuild_initramfs)
     return report

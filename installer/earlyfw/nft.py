@@ -10,13 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from earlyfw import policy
+from earlyfw import firewalls, policy
 from earlyfw.config import Config
 from earlyfw.errors import CommandError, EarlyfwError
 from earlyfw.policy import EGRESS_TABLE, TABLE, State
 from earlyfw.run import Runner
 
 NFT = "nft"
+# earlyfw watch's owned copies of the two tables (see earlyfw/watch/ruleset.py).
+GUARD_TABLE = "earlyfw_guard"
+GUARD_EGRESS_TABLE = "earlyfw_egress_guard"
+WAKE_TABLE = "earlyfw_wake"
 
 
 def load(runner: Runner, script: str) -> None:
@@ -123,7 +127,7 @@ def status(runner: Runner, config: Config) -> Status:
     others = sorted(
         f"{t['table']['family']} {t['table']['name']}"
         for t in json.loads(tables_json).get("nftables", [])
-        if "table" in t and t["table"]["name"] not in (TABLE, EGRESS_TABLE)
+        if "table" in t and t["table"]["name"] not in (TABLE, EGRESS_TABLE, GUARD_TABLE, GUARD_EGRESS_TABLE, WAKE_TABLE)
     )
     if live is None:
         return Status(
@@ -133,7 +137,7 @@ def status(runner: Runner, config: Config) -> Status:
             {},
             endpoints,
             others,
-            ["table inet earlyfw is not loaded: nothing is blocked"],
+            ["table inet earlyfw is not loaded: nothing is blocked", *firewalls.warnings(others)],
         )
     state = None
     for candidate in State:
@@ -152,6 +156,7 @@ def status(runner: Runner, config: Config) -> Status:
             + ", ".join(others)
             + "); they cannot open what earlyfw blocks, but a `flush ruleset` from their loader removes earlyfw"
         )
+    warnings += firewalls.warnings(others)
     return Status(True, state, state is not None, counters(runner), endpoints, others, warnings)
 
 

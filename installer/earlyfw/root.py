@@ -31,7 +31,8 @@ class Root:
 
     @property
     def is_host(self) -> bool:
-        return self.path.resolve() == Path("/")
+        # resolve() both: on Windows "/" is the current drive's root, "C:\\".
+        return self.path.resolve() == Path("/").resolve()
 
     def __truediv__(self, system_path: str) -> Path:
         return self.resolve(system_path)
@@ -68,13 +69,16 @@ class Root:
         content, never a torn file, even across a crash."""
         target = self.resolve(system_path)
         tmp = target.with_name(target.name + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # Windows has no O_NOFOLLOW, and needs O_BINARY to keep the bytes as given.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(tmp, flags, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fchown(f.fileno(), uid, gid)
-                os.fchmod(f.fileno(), mode)
+                if hasattr(os, "fchown"):  # POSIX owners and modes; Windows uses ACLs
+                    os.fchown(f.fileno(), uid, gid)
+                    os.fchmod(f.fileno(), mode)
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
@@ -102,6 +106,8 @@ class Root:
 
 
 def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":  # a directory cannot be opened, nor needs syncing, there
+        return
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -203,8 +209,9 @@ class Transaction:
             saved.symlink_to(os.readlink(target))
         else:
             shutil.copy2(target, saved, follow_symlinks=False)
-            st = target.lstat()
-            os.chown(saved, st.st_uid, st.st_gid)
+            if hasattr(os, "chown"):  # not on Windows
+                st = target.lstat()
+                os.chown(saved, st.st_uid, st.st_gid)
         self._undo.append((system_path, saved))
 
     def write(self, system_path: str, data: bytes, *, mode: int, uid: int = 0, gid: int = 0) -> None:

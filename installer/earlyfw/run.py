@@ -30,10 +30,12 @@ class Runner:
     def __init__(self, *, verbose: bool = True) -> None:
         self.verbose = verbose
 
-    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> Result:
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True, stream: bool = False) -> Result:
+        """`stream`: show the command's output as it runs (on stderr) instead of
+        capturing it, for slow commands such as an initramfs rebuild."""
         if self.verbose:
             print("+ " + shlex.join(argv), file=sys.stderr)
-        result = self._execute(argv, input)
+        result = self._stream(argv) if stream else self._execute(argv, input)
         if check and result.returncode != 0:
             detail = result.stderr.strip().splitlines()
             raise CommandError(
@@ -52,6 +54,16 @@ class Runner:
         code, out, err = runnable.run(retcode=None)
         return Result(code, out, err)
 
+    def _stream(self, argv: Sequence[str]) -> Result:
+        try:
+            command = local[argv[0]]
+        except CommandNotFound:
+            raise CommandError(f"{argv[0]}: command not found", hint="install it and try again") from None
+        sys.stderr.flush()
+        # Straight to file descriptor 2, whatever Python-level stderr is.
+        process = command[list(argv[1:])].popen(stdin=None, stdout=2, stderr=2)
+        return Result(process.wait(), "", "")
+
 
 @dataclass
 class RecordingRunner(Runner):
@@ -66,6 +78,9 @@ class RecordingRunner(Runner):
     def _execute(self, argv: Sequence[str], input: str | None) -> Result:
         self.calls.append((tuple(argv), input))
         return self.respond(argv, input)
+
+    def _stream(self, argv: Sequence[str]) -> Result:
+        return self._execute(argv, None)
 
     def argvs(self) -> list[tuple[str, ...]]:
         return [argv for argv, _ in self.calls]

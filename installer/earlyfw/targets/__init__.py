@@ -91,6 +91,12 @@ class Target(ABC):
     def after_uninstall(self) -> None:
         """Runs once every target's files are gone (host installs only)."""
 
+    def in_root_commands(self) -> tuple[tuple[str, ...], ...]:
+        """What an image pipeline must run inside the root (chroot) after this
+        target's files were written or removed there, such as an initramfs
+        rebuild; `--rebuild-initramfs` runs them."""
+        return ()
+
 
 def write_artifacts(artifacts: Iterable[Artifact], txn: Transaction) -> None:
     created: list[str] = []

@@ -1,0 +1,253 @@
+"""How fast `earlyfw watch` acts, in namespaces with real WireGuard (wireguard-go
+both ends), and what it costs at rest.
+
+  relax:  handshake completed -> relaxed ruleset live. The handshake time is
+          WireGuard's own (UAPI last_handshake_time, ns precision); "live" is
+          when the watcher's transaction reaches the nftables event group.
+          Each round locks (as the sleep unit does, `nft -f` the blocked
+          ruleset), then forces a fresh handshake by re-adding the peer.
+  repair: `nft delete table inet earlyfw` (or `flush ruleset`) committed ->
+          the watcher's repair committed, both timed on the event group.
+  events: the same removal seen on the raw netlink group (what the watcher
+          reads) and as a line from `nft monitor` (the alternative).
+  idle:   CPU and RSS of the watcher relaxed (1 Hz checks) and blocked
+          waiting for a handshake (polls at 50 Hz), over --idle seconds.
+
+  python3 bench/relax.py [--rounds 200] [--idle 20] [--executable /path/to/frozen/earlyfw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests import netns
+from tests.watch_lab import PYTHON_MODULE, WgPair, config_for, live_state, start_watcher, wg_pair, write_config
+
+from earlyfw import policy
+from earlyfw.policy import State
+from earlyfw.targets import linux
+from earlyfw.watch import sources
+from earlyfw.watch.events import Generation, NftablesEvents
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summary(name: str, values_ms: Sequence[float]) -> str:
+    return (
+        f"{name:28} n={len(values_ms):4}  p50 {statistics.median(values_ms):7.2f} ms  "
+        f"p99 {percentile(values_ms, 0.99):7.2f} ms  max {max(values_ms):7.2f} ms"
+    )
+
+
+class EventClock:
+    """Commit times of nftables transactions in the client namespace, stamped
+    by a reader thread that sleeps on the event group (at real-time priority
+    where allowed, so the figures measure the watcher, not this script)."""
+
+    def __init__(self, ns: netns.Namespace) -> None:
+        with ns.entered():
+            self.events = NftablesEvents()
+        self.queue: queue.Queue[tuple[float, Generation]] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        while True:
+            ready, _, _ = select.select([self.events.sock], [], [], 0.5)
+            if ready:
+                now = time.time()
+                for generation in self.events.read():
+                    self.queue.put((now, generation))
+
+    def wait(self, match: Callable[[Generation], bool], timeout: float = 5.0) -> float:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                when, generation = self.queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if match(generation):
+                return when
+        raise TimeoutError("no matching nftables transaction")
+
+    def drain(self) -> None:
+        time.sleep(0.05)
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+
+def relax_rounds(pair: WgPair, pids: set[int], clock: EventClock, blocked_script: Path, rounds: int) -> list[float]:
+    uapi = sources.UapiSource(pair.client_wg.name)
+    latencies = []
+    for _ in range(rounds):
+        clock.drain()
+        pair.client.exec(["nft", "-f", str(blocked_script)])
+        clock.wait(lambda g: g.pid in pids)  # the watcher follows the lock
+        pair.rehandshake()
+        live = clock.wait(lambda g: g.pid in pids)
+        handshake = max(p.last_handshake or 0.0 for p in uapi.peers())
+        if live_state(pair.client) != "relaxed":
+            raise RuntimeError("the watcher's transaction was not the relax")
+        latencies.append((live - handshake) * 1000)
+    return latencies
+
+
+def repair_rounds(pair: WgPair, pids: set[int], clock: EventClock, rounds: int, command: list[str]) -> list[float]:
+    latencies = []
+    for _ in range(rounds):
+        clock.drain()
+        pair.client.exec(command)
+        removed = clock.wait(lambda g: g.pid not in pids and "earlyfw" in g.tables)
+        repaired = clock.wait(lambda g: g.pid in pids)
+        latencies.append((repaired - removed) * 1000)
+    return latencies
+
+
+def monitor_rounds(pair: WgPair, clock: EventClock, rounds: int) -> tuple[list[float], int]:
+    """Raw netlink receipt vs `nft monitor` line, for the same removal of a
+    scratch table."""
+    monitor = subprocess.Popen(
+        ["ip", "netns", "exec", pair.client.name, "stdbuf", "-oL", "nft", "monitor", "tables"],
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    delays = []
+    try:
+        time.sleep(0.3)
+        rss = rss_kib(monitor.pid)
+        for _ in range(rounds):
+            pair.client.exec(["nft", "add", "table", "inet", "efw_probe"])
+            assert monitor.stdout is not None
+            monitor.stdout.readline()
+            clock.drain()
+            pair.client.exec(["nft", "delete", "table", "inet", "efw_probe"])
+            raw = clock.wait(lambda g: "efw_probe" in g.tables)
+            line = monitor.stdout.readline()
+            text = time.time()
+            assert "delete table inet efw_probe" in line, line
+            delays.append((text - raw) * 1000)
+    finally:
+        monitor.terminate()
+        monitor.wait()
+    return delays, rss
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the single-file binary runs as two processes)."""
+    found = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return found
+    for child in children:
+        found += tree(int(child))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def idle(pid: int, seconds: float) -> tuple[float, int]:
+    pids = tree(pid)
+    before, start = cpu_seconds(pids), time.monotonic()
+    time.sleep(seconds)
+    used = cpu_seconds(pids) - before
+    return 100 * used / (time.monotonic() - start), sum(rss_kib(p) for p in pids)
+
+
+def unit_nice() -> int:
+    """The niceness earlyfw-watch.service gives the watcher."""
+    unit = linux.render("units/earlyfw-watch.service.j2").decode()
+    return next((int(line.split("=", 1)[1]) for line in unit.splitlines() if line.startswith("Nice=")), 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--idle", type=float, default=20.0)
+    parser.add_argument("--executable", help="a frozen earlyfw binary (default: python -m earlyfw)")
+    parser.add_argument(
+        "--nice", type=int, default=unit_nice(), help="the watcher's niceness [default: its unit's, %(default)s]"
+    )
+    args = parser.parse_args()
+    executable: tuple[str, ...] = (args.executable,) if args.executable else PYTHON_MODULE
+    netns.require_tools(["ip", "nft", "wireguard-go", "wg", "setpriv", "stdbuf"])
+
+    with netns.Lab() as lab, tempfile.TemporaryDirectory(prefix="efw-bench-") as tmp:
+        directory = Path(tmp)
+        pair = wg_pair(lab)
+        config = config_for(pair.client_wg.name)
+        blocked = directory / "blocked.nft"
+        blocked.write_text(policy.render(config, State.BLOCKED))
+        clock = EventClock(pair.client)
+        watcher = start_watcher(
+            lab,
+            pair.client,
+            executable,
+            write_config(directory, config),
+            log_dir=directory,
+            prefix=("nice", "-n", str(args.nice)),
+        )
+        watcher.wait_for(r"^relaxed: ")
+        pid = watcher.process.pid
+        # The single-file binary runs as a bootloader and its child.
+        pids = set(tree(pid))
+        print(f"watcher: {' '.join(executable)} (pid {pid}, nice {args.nice}); {args.rounds} rounds each")
+        print(f"load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+
+        relax = relax_rounds(pair, pids, clock, blocked, args.rounds)
+        print(summary("handshake -> relaxed live", relax))
+        delete = repair_rounds(pair, pids, clock, args.rounds, ["nft", "delete", "table", "inet", "earlyfw"])
+        print(summary("table deleted -> repaired", delete))
+        flush = repair_rounds(pair, pids, clock, args.rounds, ["nft", "flush", "ruleset"])
+        print(summary("flush ruleset -> repaired", flush))
+
+        cpu, rss = idle(pid, args.idle)
+        print(f"{'idle, relaxed':28} cpu {cpu:5.2f} % of one core   rss {rss / 1024:5.1f} MiB")
+        pair.server_wg.remove_peer(pair.client_wg.public)
+        pair.client.exec(["nft", "-f", str(blocked)])
+        watcher.wait_for(r"^blocked: locked")
+        cpu, rss = idle(pid, args.idle)
+        print(f"{'idle, blocked (waiting)':28} cpu {cpu:5.2f} % of one core   rss {rss / 1024:5.1f} MiB")
+
+        watcher.stop()
+        delays, monitor_rss = monitor_rounds(pair, clock, min(args.rounds, 100))
+        print(summary("nft monitor line after raw", delays) + f"   nft monitor rss {monitor_rss / 1024:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The watcher target (every Linux system with systemd): earlyfw-watch.service
+runs `earlyfw watch`, which relaxes the boot block only on the tunnel's
+handshake; earlyfw-sleep.service locks before suspend; for OpenVPN without a
+management socket, the --up/--down hook the watcher follows.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from earlyfw import nft, templates
+from earlyfw.config import Config, TunnelKind
+from earlyfw.root import Root
+from earlyfw.targets import Artifact, File, Plan, Symlink, System, Target, linux
+from earlyfw.targets.systemd import UNIT_DIR
+
+WATCH_UNIT = "earlyfw-watch.service"
+SLEEP_UNIT = "earlyfw-sleep.service"
+WANTS = {WATCH_UNIT: "multi-user.target", SLEEP_UNIT: "sleep.target"}
+OPENVPN_HOOK = "/usr/lib/earlyfw/openvpn-hook"
+
+
+def openvpn_notes(config: Config) -> tuple[str, ...]:
+    if config.tunnel_kind is not TunnelKind.OPENVPN:
+        return ()
+    if config.openvpn_management is not None:
+        return (
+            f"add `management {config.openvpn_management} unix` to the OpenVPN client config: "
+            "earlyfw watch relaxes on its CONNECTED state",
+        )
+    return (
+        f"add `script-security 2`, `up {OPENVPN_HOOK}` and `down {OPENVPN_HOOK}` to the OpenVPN client config "
+        "(or set [watch] openvpn_management): earlyfw watch follows the hook",
+    )
+
+
+class Watcher(Target):
+    name: ClassVar[str] = "watch"
+    system: ClassVar[System] = System.LINUX
+    # After the systemd target, whose earlyfw-block.service this unit follows.
+    order: ClassVar[int] = 25
+
+    @classmethod
+    def detect(cls, root: Root) -> bool:
+        return linux.has_systemd(root)
+
+    def plan(self, config: Config) -> Plan:
+        artifacts: list[Artifact] = []
+        for unit, target in WANTS.items():
+            artifacts.append(File(f"{UNIT_DIR}/{unit}", linux.render(f"units/{unit}.j2")))
+            artifacts.append(Symlink(f"{UNIT_DIR}/{target}.wants/{unit}", f"{UNIT_DIR}/{unit}"))
+        if config.tunnel_kind is TunnelKind.OPENVPN:
+            hook = templates.read("payload", "openvpn/earlyfw-openvpn-hook").encode()
+            artifacts.append(File(OPENVPN_HOOK, hook, 0o755))
+        return Plan(self.name, tuple(artifacts), openvpn_notes(config))
+
+    def after_install(self, config: Config) -> None:
+        if self._systemd_running():
+            self.runner.run(["systemctl", "daemon-reload"])
+            # A running watcher picks up the new config; one not running starts
+            # at the next boot (or with `systemctl start earlyfw-watch`).
+            self.runner.run(["systemctl", "try-restart", WATCH_UNIT])
+        for note in openvpn_notes(config):
+            print(f"earlyfw: next: {note}")
+
+    def after_uninstall(self) -> None:
+        if not self._systemd_running():
+            return
+        self.runner.run(["systemctl", "stop", WATCH_UNIT], check=False)
+        self.runner.run(["systemctl", "daemon-reload"])
+        # The core target removed the tables before this ran, and the watcher,
+        # still running then, put them back: remove them again.
+        nft.delete_tables(self.runner)
+
+    def _systemd_running(self) -> bool:
+        return self.root.exists("/run/systemd/system")

@@ -1,0 +1,198 @@
+"""State changes as single transactions, and the guard tables.
+
+A `flush ruleset` (firewalld's reload, an iptables-nft restore, a careless
+admin) removes table inet earlyfw, and for the milliseconds until the watcher
+puts it back nothing would be filtered. So alongside the table the boot path
+loads, the watcher keeps a copy of the same ruleset, `inet earlyfw_guard`
+(and `netdev earlyfw_egress_guard`), created with the `owner` flag: the kernel
+ties an owned table to the watcher's netlink socket, skips it on `flush
+ruleset` and refuses every other process that tries to change or delete it.
+A packet must be accepted by every base chain on its hook, so while the guard
+holds the watcher's state, nothing the state does not allow gets out even with
+earlyfw's table gone. When the watcher exits the kernel drops the guard and the
+unowned table, which the watcher keeps equal to it, stays.
+
+Every state change is one batch holding both tables: atomic, one generation.
+Kernels before 5.12 have no owner flag; there the watcher runs unguarded and
+relies on its repair speed alone (and says so once).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from earlyfw import nft, policy, templates
+from earlyfw.config import Config, Protocol
+from earlyfw.errors import CommandError
+from earlyfw.nft import GUARD_EGRESS_TABLE, GUARD_TABLE, WAKE_TABLE
+from earlyfw.policy import EGRESS_TABLE, TABLE, State
+from earlyfw.watch.libnft import Libnftables
+
+# (family, table the boot path loads, the watcher's owned copy of it)
+PAIRS = (("inet", TABLE, GUARD_TABLE), ("netdev", EGRESS_TABLE, GUARD_EGRESS_TABLE))
+WATCHED_TABLES = frozenset({TABLE, EGRESS_TABLE})
+
+_CLAIM = re.compile(r'^\s*comment "earlyfw state=(\w+)"$', re.M)
+_HEADER = re.compile(r"^table (\w+) \S+ \{.*$")
+
+
+def _header(family: str, name: str) -> str:
+    # How policy.render opens each table: declare, delete, define, so that
+    # one transaction replaces exactly that table.
+    return f"table {family} {name}\ndelete table {family} {name}\ntable {family} {name} {{\n"
+
+
+def guard_script(script: str) -> str:
+    """`script` again, each table renamed to its guard and owned by the caller."""
+    guarded = script
+    for family, name, guard in PAIRS:
+        count = guarded.count(_header(family, name))
+        if count == 0 and name == EGRESS_TABLE:
+            continue
+        if count != 1:
+            raise ValueError(f"rendered ruleset does not open table {family} {name} the expected way")
+        guarded = guarded.replace(
+            _header(family, name),
+            # The owner flag must be on every declaration: the kernel refuses
+            # to change it on an existing table.
+            f"table {family} {guard} {{ flags owner; }}\n"
+            f"delete table {family} {guard}\n"
+            f"table {family} {guard} {{\n\tflags owner\n",
+        )
+    return guarded
+
+
+WAKE_TEMPLATE = "payload/nftables/earlyfw-watch.nft.j2"
+# At most this many wake-ups a second from handshake packets, spoofed or not.
+WAKE_RATE = 20
+
+
+def wake_script(config: Config, group: int) -> str:
+    """The owned table that logs WireGuard handshake packets from the
+    endpoints to NFLOG `group`, for the watcher to wake on."""
+
+    def elements(version: int) -> list[str]:
+        return [f"{e.address} . {e.port}" for e in config.endpoints_of(version) if e.protocol is Protocol.UDP]
+
+    return templates.render(
+        WAKE_TEMPLATE,
+        table=WAKE_TABLE,
+        endpoints_v4=elements(4),
+        endpoints_v6=elements(6),
+        group=group,
+        rate=WAKE_RATE,
+    )
+
+
+def claimed_state(listing: str) -> State | None:
+    match = _CLAIM.search(listing)
+    if not match:
+        return None
+    try:
+        return State(match[1])
+    except ValueError:
+        return None
+
+
+def normalise(listing: str | None, name: str) -> str | None:
+    """A listing with the table's name, owner flag and the `# progname` note
+    nft adds to owned tables taken out, so a guard compares equal to its table."""
+    if listing is None:
+        return None
+    lines = [line for line in listing.splitlines() if line.strip() and line.strip() != "flags owner"]
+    if lines:
+        lines[0] = _HEADER.sub(lambda m: f"table {m[1]} {name} {{", lines[0])
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What inspecting the live tables found: nothing wrong (both None), a
+    problem to repair, or a valid different state someone else put in place."""
+
+    problem: str | None = None
+    claimed: State | None = None
+
+
+class Ruleset:
+    def __init__(
+        self,
+        config: Config,
+        nft_ctx: Libnftables,
+        *,
+        guard: bool = True,
+        devices: Callable[[], list[str]] | None = None,
+        sys_class_net: Path = Path("/sys/class/net"),
+    ) -> None:
+        self.config = config
+        self.nft = nft_ctx
+        self.guarded = guard
+        self.notes: list[str] = []
+        self._devices = devices or (lambda: nft.present_devices(config.egress_interfaces, sys_class_net))
+        # Without a guard, the reference for "intact" is what the watcher itself
+        # listed right after its last change.
+        self._reference: dict[str, str | None] = {}
+
+    def put(self, state: State, *, repair: bool = False) -> None:
+        """Replace earlyfw's tables (and the guards) with `state`, atomically,
+        carrying the refuse counters over. A repair leaves the guards alone:
+        no other process can have changed them, so they still hold `state`,
+        and the batch is half the size."""
+        script = policy.render(self.config, state, counters=self._counters(), egress_devices=self._devices())
+        if self.guarded and repair:
+            self.nft.run(script)
+            return
+        if self.guarded:
+            try:
+                self.nft.run(script + guard_script(script))
+            except CommandError as e:
+                if "Operation not supported" not in str(e):
+                    raise
+                self.nft.run(script)  # raises if the guard was not the problem
+                self.guarded = False
+                self.notes.append(
+                    "this kernel has no owned nftables tables (needs Linux 5.12): running without the "
+                    "guard table, so a `flush ruleset` leaves nothing filtered until the repair"
+                )
+            return
+        self.nft.run(script)
+        self._reference = {name: self.nft.list_table(family, name) for family, name, _ in PAIRS}
+
+    def load_wake(self, group: int) -> bool:
+        """Load the wake table; False where the kernel cannot own tables
+        (it would not survive a flush) or has no NFLOG."""
+        if not self.guarded:
+            return False
+        try:
+            self.nft.run(wake_script(self.config, group))
+        except CommandError as e:
+            self.notes.append(f"no handshake wake-ups ({e}): polling instead")
+            return False
+        return True
+
+    def inspect(self, state: State) -> Finding:
+        """Compare the live tables with what the watcher last put in place."""
+        main = self.nft.list_table("inet", TABLE)
+        if main is None:
+            return Finding(problem=f"table inet {TABLE} was removed")
+        claimed = claimed_state(main)
+        if claimed in (State.BLOCKED, State.RELAXED) and claimed is not state:
+            return Finding(claimed=claimed)
+        for family, name, guard in PAIRS:
+            live = main if name == TABLE else self.nft.list_table(family, name)
+            if normalise(live, name) != normalise(self._expected(family, name, guard), name):
+                what = "removed" if live is None else "altered"
+                return Finding(problem=f"table {family} {name} was {what}")
+        return Finding()
+
+    def _expected(self, family: str, name: str, guard: str) -> str | None:
+        if self.guarded:
+            return self.nft.list_table(family, guard)
+        return self._reference.get(name)
+
+    def _counters(self) -> dict[str, tuple[int, int]]:
+        # After a flush only the guard still counts.
+        return self.nft.counters("inet", TABLE) or (self.nft.counters("inet", GUARD_TABLE) if self.guarded else {})

@@ -1,0 +1,347 @@
+"""Where the watcher reads a WireGuard tunnel's peers from.
+
+Three ways to ask, as `wg` itself has them:
+  UapiSource     userspace implementations (wireguard-go, boringtun): the text
+                 protocol on /var/run/wireguard/IF.sock ("get=1").
+  NetlinkSource  the kernel module: generic netlink WG_CMD_GET_DEVICE, through
+                 pyroute2.
+  WgShowSource   `wg show IF dump` through the Runner, for when neither of the
+                 above can be used from Python (no pyroute2).
+`AutoSource` picks per call, so a tunnel can come, go and change
+implementation while the watcher runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import importlib.util
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from earlyfw.config import IPAddress
+from earlyfw.errors import EarlyfwError
+from earlyfw.run import Runner
+
+UAPI_DIR = Path("/var/run/wireguard")
+SYS_CLASS_NET = Path("/sys/class/net")
+UAPI_TIMEOUT = 2.0
+
+
+class InterfaceGone(EarlyfwError):
+    """The tunnel interface does not exist (now)."""
+
+
+class SourceError(EarlyfwError):
+    """The peers could not be read; the watcher stays (or becomes) blocked."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    public_key: str  # base64, as `wg` shows it
+    # Where the peer's packets come from and go to: the address WireGuard last
+    # authenticated a packet from (it roams), or the configured one.
+    endpoint: tuple[IPAddress, int] | None
+    last_handshake: float | None  # wall-clock seconds since the epoch; None: never
+    keepalive: int = 0
+
+    def describe(self) -> str:
+        return f"peer {self.public_key[:8]}… at {format_endpoint(self.endpoint)}"
+
+
+def format_endpoint(endpoint: tuple[IPAddress, int] | None) -> str:
+    if endpoint is None:
+        return "(no endpoint)"
+    address, port = endpoint
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def parse_endpoint(text: str) -> tuple[IPAddress, int]:
+    """'192.0.2.1:51820' or '[2001:db8::1]:51820'; IPv4-mapped IPv6 becomes IPv4."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SourceError(f"endpoint {text!r} is not ADDRESS:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise SourceError(f"endpoint {text!r} has no IP address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address, int(port)
+
+
+def _handshake(seconds: int, nanoseconds: int) -> float | None:
+    return None if seconds == 0 and nanoseconds == 0 else seconds + nanoseconds / 1e9
+
+
+_UAPI_NUMBERS = {
+    "last_handshake_time_sec": "sec",
+    "last_handshake_time_nsec": "nsec",
+    "persistent_keepalive_interval": "keepalive",
+}
+
+
+def parse_uapi(text: str) -> tuple[Peer, ...]:
+    """The reply to `get=1`: interface keys, then one block per peer, each
+    opening with public_key=, and a final errno=."""
+    peers: list[Peer] = []
+    current: dict[str, Any] | None = None
+    status: str | None = None
+
+    def close() -> None:
+        if current is not None:
+            peers.append(
+                Peer(
+                    current["key"],
+                    current.get("endpoint"),
+                    _handshake(current.get("sec", 0), current.get("nsec", 0)),
+                    current.get("keepalive", 0),
+                )
+            )
+
+    for line in text.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise SourceError(f"UAPI: unexpected line {line!r}")
+        if key == "errno":
+            status = value
+        elif key == "public_key":
+            close()
+            try:
+                current = {"key": base64.b64encode(bytes.fromhex(value)).decode()}
+            except ValueError:
+                raise SourceError(f"UAPI: bad public key {value!r}") from None
+        elif current is None:
+            continue  # the interface's own keys
+        elif key == "endpoint":
+            current["endpoint"] = parse_endpoint(value)
+        elif key in _UAPI_NUMBERS:
+            if not value.isdigit():
+                raise SourceError(f"UAPI: {key}={value!r} is not a number")
+            current[_UAPI_NUMBERS[key]] = int(value)
+    close()
+    if status is None:
+        raise SourceError("UAPI: reply ended without errno=")
+    if status != "0":
+        raise SourceError(f"UAPI: errno={status}")
+    return tuple(peers)
+
+
+def parse_wg_dump(text: str) -> tuple[Peer, ...]:
+    """`wg show IF dump`: the interface line (4 fields), then per peer
+    public-key, preshared-key, endpoint, allowed-ips, latest-handshake,
+    transfer-rx, transfer-tx, persistent-keepalive, tab-separated."""
+    lines = [line for line in text.splitlines() if line]
+    if not lines:
+        raise SourceError("wg show dump: empty output")
+    peers = []
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) != 8:
+            raise SourceError(f"wg show dump: unexpected peer line {line!r}")
+        key, _psk, endpoint, _ips, latest, _rx, _tx, keepalive = fields
+        if not latest.isdigit():
+            raise SourceError(f"wg show dump: latest-handshake {latest!r} is not a number")
+        peers.append(
+            Peer(
+                key,
+                None if endpoint == "(none)" else parse_endpoint(endpoint),
+                _handshake(int(latest), 0),
+                0 if keepalive == "off" else int(keepalive),
+            )
+        )
+    return tuple(peers)
+
+
+def peers_from_netlink(messages: Iterable[Any]) -> tuple[Peer, ...]:
+    """Peers from pyroute2's decoded WG_CMD_GET_DEVICE replies (a device with
+    many peers arrives as several messages)."""
+    peers = []
+    for message in messages:
+        for peer in message.get_attr("WGDEVICE_A_PEERS") or ():
+            key = peer.get_attr("WGPEER_A_PUBLIC_KEY")
+            if key is None:
+                raise SourceError("netlink: peer without a public key")
+            endpoint = peer.get_attr("WGPEER_A_ENDPOINT")
+            handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {"tv_sec": 0, "tv_nsec": 0}
+            # pyroute2 hands the key over already base64-encoded.
+            value = key.get("value") if isinstance(key, dict) else key
+            peers.append(
+                Peer(
+                    value.decode() if isinstance(value, bytes) else str(value),
+                    parse_endpoint(f"[{endpoint['addr']}]:{endpoint['port']}") if endpoint else None,
+                    _handshake(int(handshake["tv_sec"]), int(handshake["tv_nsec"])),
+                    int(peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0),
+                )
+            )
+    return tuple(peers)
+
+
+class PeerSource(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fast_poll(self) -> float:
+        """How often a blocked watcher may ask while it waits for a handshake."""
+
+    def peers(self) -> tuple[Peer, ...]: ...
+
+    def close(self) -> None: ...
+
+
+class UapiSource:
+    name = "uapi"
+    fast_poll = 0.02
+
+    def __init__(self, interface: str, directory: Path = UAPI_DIR) -> None:
+        self.path = directory / f"{interface}.sock"
+
+    def peers(self) -> tuple[Peer, ...]:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+                sock.settimeout(UAPI_TIMEOUT)
+                sock.connect(str(self.path))
+                sock.sendall(b"get=1\n\n")
+                reply = b""
+                while not reply.endswith(b"\n\n"):
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        break
+                    reply += chunk
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise InterfaceGone(f"{self.path}: no WireGuard UAPI socket") from None
+        except OSError as e:
+            raise SourceError(f"{self.path}: {e.strerror or e}") from None
+        return parse_uapi(reply.decode(errors="replace"))
+
+    def close(self) -> None:
+        pass
+
+
+class NetlinkSource:
+    name = "netlink"
+    fast_poll = 0.02
+
+    def __init__(self, interface: str) -> None:
+        self.interface = interface
+        self._wg: Any = None
+
+    def peers(self) -> tuple[Peer, ...]:
+        try:
+            # Imported on first use only: pyroute2 is optional, and its asyncio
+            # core costs memory a userspace-WireGuard watcher never needs.
+            from pyroute2 import WireGuard  # noqa: PLC0415
+            from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
+        except ImportError:
+            raise SourceError("pyroute2 is not installed", hint="pip install pyroute2, or let `wg` be used") from None
+        gone = InterfaceGone(f"{self.interface}: no UAPI socket and no kernel WireGuard device")
+        if self._wg is None:
+            try:
+                self._wg = WireGuard()
+            except NetlinkError as e:
+                # No "wireguard" generic netlink family: no kernel module.
+                if e.code == errno.ENOENT:
+                    raise gone from None
+                raise SourceError(f"WireGuard netlink: {e}") from None
+        try:
+            return peers_from_netlink(self._wg.info(self.interface))
+        except NetlinkError as e:
+            self.close()
+            if e.code in (errno.ENODEV, errno.ENOENT, errno.EOPNOTSUPP):
+                raise gone from None
+            raise SourceError(f"{self.interface}: WireGuard netlink: {e}") from None
+
+    def close(self) -> None:
+        if self._wg is not None:
+            self._wg.close()
+            self._wg = None
+
+
+class WgShowSource:
+    name = "wg"
+    # A fork and exec per poll: ask less often.
+    fast_poll = 0.2
+
+    def __init__(self, interface: str, runner: Runner) -> None:
+        self.interface = interface
+        self.runner = runner
+
+    def peers(self) -> tuple[Peer, ...]:
+        result = self.runner.run(["wg", "show", self.interface, "dump"], check=False)
+        if result.returncode != 0:
+            if "No such device" in result.stderr:
+                raise InterfaceGone(f"{self.interface}: no such WireGuard device")
+            raise SourceError(f"wg show {self.interface} dump: {result.stderr.strip()}")
+        return parse_wg_dump(result.stdout)
+
+    def close(self) -> None:
+        pass
+
+
+class SourceKind(StrEnum):
+    AUTO = "auto"
+    UAPI = "uapi"
+    NETLINK = "netlink"
+    WG = "wg"
+
+
+def _pyroute2_available() -> bool:
+    return importlib.util.find_spec("pyroute2") is not None
+
+
+class AutoSource:
+    """Per call: the UAPI socket if the interface has one (userspace), else
+    kernel netlink through pyroute2, else `wg show`."""
+
+    def __init__(
+        self,
+        interface: str,
+        runner: Runner,
+        *,
+        uapi_dir: Path = UAPI_DIR,
+        sys_class_net: Path = SYS_CLASS_NET,
+    ) -> None:
+        self.interface = interface
+        self.sys_class_net = sys_class_net
+        self.uapi = UapiSource(interface, uapi_dir)
+        self.kernel: PeerSource = NetlinkSource(interface) if _pyroute2_available() else WgShowSource(interface, runner)
+        self.current: PeerSource = self.uapi
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    @property
+    def fast_poll(self) -> float:
+        return self.current.fast_poll
+
+    def peers(self) -> tuple[Peer, ...]:
+        if not (self.sys_class_net / self.interface).exists():
+            raise InterfaceGone(f"interface {self.interface} does not exist")
+        self.current = self.uapi if self.uapi.path.exists() else self.kernel
+        return self.current.peers()
+
+    def close(self) -> None:
+        self.kernel.close()
+
+
+def make_source(kind: SourceKind, interface: str, runner: Runner) -> PeerSource:
+    match kind:
+        case SourceKind.UAPI:
+            return UapiSource(interface)
+        case SourceKind.NETLINK:
+            return NetlinkSource(interface)
+        case SourceKind.WG:
+            return WgShowSource(interface, runner)
+        case SourceKind.AUTO:
+            return AutoSource(interface, runner)

@@ -1,0 +1,247 @@
+"""The guests the proof boots: a base tree, earlyfw installed into it with
+`earlyfw install --root` (or not, for the controls), perhaps one deliberate
+change, then the guest's own generator builds its initramfs in a chroot.
+
+Each guest is cached under a directory named by a hash of its base's key, the
+change, every file earlyfw's targets render for it, and this module's source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from earlyfw import config as configuration
+from earlyfw import install as installer
+from earlyfw.config import Config
+from earlyfw.root import Root
+from earlyfw.run import Runner
+from earlyfw.targets import File, Symlink
+from qemu import CACHE, GUEST_FILES, sh
+from qemu.base import Base, Generator, install_file
+from qemu.base import build as build_base
+
+CONFIG_FILE = GUEST_FILES / "earlyfw.toml"
+RULESETS = ("/etc/earlyfw/initramfs.nft", "/etc/earlyfw/blocked.nft", "/etc/earlyfw/relaxed.nft")
+BROKEN_RULESET = b"# A ruleset nft refuses to load.\ntable inet earlyfw {\n\tthis is not nft\n"
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    source: str  # under qemu/guest/
+    path: str
+    mode: int = 0o644
+
+
+PROOF_FILES = (
+    GuestFile("leak-source", "/usr/local/libexec/earlyfw-qemu/leak-source", 0o755),
+    GuestFile("proof-report", "/usr/local/libexec/earlyfw-qemu/proof-report", 0o755),
+    GuestFile("earlyfw-qemu-leak.service", "/etc/systemd/system/earlyfw-qemu-leak.service"),
+    GuestFile("earlyfw-qemu-login.service", "/etc/systemd/system/earlyfw-qemu-login.service"),
+    GuestFile("50-guest.network", "/etc/systemd/network/50-guest.network"),
+    GuestFile("timesyncd-leak.conf", "/etc/systemd/timesyncd.conf.d/50-leak.conf"),
+)
+GENERATOR_FILES = {
+    Generator.DRACUT: (GuestFile("dracut-guest.conf", "/etc/dracut.conf.d/50-guest.conf"),),
+    Generator.INITRAMFS_TOOLS: (),
+}
+ENABLED_UNITS = ("systemd-networkd.service", "earlyfw-qemu-leak.service", "earlyfw-qemu-login.service")
+
+
+class Change(StrEnum):
+    """What a variant does to its guest beyond installing earlyfw (or not)."""
+
+    NONE = "none"
+    # The mutant: the kill switch in an `ip` table, which never sees IPv6.
+    IP_ONLY = "ip-only"
+    # Every ruleset replaced by one nft cannot load.
+    BROKEN_RULESET = "broken-ruleset"
+    # Debian's nftables.service enabled with its default /etc/nftables.conf,
+    # whose first line is `flush ruleset`.
+    NFTABLES_SERVICE = "nftables-service"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    generator: Generator
+    earlyfw: bool = True
+    change: Change = Change.NONE
+    summary: str = ""
+
+    @property
+    def expect_leaks(self) -> bool:
+        """The controls and the mutant must leak: if they do not, the leak
+        sources or the capture are broken and no "no leak" result means anything."""
+        return not self.earlyfw or self.change is Change.IP_ONLY
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.generator.target, "systemd") if self.earlyfw else ()
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("control-dracut", Generator.DRACUT, earlyfw=False, summary="dracut guest without earlyfw"),
+        Variant(
+            "control-initramfs-tools",
+            Generator.INITRAMFS_TOOLS,
+            earlyfw=False,
+            summary="initramfs-tools guest without earlyfw",
+        ),
+        Variant("dracut", Generator.DRACUT, summary="earlyfw with dracut and systemd"),
+        Variant("initramfs-tools", Generator.INITRAMFS_TOOLS, summary="earlyfw with initramfs-tools and systemd"),
+        Variant("mutant-ip-only", Generator.DRACUT, change=Change.IP_ONLY, summary="mutant: ip-only table (dracut)"),
+        Variant(
+            "broken-dracut", Generator.DRACUT, change=Change.BROKEN_RULESET, summary="unloadable rulesets (dracut)"
+        ),
+        Variant(
+            "broken-initramfs-tools",
+            Generator.INITRAMFS_TOOLS,
+            change=Change.BROKEN_RULESET,
+            summary="unloadable rulesets (initramfs-tools)",
+        ),
+        Variant(
+            "nftables-service",
+            Generator.INITRAMFS_TOOLS,
+            change=Change.NFTABLES_SERVICE,
+            summary="earlyfw plus nftables.service flushing the ruleset (initramfs-tools)",
+        ),
+    )
+}
+
+
+def guest_config() -> Config:
+    return configuration.load(CONFIG_FILE)
+
+
+@dataclass(frozen=True)
+class Image:
+    variant: Variant
+    directory: Path
+    kernel_version: str
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "root.img"
+
+    @property
+    def initrd_bytes(self) -> int:
+        return self.initrd.stat().st_size
+
+
+def key(variant: Variant, base: Base) -> str:
+    h = hashlib.sha256()
+    h.update(f"{base.key}\0{variant.name}\0{variant.earlyfw}\0{variant.change}\0".encode())
+    h.update(CONFIG_FILE.read_bytes())
+    for f in (*PROOF_FILES, *GENERATOR_FILES[variant.generator]):
+        h.update(f"{f.source} {f.path} {f.mode:o}\0".encode() + (GUEST_FILES / f.source).read_bytes())
+    for artifact in rendered(variant):
+        if isinstance(artifact, File):
+            h.update(f"{artifact.path} {artifact.mode:o}\0".encode() + artifact.content)
+        else:
+            h.update(f"{artifact.path} -> {artifact.target}\0".encode())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()
+
+
+def rendered(variant: Variant) -> list[File | Symlink]:
+    """Every file `earlyfw install` will write for this variant, from the same
+    targets the CLI runs, so a change to any hook or unit rebuilds the guest."""
+    if not variant.earlyfw:
+        return []
+    root = Root(Path("/nonexistent"))
+    targets = [cls(root, Runner(verbose=False)) for cls in installer.select(root, variant.targets)]
+    plans = installer.plan(guest_config(), targets)
+    return [a for p in plans for a in p.artifacts]
+
+
+def build(variant: Variant, cache: Path = CACHE) -> Image:
+    """The cached guest for `variant`, built first if any of its inputs changed."""
+    base = build_base(variant.generator, cache)
+    k = key(variant, base)
+    image = Image(variant, cache / f"guest-{variant.name}-{k[:16]}", base.kernel_version)
+    if (image.directory / "done").exists():
+        return image
+    sh.require("mke2fs", "unshare", "nft")
+    staging = image.directory.with_name(image.directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    log = staging / "build.log"
+    root = staging / "root"
+    sh.run(["cp", "-a", "--reflink=auto", str(base.root), str(root)], log=log)
+    for f in (*PROOF_FILES, *GENERATOR_FILES[variant.generator]):
+        install_file(root, f.path, (GUEST_FILES / f.source).read_bytes(), f.mode)
+    sh.chroot(root, ["systemctl", "enable", *ENABLED_UNITS], log=log)
+    if variant.earlyfw:
+        install = [sys.executable, "-m", "earlyfw", "--config", str(CONFIG_FILE), "install", "--root", str(root)]
+        sh.run([*install, *(arg for t in variant.targets for arg in ("--target", t))], log=log)
+    _apply(variant.change, root, log)
+    sh.chroot(root, variant.generator.build_command(base.kernel_version), log=log)
+    shutil.copyfile(root / f"boot/vmlinuz-{base.kernel_version}", staging / "vmlinuz")
+    shutil.copyfile(root / f"boot/initrd.img-{base.kernel_version}", staging / "initrd.img")
+    _make_disk(root, staging / "root.img", log)
+    shutil.rmtree(root)
+    (staging / "done").write_text(k + "\n")
+    for stale in cache.glob(f"guest-{variant.name}-*"):
+        if stale != staging:
+            shutil.rmtree(stale, ignore_errors=True)
+    staging.rename(image.directory)
+    return image
+
+
+def _apply(change: Change, root: Path, log: Path) -> None:
+    if change is Change.IP_ONLY:
+        for path in RULESETS:
+            target = root / path.lstrip("/")
+            mutant = ip_only(target.read_text())
+            # The mutant must load, or it would test the broken-ruleset case instead.
+            sh.run(["unshare", "--map-root-user", "--net", "nft", "-c", "-f", "-"], input=mutant.encode(), log=log)
+            install_file(root, path, mutant.encode(), 0o644)
+    elif change is Change.BROKEN_RULESET:
+        for path in RULESETS:
+            install_file(root, path, BROKEN_RULESET, 0o644)
+    elif change is Change.NFTABLES_SERVICE:
+        statements = [s for s in (root / "etc/nftables.conf").read_text().splitlines() if s and not s.startswith("#")]
+        if statements[:1] != ["flush ruleset"]:
+            raise sh.HarnessError(f"{root}/etc/nftables.conf does not begin with `flush ruleset`: nothing to prove")
+        sh.chroot(root, ["systemctl", "enable", "nftables.service"], log=log)
+
+
+def ip_only(script: str) -> str:
+    """earlyfw's ruleset as it would be if its table were `ip`, not `inet`: the
+    IPv6 rules dropped (an ip table cannot hold them), everything else kept.
+
+    Refusals drop instead of rejecting: an ip table has no icmpx, and its own
+    reject needs nft_reject_ipv4, which the initramfs does not carry; a mutant
+    that failed to load there would only exercise the fallback."""
+    lines = [line for line in script.splitlines() if not re.search(r"\bip6\b|icmpv6", line)]
+    text = "\n".join(lines) + "\n"
+    text = text.replace("table inet earlyfw", "table ip earlyfw")
+    return text.replace("reject with icmpx admin-prohibited", "drop")
+
+
+def _make_disk(root: Path, disk: Path, log: Path) -> None:
+    used = sum(
+        (p.lstat().st_blocks * 512 for p in root.rglob("*") if not p.is_symlink()),
+        start=0,
+    )
+    size_mib = used * 13 // 10 // (1 << 20) + 128
+    sh.run(
+        ["mke2fs", "-q", "-t", "ext4", "-L", "guestroot", "-d", str(root), str(disk), f"{size_mib}M"],
+        log=log,
+    )

@@ -1,0 +1,154 @@
+"""What each boot must show, and the per-boot report.
+
+A variant with earlyfw passes when nothing but DHCP, ARP (and IPv6's link-local
+equivalents) and packets to the configured endpoint left the guest from
+power-on to login. A control or the mutant passes only when it DOES leak: if
+it does not, the leak sources or the capture are broken, and then no "no leak"
+result above means anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu import CACHE, boot, guest, pcap
+from qemu.guest import Change, Variant
+
+RUNS = CACHE / "runs"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    variant: Variant
+    outcome: boot.Outcome
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def explain(self) -> str:
+        lines = [f"{self.variant.name}: " + ("PASS" if self.passed else "FAIL")]
+        lines += [f"  - {p}" for p in self.problems]
+        if not self.passed:
+            leaks = self.outcome.capture.leaks
+            lines += [f"  leaked: {p.time:8.3f}s {p.kind:9} {p.summary}" for p in leaks[:15]]
+            lines += [f"  run directory: {self.outcome.run_dir}", "  console (last lines):"]
+            lines += ["    " + line for line in self.outcome.console_tail.splitlines()]
+        return "\n".join(lines)
+
+
+def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
+    problems: list[str] = []
+    report, capture = outcome.report, outcome.capture
+    if outcome.timed_out or report.login_uptime is None:
+        # Fail closed must never mean locked out: every variant reaches login.
+        problems.append("the guest never reached login" + (" (timed out)" if outcome.timed_out else ""))
+        return tuple(problems)
+    if not report.complete:
+        problems.append("the guest's login report was cut short")
+    if variant.expect_leaks:
+        if not capture.leaks:
+            problems.append(
+                "expected leaks but the capture shows none: the leak sources or the capture are broken, "
+                "so the no-leak results prove nothing"
+            )
+        if variant.change is Change.IP_ONLY and not any(p.version == 6 for p in capture.leaks):
+            problems.append("the ip-only mutant should leak over IPv6, and nothing IPv6 leaked")
+        return tuple(problems)
+    if capture.leaks:
+        kinds = sorted({p.kind.value for p in capture.leaks})
+        problems.append(f"{len(capture.leaks)} packet(s) leaked before login: {', '.join(kinds)}")
+    if "table inet earlyfw" not in report.nft_tables:
+        problems.append(f"table inet earlyfw is not loaded at login (tables: {list(report.nft_tables)})")
+    if variant.change is Change.BROKEN_RULESET:
+        # The loaders' drop-everything table, held through to login.
+        if report.earlyfw_state != "fallback":
+            problems.append(f"expected earlyfw's fallback table at login, found state {report.earlyfw_state}")
+        return tuple(problems)
+    if report.earlyfw_state != "blocked":
+        problems.append(f"table inet earlyfw is in state {report.earlyfw_state} at login, not blocked")
+    # The positive control inside the earlyfw guest: the network did come up,
+    # and what the policy allows did get out.
+    if capture.count(pcap.Kind.DHCP) == 0:
+        problems.append("no DHCP left the guest: the network never came up, so the absence of leaks proves little")
+    if capture.count(pcap.Kind.ENDPOINT) == 0:
+        problems.append("nothing reached the configured endpoint: the allowed path is broken")
+    if variant.change is Change.NFTABLES_SERVICE and "table inet filter" not in report.nft_tables:
+        problems.append("nftables.service did not load /etc/nftables.conf (no table inet filter at login)")
+    live, nic = report.block_live, report.nic_registered
+    if live is None:
+        problems.append("the kernel log has no line from earlyfw saying the block went live")
+    if nic is None:
+        problems.append("the kernel log has no virtio_net registration line")
+    if live is not None and nic is not None and live >= nic:
+        problems.append(f"the block went live at {live:.3f}s, after the NIC registered at {nic:.3f}s")
+    return tuple(problems)
+
+
+def run(variant: Variant, *, runs: Path = RUNS, timeout: float = boot.DEFAULT_TIMEOUT, tag: str = "") -> Verdict:
+    image = guest.build(variant)
+    run_dir = runs / f"{variant.name}{tag}"
+    outcome = boot.boot(image, run_dir, guest.guest_config().endpoints, timeout=timeout)
+    verdict = Verdict(variant, outcome, check(variant, outcome))
+    (run_dir / "result.json").write_text(json.dumps(summary(verdict), indent=2) + "\n")
+    return verdict
+
+
+def summary(verdict: Verdict) -> dict[str, Any]:
+    o = verdict.outcome
+    r, c = o.report, o.capture
+    return {
+        "variant": verdict.variant.name,
+        "summary": verdict.variant.summary,
+        "passed": verdict.passed,
+        "problems": list(verdict.problems),
+        "packets_by_class": c.counts,
+        "leaks": len(c.leaks),
+        "inbound_frames": c.inbound,
+        "first_packet_s": c.first_packet,
+        "first_leak_s": c.first_leak,
+        # Seconds from power-on to the kernel's uptime zero (firmware, loading
+        # and decompressing the kernel), from the endpoint probes.
+        "kernel_start_s": c.uptime_offset,
+        "first_packet_uptime_s": c.as_uptime(c.first_packet),
+        "block_live_uptime_s": r.block_live,
+        "nic_registered_uptime_s": r.nic_registered,
+        "login_uptime_s": r.login_uptime,
+        "wall_to_login_s": None if o.wall_to_login is None else round(o.wall_to_login, 3),
+        "initrd_bytes": o.image.initrd_bytes,
+        "nft_tables_at_login": list(r.nft_tables),
+        "earlyfw_state_at_login": r.earlyfw_state,
+        "unit_seconds": {u: r.unit_seconds(u) for u in ("earlyfw-initrd.service", "earlyfw-block.service")},
+        "failed_units": list(r.failed_units),
+        "run_dir": str(o.run_dir),
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def table(verdicts: list[Verdict]) -> str:
+    """The per-boot report, one line per boot."""
+
+    def s(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    columns = ("login", "block", "nic", "1st pkt", "(uptime)")
+    header = f"{'variant':24} {'result':6} " + " ".join(f"{c:>7}" for c in columns) + f" {'leaks':>5}  packets by class"
+    lines = [header, "-" * len(header)]
+    for v in verdicts:
+        r, c = v.outcome.report, v.outcome.capture
+        classes = " ".join(f"{k}={n}" for k, n in c.counts.items()) or "(none)"
+        lines.append(
+            f"{v.variant.name:24} {'PASS' if v.passed else 'FAIL':6} {s(r.login_uptime):>7} {s(r.block_live):>7} "
+            f"{s(r.nic_registered):>7} {s(c.first_packet):>7} {s(c.as_uptime(c.first_packet)):>8} "
+            f"{len(c.leaks):>5}  {classes}"
+        )
+    lines.append(
+        "login/block/nic: guest uptime (s) at login, when earlyfw's block went live, when virtio_net registered; "
+        "1st pkt: first packet the guest sent, seconds from power-on (and as guest uptime)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""The single-file PyInstaller build of earlyfw (installer/earlyfw.spec): built
+once per test session, then held to the same output as the Python module.
+test_watch_netns.py runs its watcher tests against this binary too.
+
+Set EARLYFW_FROZEN=/path/to/earlyfw to test a binary built beforehand instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.watch_lab import PYTHON_MODULE
+
+ROOT = Path(__file__).parent.parent
+SPEC = ROOT / "installer" / "earlyfw.spec"
+EXAMPLE = ROOT / "payload" / "examples" / "earlyfw.toml"
+
+
+def snapshot(top: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every path under `top`: mode and content (or link target)."""
+    found: dict[str, tuple[int, bytes | str]] = {}
+    for path in sorted(top.rglob("*")):
+        st = path.lstat()
+        content: bytes | str = (
+            os.readlink(path) if path.is_symlink() else "<dir>" if path.is_dir() else path.read_bytes()
+        )
+        found[str(path.relative_to(top))] = (st.st_mode, content)
+    return found
+
+
+@functools.cache
+def frozen_binary() -> Path:
+    """Build the binary (about 80 s on two cores), once per session."""
+    given = os.environ.get("EARLYFW_FROZEN")
+    if given:
+        return Path(given)
+    if importlib.util.find_spec("PyInstaller") is None:
+        pytest.fail("PyInstaller is missing: pip install -e '.[build]' (or pip install pyinstaller)", pytrace=False)
+    out = Path(tempfile.mkdtemp(prefix="efw-frozen-"))
+    atexit.register(shutil.rmtree, out, True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "PyInstaller",
+            "--noconfirm",
+            "--log-level",
+            "WARN",
+            "--distpath",
+            str(out / "dist"),
+            "--workpath",
+            str(out / "work"),
+            str(SPEC),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"PyInstaller failed:\n{result.stderr[-4000:]}", pytrace=False)
+    return out / "dist" / "earlyfw"
+
+
+@pytest.fixture(scope="session")
+def frozen() -> tuple[str, ...]:
+    return (str(frozen_binary()),)
+
+
+def run(executable: tuple[str, ...], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*executable, *args], capture_output=True, text=True, check=False)
+
+
+def test_the_binary_is_one_self_contained_file(frozen: tuple[str, ...]) -> None:
+    binary = Path(frozen[0])
+    assert binary.is_file()
+    assert os.access(binary, os.X_OK)
+    # It must not lean on this checkout or this Python: run it from an empty
+    # directory with an environment that points nowhere.
+    result = subprocess.run(
+        [str(binary), "--version"],
+        cwd=tempfile.gettempdir(),
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == run(PYTHON_MODULE, "--version").stdout
+
+
+@pytest.mark.parametrize("state", ["blocked", "relaxed", "initramfs"])
+def test_render_matches_the_python_module(frozen: tuple[str, ...], state: str) -> None:
+    args = ("--config", str(EXAMPLE), "render", "--state", state)
+    frozen_out, python_out = run(frozen, *args), run(PYTHON_MODULE, *args)
+    assert frozen_out.returncode == 0, frozen_out.stderr
+    assert frozen_out.stdout == python_out.stdout
+    assert "table inet earlyfw {" in frozen_out.stdout
+
+
+def test_install_into_a_root_matches_the_python_module(frozen: tuple[str, ...], tmp_path: Path) -> None:
+    """Every template (payload, hooks, units) and every target discovered with
+    pkgutil must be inside the binary: the two installs must be identical."""
+    trees = {}
+    for name, executable in (("frozen", frozen), ("python", PYTHON_MODULE)):
+        image = tmp_path / name
+        (image / "usr/lib/systemd").mkdir(parents=True)
+        (image / "usr/lib/systemd/systemd").touch()  # a systemd image: the unit targets apply
+        result = run(executable, "--config", str(EXAMPLE), "install", "--root", str(image))
+        assert result.returncode == 0, result.stderr
+        trees[name] = snapshot(image)
+    assert "etc/systemd/system/earlyfw-watch.service" in trees["frozen"]
+    assert "etc/systemd/system/earlyfw-block.service" in trees["frozen"]
+    assert trees["frozen"] == trees["python"]
+
+
+def test_unknown_command_fails_like_the_python_module(frozen: tuple[str, ...]) -> None:
+    frozen_out, python_out = run(frozen, "no-such-command"), run(PYTHON_MODULE, "no-such-command")
+    assert frozen_out.returncode == python_out.returncode == 2
+    assert "No such command" in frozen_out.stderr
+
+
+def test_the_binary_holds_every_module_and_template_but_not_libnftables(frozen: tuple[str, ...]) -> None:
+    """Targets (found by pkgutil) and the watcher's lazily imported kernel path
+    (pyroute2) are invisible to PyInstaller's import analysis; the spec names
+    them. libnftables must come from the system, matching its nft."""
+    from PyInstaller.archive.readers import CArchiveReader  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    archive = CArchiveReader(frozen[0])
+    modules = set(archive.open_embedded_archive("PYZ.pyz").toc)
+    installed = {
+        f"earlyfw.{p.relative_to(ROOT / 'installer' / 'earlyfw').with_suffix('').as_posix().replace('/', '.')}"
+        for p in (ROOT / "installer" / "earlyfw").rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    assert installed - modules == set()
+    assert {"pyroute2.netlink.generic.wireguard", "earlyfw.payload", "earlyfw.units", "earlyfw.hooks"} <= modules
+    shipped = {
+        f"earlyfw/{p.relative_to(ROOT).as_posix()}"
+        for folder in ("payload", "hooks", "units")
+        for p in (ROOT / folder).rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    }
+    assert shipped - set(archive.toc) == set()
+    assert not [name for name in archive.toc if "libnftables" in name]

@@ -1,0 +1,419 @@
+"""`earlyfw watch` against real WireGuard: wireguard-go on both ends of a veth
+between two namespaces, real nftables, real packets seen on the wire.
+
+Each watcher runs with only CAP_NET_ADMIN and no_new_privs (setpriv), as its
+systemd unit gives it. The WireGuard tests run twice: against the Python
+module and against the single-file PyInstaller binary (see test_frozen.py).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from earlyfw import policy
+from earlyfw.config import TunnelKind
+from earlyfw.policy import State
+from earlyfw.targets import linux
+from earlyfw.watch.events import HandshakeLog, NftablesEvents
+from earlyfw.watch.libnft import Libnftables
+from earlyfw.watch.ruleset import WATCHED_TABLES, wake_script
+from tests import netns
+from tests.conftest import require
+from tests.test_frozen import frozen_binary
+from tests.watch_lab import (
+    PROBE_PORT,
+    PYTHON_MODULE,
+    TOOLS,
+    TUNNEL_SERVER,
+    WG_PORT,
+    Watcher,
+    WgPair,
+    config_for,
+    live_state,
+    received,
+    send_udp,
+    start_watcher,
+    wg_pair,
+    write_config,
+)
+
+pytestmark = pytest.mark.netns
+
+WORLD = netns.WORLD_V4
+# What the blocked policy lets onto the link besides the endpoint: IPv6
+# neighbour discovery and MLD (the link's own housekeeping).
+ND_MLD = {133, 134, 135, 136, 143}
+
+
+@pytest.fixture
+def lab() -> Iterator[netns.Lab]:
+    require(*TOOLS)
+    with netns.Lab() as lab:
+        yield lab
+
+
+@pytest.fixture(params=["python", "frozen"])
+def executable(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    if request.param == "frozen":
+        return (str(frozen_binary()),)
+    return PYTHON_MODULE
+
+
+def watch(
+    lab: netns.Lab,
+    pair: WgPair,
+    executable: tuple[str, ...],
+    tmp_path: Path,
+    *,
+    reject_after: int = 180,
+    lan_allow: bool = False,
+    endpoints: Sequence[tuple[str, int]] = ((str(WORLD), WG_PORT),),
+) -> Watcher:
+    config = config_for(pair.client_wg.name, endpoints, reject_after=reject_after, lan_allow=lan_allow)
+    return start_watcher(lab, pair.client, executable, write_config(tmp_path, config), log_dir=tmp_path)
+
+
+def earlyfw(ns: netns.Namespace, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return ns.exec_result([*PYTHON_MODULE, "--config", str(config), *args])
+
+
+def leaks(frames: list[netns.Frame]) -> list[str]:
+    """What arrived from the client other than WireGuard to the endpoint and
+    link housekeeping."""
+    return [
+        f.describe()
+        for f in frames
+        if f.incoming
+        and f.src is not None
+        and not (f.dst == WORLD and f.proto == 17 and f.dport == WG_PORT)
+        and not (f.proto == 58 and f.icmp_type in ND_MLD)
+    ]
+
+
+def test_only_handshake_packets_leave_until_the_handshake_then_the_tunnel_passes(
+    lab: netns.Lab, executable: tuple[str, ...], tmp_path: Path
+) -> None:
+    pair = wg_pair(lab, accept=False)  # the server ignores the client for now
+    capture = lab.enter_context(pair.topology.capture())
+    outside, tunnel = pair.outside_listener(), pair.tunnel_listener()
+    # Control: with no earlyfw, a probe outside the tunnel arrives.
+    send_udp(pair.client, WORLD, PROBE_PORT, b"control")
+    assert received(outside, 0.5) == [b"control"]
+
+    watcher = watch(lab, pair, executable, tmp_path)
+    mark = capture.mark()
+    pair.rehandshake()  # an initiation now, rather than at the next 5 s retry
+    send_udp(pair.client, WORLD, PROBE_PORT, b"outside", count=3)
+    send_udp(pair.client, TUNNEL_SERVER, PROBE_PORT, b"early", count=3)
+    initiation = capture.wait_for(
+        lambda f: f.incoming and f.dport == WG_PORT and f.payload[:1] == b"\x01", 8, start=mark
+    )
+    assert initiation is not None, "the handshake initiation must get out"
+    assert len(initiation.payload) == 148
+    assert leaks(capture.since(mark)) == []
+    assert received(outside, 0.2) == []
+    assert live_state(pair.client) == "blocked"
+    assert "relaxed" not in watcher.log
+
+    pair.accept_client()
+    pair.rehandshake()
+    line = watcher.wait_for(r"^relaxed: ", 15)
+    assert re.search(r"peer \S+ at 192\.0\.2\.1:51820: handshake \d+\.\d+s ago", line)
+    assert live_state(pair.client) == live_state(pair.client, "earlyfw_guard") == "relaxed"
+    send_udp(pair.client, TUNNEL_SERVER, PROBE_PORT, b"through")
+    # Only what was sent after the relax: nothing sent while blocked sat
+    # queued in the tunnel waiting for the handshake.
+    assert received(tunnel, 0.5) == [b"through"]
+    send_udp(pair.client, WORLD, PROBE_PORT, b"outside-again")
+    assert received(outside, 0.3) == []
+    assert [line.split(":")[0] for line in watcher.lines()] == ["blocked", "relaxed"], "one line per change"
+
+
+def test_no_handshake_within_reject_after_locks_again(
+    lab: netns.Lab, executable: tuple[str, ...], tmp_path: Path
+) -> None:
+    """reject_after_seconds is shortened to 4 s. (WireGuard re-handshakes every
+    120 s, so a reject-after this short would lock a live tunnel too: the test
+    shows the lock follows the handshake's age, with the peer gone.)"""
+    pair = wg_pair(lab)
+    watcher = watch(lab, pair, executable, tmp_path, reject_after=4)
+    watcher.wait_for(r"^relaxed: ")
+    handshake = pair.latest_handshake()
+    tunnel = pair.tunnel_listener()
+    send_udp(pair.client, TUNNEL_SERVER, PROBE_PORT, b"alive")
+    assert received(tunnel, 0.5) == [b"alive"]
+    pair.server_wg.stop()
+    line = watcher.wait_for(r"^blocked: peer \S+ at 192\.0\.2\.1:51820: last handshake \d+s ago, over 4s", 10)
+    locked_at = time.time()
+    assert line
+    # Not before the handshake aged out, and promptly after (wg shows whole seconds).
+    assert handshake + 4 <= locked_at <= handshake + 4 + 2.5
+    assert live_state(pair.client) == live_state(pair.client, "earlyfw_guard") == "blocked"
+
+
+def test_tunnel_interface_disappearing_locks_at_once(
+    lab: netns.Lab, executable: tuple[str, ...], tmp_path: Path
+) -> None:
+    pair = wg_pair(lab)
+    watcher = watch(lab, pair, executable, tmp_path)
+    watcher.wait_for(r"^relaxed: ")
+    gone = time.monotonic()
+    pair.client_wg.stop()
+    watcher.wait_for(r"^blocked: .*(does not exist|no WireGuard UAPI socket|no kernel WireGuard device)", 5)
+    assert time.monotonic() - gone < 1.5
+    assert live_state(pair.client) == "blocked"
+
+
+def test_a_peer_answering_from_an_unlisted_address_never_relaxes(
+    lab: netns.Lab, executable: tuple[str, ...], tmp_path: Path
+) -> None:
+    """The server is also reachable at 192.168.50.1, which [lan] allow lets
+    through; the handshake completes there, but that is not a configured
+    endpoint."""
+    pair = wg_pair(lab, endpoint=netns.WORLD_LAN_V4)
+    watcher = watch(lab, pair, executable, tmp_path, lan_allow=True)
+    started = time.time()
+    pair.rehandshake()
+    netns.wait_until(lambda: pair.latest_handshake() >= int(started), 10, "a handshake via the LAN address")
+    time.sleep(1.0)  # fifty polls
+    assert live_state(pair.client) == "blocked"
+    assert "relaxed" not in watcher.log
+    tunnel = pair.tunnel_listener()
+    send_udp(pair.client, TUNNEL_SERVER, PROBE_PORT, b"nope")
+    assert received(tunnel, 0.3) == []
+
+    # Control: the same handshake, with that address listed, does relax.
+    watcher.stop()
+    both = ((str(WORLD), WG_PORT), (str(netns.WORLD_LAN_V4), WG_PORT))
+    control = watch(lab, pair, executable, tmp_path, lan_allow=True, endpoints=both)
+    assert "192.168.50.1:51820" in control.wait_for(r"^relaxed: ")
+
+
+@pytest.mark.parametrize("state", [State.RELAXED, State.BLOCKED])
+def test_flush_ruleset_is_repaired_and_no_probe_gets_out_in_between(
+    lab: netns.Lab, executable: tuple[str, ...], tmp_path: Path, state: State
+) -> None:
+    pair = wg_pair(lab, accept=state is State.RELAXED)
+    watcher = watch(lab, pair, executable, tmp_path)
+    if state is State.RELAXED:
+        watcher.wait_for(r"^relaxed: ")
+    capture = lab.enter_context(pair.topology.capture())
+    mark = capture.mark()
+    with Flood(pair.client, seconds=2.0) as flood:
+        time.sleep(0.5)
+        pair.client.exec(["nft", "flush", "ruleset"])
+        watcher.wait_for(r"^repaired: table inet earlyfw was removed by pid \d+ \(nft\); " + state.value, 3)
+    assert flood.sent > 1000, "the flood must be dense enough to catch a gap"
+    assert [f.describe() for f in capture.since(mark) if f.incoming and f.dport == PROBE_PORT] == []
+    assert live_state(pair.client) == live_state(pair.client, "earlyfw_guard") == state.value
+    # The guard is the watcher's alone.
+    refused = pair.client.exec_result(["nft", "delete", "table", "inet", "earlyfw_guard"])
+    assert "Operation not permitted" in refused.stderr
+
+
+def test_flood_control_without_the_watcher_a_flush_leaks(lab: netns.Lab, tmp_path: Path) -> None:
+    """The control for the test above: the same flood and flush with earlyfw
+    loaded but no watcher, so no guard and no repair: probes get out."""
+    pair = wg_pair(lab)
+    config = write_config(tmp_path, config_for(pair.client_wg.name))
+    assert earlyfw(pair.client, config, "apply", "--state", "blocked").returncode == 0
+    capture = lab.enter_context(pair.topology.capture())
+    mark = capture.mark()
+    with Flood(pair.client, seconds=1.0):
+        time.sleep(0.3)
+        pair.client.exec(["nft", "flush", "ruleset"])
+    assert len([f for f in capture.since(mark) if f.incoming and f.dport == PROBE_PORT]) > 100
+
+
+def test_an_altered_table_is_repaired(lab: netns.Lab, tmp_path: Path) -> None:
+    pair = wg_pair(lab, accept=False)
+    watcher = watch(lab, pair, PYTHON_MODULE, tmp_path)
+    listing = pair.client.exec(["nft", "-a", "list", "chain", "inet", "earlyfw", "output"])
+    handle = next(line.split("# handle ")[1] for line in listing.splitlines() if "refused_out" in line)
+    pair.client.exec(["nft", "delete", "rule", "inet", "earlyfw", "output", "handle", handle])
+    watcher.wait_for(r"^repaired: table inet earlyfw was altered by pid \d+ \(nft\); blocked restored", 3)
+    assert "refused_out" in pair.client.exec(["nft", "list", "chain", "inet", "earlyfw", "output"])
+
+
+def test_sleep_lock_holds_until_a_handshake_newer_than_it(lab: netns.Lab, tmp_path: Path) -> None:
+    """Runs the sleep unit's own ExecStart (nft -f the blocked ruleset), as
+    systemd would before suspend, then shows the watcher wants a newer
+    handshake; an outside `earlyfw relax` is refused meanwhile."""
+    pair = wg_pair(lab)
+    config = config_for(pair.client_wg.name)
+    config_path = write_config(tmp_path, config)
+    watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
+    watcher.wait_for(r"^relaxed: ")
+
+    unit = linux.render("units/earlyfw-sleep.service.j2").decode()
+    exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
+    blocked = tmp_path / "blocked.nft"
+    blocked.write_text(policy.render(config, State.BLOCKED))
+    argv = exec_start.replace(linux.BLOCKED_RULESET, str(blocked)).split()
+    before = len(watcher.lines())
+    locked_at = time.time()
+    pair.client.exec(argv)
+    watcher.wait_for(r"^blocked: locked by pid \d+ \(nft\); relaxing again needs a newer handshake", 3, after=before)
+    time.sleep(1.0)
+    assert live_state(pair.client) == "blocked", "the handshake from before the lock does not count"
+
+    assert earlyfw(pair.client, config_path, "relax").returncode == 0
+    watcher.wait_for(r"^blocked: refused the relax by pid \d+ \(\S+\): .*predates", 3)
+    time.sleep(0.2)
+    assert live_state(pair.client) == "blocked"
+
+    pair.rehandshake()
+    watcher.wait_for(r"^relaxed: peer", 10, after=before)
+    assert pair.latest_handshake() >= int(locked_at)
+
+
+def test_stop_locks_a_kill_leaves_only_the_tunnel_and_a_restart_reverifies(lab: netns.Lab, tmp_path: Path) -> None:
+    pair = wg_pair(lab)
+    config_path = write_config(tmp_path, config_for(pair.client_wg.name))
+    outside, tunnel = pair.outside_listener(), pair.tunnel_listener()
+
+    watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
+    watcher.wait_for(r"^relaxed: ")
+    assert watcher.signal(signal.SIGTERM) == 0
+    assert watcher.lines()[-1] == "blocked: watcher stopped (SIGTERM)"
+    assert live_state(pair.client) == "blocked"
+    assert live_state(pair.client, "earlyfw_guard") is None, "the guard goes with the watcher"
+
+    watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
+    watcher.wait_for(r"^relaxed: ")
+    assert watcher.signal(signal.SIGKILL) == -signal.SIGKILL
+    # Uncatchable: the last state stays, and RELAXED allows only the tunnel.
+    assert live_state(pair.client) == "relaxed"
+    send_udp(pair.client, WORLD, PROBE_PORT, b"outside")
+    send_udp(pair.client, TUNNEL_SERVER, PROBE_PORT, b"tunnel")
+    assert received(outside, 0.3) == []
+    assert received(tunnel, 0.3) == [b"tunnel"]
+
+    restarted = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
+    restarted.wait_for(r"^relaxed: ")
+    assert [line.split(":")[0] for line in restarted.lines()] == ["blocked", "relaxed"]
+
+
+def test_manual_mode_follows_relax_and_lock_and_repairs(lab: netns.Lab, tmp_path: Path) -> None:
+    topology = netns.client_world(lab, [], tag="em")
+    topology.client.ip_batch(["tuntap add dev efwm0 mode tun", "link set efwm0 up"])
+    config = config_for("efwm0", kind=TunnelKind.MANUAL)
+    config_path = write_config(tmp_path, config)
+    watcher = start_watcher(lab, topology.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
+    time.sleep(0.5)
+    assert live_state(topology.client) == "blocked", "manual: nothing relaxes by itself"
+
+    assert earlyfw(topology.client, config_path, "relax").returncode == 0
+    watcher.wait_for(r"^relaxed: asked by pid \d+")
+    netns.wait_until(lambda: live_state(topology.client, "earlyfw_guard") == "relaxed", 2, "the guard to follow")
+    topology.client.exec(["nft", "flush", "ruleset"])
+    watcher.wait_for(r"^repaired: .*; relaxed restored")
+    assert earlyfw(topology.client, config_path, "lock").returncode == 0
+    watcher.wait_for(r"^blocked: locked by pid \d+")
+    assert live_state(topology.client) == live_state(topology.client, "earlyfw_guard") == "blocked"
+
+
+def test_wg_show_source_relaxes_too(lab: netns.Lab, tmp_path: Path) -> None:
+    pair = wg_pair(lab)
+    config_path = write_config(tmp_path, config_for(pair.client_wg.name))
+    watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, "--source", "wg", log_dir=tmp_path)
+    watcher.wait_for(r"^relaxed: peer \S+ at 192\.0\.2\.1:51820")
+
+
+def test_nftables_events_from_the_kernel_name_table_and_process(lab: netns.Lab) -> None:
+    ns = lab.namespace("efwev-")
+    with ns.entered():
+        events = NftablesEvents()
+    try:
+        ns.exec(["nft", "add", "table", "inet", "earlyfw"])
+        ns.exec(["nft", "add", "table", "inet", "other"])
+        ns.exec(["nft", "flush", "ruleset"])
+        time.sleep(0.1)
+        generations = events.read()
+    finally:
+        events.close()
+    assert [sorted(g.tables) for g in generations] == [["earlyfw"], ["other"], ["earlyfw", "other"]]
+    assert {g.process for g in generations} == {"nft"}
+    assert all(g.pid > 0 for g in generations)
+    assert [g.touches(WATCHED_TABLES) for g in generations] == [True, False, True]
+
+
+class Flood:
+    """UDP probes from `ns` to the world, outside the tunnel, as fast as one
+    core sends them, for `seconds`."""
+
+    SCRIPT = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "end, n = time.monotonic() + float(sys.argv[1]), 0\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        f"        s.sendto(b'leak', ('{WORLD}', {PROBE_PORT})); n += 1\n"
+        "    except OSError:\n"
+        "        n += 1\n"
+        "print(n)\n"
+    )
+
+    def __init__(self, ns: netns.Namespace, seconds: float) -> None:
+        self.ns, self.seconds, self.sent = ns, seconds, 0
+        self.process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Flood:
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns.name, sys.executable, "-c", self.SCRIPT, str(self.seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        out, _ = self.process.communicate(timeout=self.seconds + 10)
+        self.sent = int(out.strip() or 0)
+
+
+def test_handshake_packets_from_the_endpoint_wake_the_watcher(lab: netns.Lab) -> None:
+    """The wake table (owned by a libnftables context opened in the client
+    namespace) logs handshake messages from the endpoint to the NFLOG group,
+    and nothing else from it; then a real handshake response is logged."""
+    pair = wg_pair(lab)
+    with pair.client.entered():
+        context = Libnftables()
+        wake = HandshakeLog()
+    lab.callback(context.close)
+    lab.callback(wake.close)
+    context.run(wake_script(config_for(pair.client_wg.name), wake.group))
+    wake.read()
+
+    # From the endpoint's address and port, the size of a handshake
+    # response, but not one (type 5): sent raw, as WireGuard holds the port.
+    topology = pair.topology
+    raw = lab.own(pair.world.socket(socket.AF_PACKET, socket.SOCK_RAW))
+    raw.bind((topology.world_if, 0))
+    for kind in (5, 2):
+        raw.send(
+            netns.udp_frame(
+                src_mac=pair.world.mac(topology.world_if),
+                dst_mac=pair.client.mac(topology.client_if),
+                src=netns.WORLD_V4,
+                dst=netns.CLIENT_V4,
+                sport=WG_PORT,
+                dport=9,
+                payload=bytes([kind]) + bytes(91),
+            )
+        )
+        time.sleep(0.3)
+        # The control: the same frame with type 2 is logged.
+        assert wake.read() == (kind == 2), kind
+
+    pair.rehandshake()
+    netns.wait_until(lambda: wake.read() > 0, 5, "a logged handshake response")

@@ -36,6 +36,7 @@ from qemu.base import Generator
 OUT = Path(__file__).resolve().parent / "out"
 MAX_COST = 0.02
 MAX_GROWTH = 2 * 1000 * 1000
+UNITS = ("earlyfw-initrd.service", "earlyfw-block.service")
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Series:
     first_packet: list[float] = field(default_factory=list)
     leaks: list[int] = field(default_factory=list)
     block_first: list[bool] = field(default_factory=list)
+    # How long systemd took to start each earlyfw unit (the boot's direct cost).
+    units: dict[str, list[float]] = field(default_factory=dict)
     initrd_bytes: int = 0
 
     def add(self, verdict: proof.Verdict) -> None:
@@ -66,6 +69,10 @@ class Series:
         if r.nic_registered is not None:
             self.nic.append(r.nic_registered)
         if self.variant.earlyfw:
+            for unit in UNITS:
+                seconds = r.unit_seconds(unit)
+                if seconds is not None:
+                    self.units.setdefault(unit, []).append(seconds)
             if r.block_live is not None:
                 self.block_live.append(r.block_live)
             first = r.block_live is not None and r.nic_registered is not None and r.block_live < r.nic_registered
@@ -115,6 +122,7 @@ def compare(generator: Generator, boots: int) -> dict[str, object]:
             "cost_under_2_percent": cost < MAX_COST,
             "initrd_growth_under_2_MB": growth < MAX_GROWTH,
         },
+        "unit_seconds_median": {unit: median(times) for unit, times in earlyfw.units.items()},
         "all_login_uptimes_s": {"control": control.login, "earlyfw": earlyfw.login},
     }
     print(f"\n{generator}: medians over {boots} boots of each guest")
@@ -128,6 +136,8 @@ def compare(generator: Generator, boots: int) -> dict[str, object]:
         f"  initramfs                        {control.initrd_bytes / 1e6:.2f} MB -> "
         f"{earlyfw.initrd_bytes / 1e6:.2f} MB (+{growth / 1e6:.2f} MB, target < {MAX_GROWTH / 1e6:.0f} MB)"
     )
+    for unit, times in sorted(earlyfw.units.items()):
+        print(f"  {unit + ' took':32} {show(median(times))} (start to finish, as systemd logged it)")
     print(f"  first packet from power-on       {show(median(earlyfw.first_packet))} with earlyfw")
     print(f"  leaked packets per boot          control {control.leaks}, earlyfw {earlyfw.leaks}")
     return result

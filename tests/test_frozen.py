@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -152,3 +153,26 @@ def test_the_binary_holds_every_module_and_template_but_not_libnftables(frozen: 
     }
     assert shipped - set(archive.toc) == set()
     assert not [name for name in archive.toc if "libnftables" in name]
+
+
+def test_the_binary_renders_the_windows_filters(frozen: tuple[str, ...]) -> None:
+    """The Windows build is this spec built on Windows; here its bundle must at
+    least carry the WFP modules and templates: `windows show` and a Windows
+    image install from the binary must match the Python module."""
+    args = ("--config", str(EXAMPLE), "windows", "show", "--json")
+    frozen_out, python_out = run(frozen, *args), run(PYTHON_MODULE, *args)
+    assert frozen_out.returncode == 0, frozen_out.stderr
+    assert json.loads(frozen_out.stdout) == json.loads(python_out.stdout)
+
+
+def test_windows_image_install_matches_the_python_module(frozen: tuple[str, ...], tmp_path: Path) -> None:
+    trees = {}
+    for name, executable in (("frozen", frozen), ("python", PYTHON_MODULE)):
+        image = tmp_path / name
+        image.mkdir()
+        result = run(executable, "-q", "--config", str(EXAMPLE), "install", "--target", "windows", "--root", str(image))
+        assert result.returncode == 0, result.stderr
+        trees[name] = snapshot(image)
+    task = tmp_path / "frozen" / "ProgramData" / "earlyfw" / "earlyfw-watch.xml"
+    assert "windows watch" in task.read_bytes().decode("utf-16")
+    assert trees["frozen"] == trees["python"]

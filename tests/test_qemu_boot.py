@@ -32,6 +32,7 @@ ENDPOINTS = (Endpoint(ipaddress.ip_address("10.0.2.2"), 51820, Protocol.UDP),)
 UNSPECIFIED = str(ipaddress.IPv4Address(0))  # a DHCP client's source address
 GUEST_MAC = bytes.fromhex(pcap.GUEST_MAC.replace(":", ""))
 SLIRP_MAC = bytes.fromhex("525500000202")
+HOP_BY_HOP = b"\x3a\x00" + b"\x00" * 6  # an empty hop-by-hop header, next header ICMPv6, as MLD sends
 QEMU_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "mmdebstrap": "mmdebstrap", "mke2fs": "e2fsprogs"}
 
 
@@ -68,29 +69,29 @@ def kind_of(frame: bytes) -> pcap.Kind:
 @pytest.mark.parametrize(
     ("frame", "kind"),
     [
-        (ether(b"\x00" * 28, pcap.ETH_ARP), pcap.Kind.ARP),
-        (ipv4(17, UNSPECIFIED, "255.255.255.255", udp(68, 67)), pcap.Kind.DHCP),
-        (ipv4(17, "10.0.2.15", "10.0.2.2", udp(40000, 51820)), pcap.Kind.ENDPOINT),
-        (ipv4(17, "10.0.2.15", "9.9.9.9", udp(40000, 53)), pcap.Kind.DNS),
-        (ipv4(6, "10.0.2.15", "198.51.100.53", tcp(40000, 853)), pcap.Kind.DNS),
-        (ipv4(17, "10.0.2.15", "192.0.2.123", udp(123, 123)), pcap.Kind.NTP),
-        (ipv4(17, "10.0.2.15", "198.51.100.3", udp(40000, 3478)), pcap.Kind.STUN),
-        (ipv4(6, "10.0.2.15", "198.51.100.80", tcp(40000, 443)), pcap.Kind.TCP),
-        (ipv4(1, "10.0.2.15", "192.0.2.1", b"\x08\x00\x00\x00"), pcap.Kind.ICMP),
+        pytest.param(ether(b"\x00" * 28, pcap.ETH_ARP), pcap.Kind.ARP, id="arp"),
+        pytest.param(ipv4(17, UNSPECIFIED, "255.255.255.255", udp(68, 67)), pcap.Kind.DHCP, id="dhcp"),
+        pytest.param(ipv4(17, "10.0.2.15", "10.0.2.2", udp(40000, 51820)), pcap.Kind.ENDPOINT, id="endpoint"),
+        pytest.param(ipv4(17, "10.0.2.15", "9.9.9.9", udp(40000, 53)), pcap.Kind.DNS, id="dns-v4"),
+        pytest.param(ipv4(6, "10.0.2.15", "198.51.100.53", tcp(40000, 853)), pcap.Kind.DNS, id="dot-tcp"),
+        pytest.param(ipv4(17, "10.0.2.15", "192.0.2.123", udp(123, 123)), pcap.Kind.NTP, id="ntp"),
+        pytest.param(ipv4(17, "10.0.2.15", "198.51.100.3", udp(40000, 3478)), pcap.Kind.STUN, id="stun"),
+        pytest.param(ipv4(6, "10.0.2.15", "198.51.100.80", tcp(40000, 443)), pcap.Kind.TCP, id="tcp"),
+        pytest.param(ipv4(1, "10.0.2.15", "192.0.2.1", b"\x08\x00\x00\x00"), pcap.Kind.ICMP, id="icmp-echo"),
         # The endpoint is a protocol and port too: TCP to it, or another UDP port, is a leak.
-        (ipv4(6, "10.0.2.15", "10.0.2.2", tcp(40000, 51820)), pcap.Kind.TCP),
-        (ipv4(17, "10.0.2.15", "10.0.2.2", udp(40000, 51821)), pcap.Kind.UDP),
-        (ipv6(58, "fe80::1", "ff02::2", b"\x85\x00", hop_limit=255), pcap.Kind.NDP),
-        (ipv6(58, "::", "ff02::1:ff12:3456", b"\x87\x00", hop_limit=255), pcap.Kind.NDP),
+        pytest.param(ipv4(6, "10.0.2.15", "10.0.2.2", tcp(40000, 51820)), pcap.Kind.TCP, id="tcp-to-endpoint"),
+        pytest.param(ipv4(17, "10.0.2.15", "10.0.2.2", udp(40000, 51821)), pcap.Kind.UDP, id="udp-other-port"),
+        pytest.param(ipv6(58, "fe80::1", "ff02::2", b"\x85\x00", hop_limit=255), pcap.Kind.NDP, id="ndp-rs"),
+        pytest.param(ipv6(58, "::", "ff02::1:ff12:3456", b"\x87\x00", hop_limit=255), pcap.Kind.NDP, id="ndp-dad"),
         # A neighbour advertisement answering a neighbour with a global address.
-        (ipv6(58, "fec0::15", "fec0::2", b"\x88\x00", hop_limit=255), pcap.Kind.NDP),
+        pytest.param(ipv6(58, "fec0::15", "fec0::2", b"\x88\x00", hop_limit=255), pcap.Kind.NDP, id="ndp-na-global"),
         # Neighbour discovery that a router could forward (hop limit below 255) is not link-local plumbing.
-        (ipv6(58, "fe80::1", "ff02::2", b"\x85\x00", hop_limit=64), pcap.Kind.ICMP),
-        (ipv6(58, "fec0::15", "2001:db8::1", b"\x80\x00"), pcap.Kind.ICMP),
-        (ipv6(0, "fe80::1", "ff02::16", b"\x3a\x00" + b"\x00" * 6 + b"\x8f\x00", hop_limit=1), pcap.Kind.MLD),
-        (ipv6(17, "fe80::1", "ff02::1:2", udp(546, 547)), pcap.Kind.DHCPV6),
-        (ipv6(17, "fec0::15", "2001:db8::53", udp(40000, 53)), pcap.Kind.DNS),
-        (ether(b"", 0x88CC), pcap.Kind.OTHER),
+        pytest.param(ipv6(58, "fe80::1", "ff02::2", b"\x85\x00", hop_limit=64), pcap.Kind.ICMP, id="nd-hlim-64"),
+        pytest.param(ipv6(58, "fec0::15", "2001:db8::1", b"\x80\x00"), pcap.Kind.ICMP, id="icmpv6-echo"),
+        pytest.param(ipv6(0, "fe80::1", "ff02::16", HOP_BY_HOP + b"\x8f\x00", hop_limit=1), pcap.Kind.MLD, id="mld"),
+        pytest.param(ipv6(17, "fe80::1", "ff02::1:2", udp(546, 547)), pcap.Kind.DHCPV6, id="dhcpv6"),
+        pytest.param(ipv6(17, "fec0::15", "2001:db8::53", udp(40000, 53)), pcap.Kind.DNS, id="dns-v6"),
+        pytest.param(ether(b"", 0x88CC), pcap.Kind.OTHER, id="lldp"),
     ],
 )
 def test_classify(frame: bytes, kind: pcap.Kind) -> None:

@@ -783,3 +783,12 @@ def test_a_woken_tunnel_polls_fast_only_after_a_handshake_packet() -> None:
     assert tunnel.evaluate(NOW, 0).recheck == tunnels.IDLE_POLL
     tunnel.wake()
     assert tunnel.evaluate(NOW, 0).recheck == StaticSource.fast_poll
+
+
+def test_install_reloads_systemd_and_restarts_a_running_watcher_only(tmp_path: Path) -> None:
+    runner = RecordingRunner()
+    watcher_target.Watcher(Root(tmp_path), runner).after_install(CONFIG)
+    assert runner.argvs() == [], "no running systemd (an image, a container): nothing to reload"
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    watcher_target.Watcher(Root(tmp_path), runner).after_install(CONFIG)
+    assert runner.argvs() == [("systemctl", "daemon-reload"), ("systemctl", "try-restart", "earlyfw-watch.service")]

@@ -35,8 +35,18 @@ UAPI_DIR = Path("/var/run/wireguard")
 # A port nothing listens on, outside the tunnel: what a leak would look like.
 PROBE_PORT = 9
 PYTHON_MODULE: tuple[str, ...] = (sys.executable, "-m", "earlyfw")
-# The watcher runs with only CAP_NET_ADMIN and no_new_privs, as its unit gives it.
-RESTRICTED = ("setpriv", "--bounding-set=-all,+net_admin", "--no-new-privs")
+# The watcher runs as its unit has it: only CAP_NET_ADMIN, no_new_privs, and no
+# memory that is ever writable and executable (the kernel's own
+# PR_SET_MDWE, the check MemoryDenyWriteExecute= makes with seccomp).
+MDWE = (
+    sys.executable,
+    "-c",
+    "import ctypes, os, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0):\n"
+    "    sys.exit('PR_SET_MDWE failed: Linux 6.3 or newer is needed')\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])",
+)
+RESTRICTED = (*MDWE, "setpriv", "--bounding-set=-all,+net_admin", "--no-new-privs")
 TOOLS = ("wireguard-go", "wg", "setpriv")
 
 

@@ -124,8 +124,11 @@ class Watcher:
             self.shutdown(f"watcher stopped ({e})")
             return 0
         except BaseException as e:
-            self.log("".join(traceback.format_exception(e)).rstrip())
-            self.shutdown(f"watcher failed: {e}")
+            # A failure earlyfw names gets its one line; anything else its traceback.
+            detail = f"{e} ({e.hint})" if isinstance(e, EarlyfwError) and e.hint else str(e)
+            if not isinstance(e, EarlyfwError):
+                self.log("".join(traceback.format_exception(e)).rstrip())
+            self.shutdown(f"watcher failed: {detail}")
             return 1
         finally:
             self.close()

@@ -17,6 +17,7 @@ from earlyfw import config as configuration
 from earlyfw.errors import EarlyfwError
 from earlyfw.policy import State
 from earlyfw.run import RecordingRunner, Result
+from earlyfw.watch import sources
 from earlyfw.wfp import engine, rules, watch
 from earlyfw.wfp.recording import RecordingBfe
 
@@ -50,11 +51,12 @@ def dump(*peers: tuple[str, int]) -> str:
 
 
 def test_parse_dump() -> None:
-    peers = watch.parse_dump(dump(("198.51.100.7:51820", NOW - 5), ("[2001:db8::7]:51820", 0), ("(none)", 0)))
-    assert [(str(p.endpoint[0]) if p.endpoint else None, p.latest_handshake) for p in peers] == [
+    """wg.exe prints the same dump as Linux's wg: the Linux parser reads it."""
+    peers = sources.parse_wg_dump(dump(("198.51.100.7:51820", NOW - 5), ("[2001:db8::7]:51820", 0), ("(none)", 0)))
+    assert [(str(p.endpoint[0]) if p.endpoint else None, p.last_handshake) for p in peers] == [
         ("198.51.100.7", NOW - 5),
-        ("2001:db8::7", 0),
-        (None, 0),
+        ("2001:db8::7", None),
+        (None, None),
     ]
 
 
@@ -64,7 +66,7 @@ def test_parse_dump() -> None:
 )
 def test_parse_dump_refuses_what_it_does_not_understand(text: str) -> None:
     with pytest.raises(EarlyfwError):
-        watch.parse_dump(text)
+        watch.wireguard_live(config(), text, NOW)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +83,7 @@ def test_parse_dump_refuses_what_it_does_not_understand(text: str) -> None:
 )
 def test_wireguard_liveness(endpoint: str, age: int | None, live: bool) -> None:
     latest = 0 if age is None else NOW - age
-    assert watch.wireguard_live(config(), watch.parse_dump(dump((endpoint, latest))), NOW) is live
+    assert watch.wireguard_live(config(), dump((endpoint, latest)), NOW) is live
 
 
 class World:

@@ -143,6 +143,8 @@ def parse_wg_dump(text: str) -> tuple[Peer, ...]:
     lines = [line for line in text.splitlines() if line]
     if not lines:
         raise SourceError("wg show dump: empty output")
+    if len(lines[0].split("\t")) != 4:
+        raise SourceError(f"wg show dump: unexpected interface line {lines[0]!r}")
     peers = []
     for line in lines[1:]:
         fields = line.split("\t")

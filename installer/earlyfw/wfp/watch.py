@@ -11,17 +11,16 @@ on any error, so a failure leaves the machine blocked.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from earlyfw.config import Config, IPAddress, TunnelKind
+from earlyfw.config import Config, TunnelKind
 from earlyfw.errors import EarlyfwError
 from earlyfw.policy import State
 from earlyfw.run import Runner
+from earlyfw.watch import sources, tunnels
 from earlyfw.wfp import engine
 from earlyfw.wfp.rules import Interface
 
@@ -33,49 +32,11 @@ def wg_exe() -> str:
     return os.path.join(os.environ.get("PROGRAMFILES", r"C:\Program Files"), "WireGuard", "wg.exe")
 
 
-@dataclass(frozen=True)
-class Peer:
-    endpoint: tuple[IPAddress, int] | None
-    latest_handshake: int  # seconds since the epoch; 0: never
-
-
-def _endpoint(text: str) -> tuple[IPAddress, int] | None:
-    if text == "(none)":
-        return None
-    host, _, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    address = ipaddress.ip_address(host.split("%", 1)[0])
-    return address, int(port)
-
-
-def parse_dump(text: str) -> tuple[Peer, ...]:
-    """`wg show TUNNEL dump`: an interface line (4 tab-separated fields), then
-    per peer: public key, preshared key, endpoint, allowed IPs, latest
-    handshake, rx, tx, keepalive. Anything else is an error: a watcher that
-    misreads its input must not relax."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines or len(lines[0].split("\t")) != 4:
-        raise EarlyfwError(f"wg show dump: unexpected interface line {lines[0] if lines else ''!r}")
-    peers = []
-    for line in lines[1:]:
-        fields = line.split("\t")
-        if len(fields) != 8 or not fields[4].isdigit():
-            raise EarlyfwError(f"wg show dump: unexpected peer line {line!r}")
-        try:
-            endpoint = _endpoint(fields[2])
-        except ValueError:
-            raise EarlyfwError(f"wg show dump: bad endpoint {fields[2]!r}") from None
-        peers.append(Peer(endpoint, int(fields[4])))
-    return tuple(peers)
-
-
-def wireguard_live(config: Config, peers: tuple[Peer, ...], now: float) -> bool:
-    """A peer at a configured endpoint shook hands within reject_after_seconds."""
-    endpoints = {(e.address, e.port) for e in config.endpoints}
-    return any(
-        p.endpoint in endpoints and p.latest_handshake and 0 <= now - p.latest_handshake < config.reject_after_seconds
-        for p in peers
-    )
+def wireguard_live(config: Config, dump: str, now: float) -> bool:
+    """The Linux watcher's rule, on `wg.exe show TUNNEL dump`: a peer at a
+    configured UDP endpoint shook hands within reject_after_seconds."""
+    verdict = tunnels.wireguard_verdict(config, sources.parse_wg_dump(dump), now=now, not_before=0.0)
+    return verdict.state is State.RELAXED
 
 
 def adapter_up(runner: Runner, alias: str) -> bool:
@@ -97,7 +58,7 @@ def adapter_up(runner: Runner, alias: str) -> bool:
 def tunnel_live(config: Config, runner: Runner, now: float) -> bool:
     if config.tunnel_kind is TunnelKind.WIREGUARD:
         result = runner.run([wg_exe(), "show", config.interface, "dump"], check=False)
-        return result.returncode == 0 and wireguard_live(config, parse_dump(result.stdout), now)
+        return result.returncode == 0 and wireguard_live(config, result.stdout, now)
     if config.tunnel_kind is TunnelKind.OPENVPN:
         return adapter_up(runner, config.interface)
     return False  # manual: `earlyfw relax` and `earlyfw lock` by hand

@@ -90,10 +90,17 @@ def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
     return tuple(problems)
 
 
-def run(variant: Variant, *, runs: Path = RUNS, timeout: float = boot.DEFAULT_TIMEOUT, tag: str = "") -> Verdict:
+def run(
+    variant: Variant,
+    *,
+    runs: Path = RUNS,
+    timeout: float = boot.DEFAULT_TIMEOUT,
+    tag: str = "",
+    icount: int | None = None,
+) -> Verdict:
     image = guest.build(variant)
     run_dir = runs / f"{variant.name}{tag}"
-    outcome = boot.boot(image, run_dir, guest.guest_config().endpoints, timeout=timeout)
+    outcome = boot.boot(image, run_dir, guest.guest_config().endpoints, timeout=timeout, icount=icount)
     verdict = Verdict(variant, outcome, check(variant, outcome))
     (run_dir / "result.json").write_text(json.dumps(summary(verdict), indent=2) + "\n")
     return verdict

@@ -5,6 +5,7 @@ capture what left the guest before login."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -13,3 +14,12 @@ GUEST_FILES = HERE / "guest"
 # Guest trees, disk images and boot records: gigabytes, so outside the source
 # tree (where mypy and editors would walk into them). CI caches this directory.
 CACHE = Path(os.environ.get("EARLYFW_QEMU_CACHE", "/var/cache/earlyfw-qemu"))
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """A file of the proof's own (under qemu/guest/) and where the guest gets it."""
+
+    source: str
+    path: str
+    mode: int = 0o644

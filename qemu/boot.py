@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,8 +206,10 @@ def boot(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     icount: int | None = None,
+    isolated: Sequence[str] = (),
 ) -> Outcome:
-    """Power the guest on, wait for its login report (or the timeout), power it off."""
+    """Power the guest on, wait for its login report (or the timeout), power it off.
+    `isolated` are options to qemu.isolated (a WireGuard peer beside QEMU)."""
     sh.require("qemu-system-x86_64", "unshare")
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("capture.pcap", "console.log", "report.log", "qemu.log"):
@@ -215,7 +218,7 @@ def boot(
         # A private user and network namespace: only loopback, so QEMU's
         # user-mode network has nowhere to send anything the guest lets out.
         "unshare", "--map-root-user", "--net", "--",
-        sys.executable, "-m", "qemu.isolated", "--",
+        sys.executable, "-m", "qemu.isolated", *isolated, "--",
         *qemu_argv(image, run_dir, icount=icount),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "TZ": "UTC"}

@@ -22,20 +22,13 @@ from earlyfw.config import Config
 from earlyfw.root import Root
 from earlyfw.run import Runner
 from earlyfw.targets import File, Symlink
-from qemu import CACHE, GUEST_FILES, sh
+from qemu import CACHE, GUEST_FILES, GuestFile, sh, wireguard
 from qemu.base import Base, Generator, install_file
 from qemu.base import build as build_base
 
 CONFIG_FILE = GUEST_FILES / "earlyfw.toml"
 RULESETS = ("/etc/earlyfw/initramfs.nft", "/etc/earlyfw/blocked.nft", "/etc/earlyfw/relaxed.nft")
 BROKEN_RULESET = b"# A ruleset nft refuses to load.\ntable inet earlyfw {\n\tthis is not nft\n"
-
-
-@dataclass(frozen=True)
-class GuestFile:
-    source: str  # under qemu/guest/
-    path: str
-    mode: int = 0o644
 
 
 PROOF_FILES = (
@@ -64,6 +57,9 @@ class Change(StrEnum):
     # Debian's nftables.service enabled with its default /etc/nftables.conf,
     # whose first line is `flush ruleset`.
     NFTABLES_SERVICE = "nftables-service"
+    # wg0 to a wireguard-go peer in QEMU's namespace, the frozen earlyfw
+    # binary and the tunnel probe (qemu.wireguard).
+    WIREGUARD = "wireguard"
 
 
 @dataclass(frozen=True)
@@ -73,6 +69,8 @@ class Variant:
     earlyfw: bool = True
     change: Change = Change.NONE
     summary: str = ""
+    # earlyfw's watch target too: earlyfw-watch.service relaxes on the handshake.
+    watch: bool = False
 
     @property
     def expect_leaks(self) -> bool:
@@ -82,7 +80,9 @@ class Variant:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return (self.generator.target, "systemd") if self.earlyfw else ()
+        if not self.earlyfw:
+            return ()
+        return (self.generator.target, "systemd", *(("watch",) if self.watch else ()))
 
 
 VARIANTS = {
@@ -112,6 +112,19 @@ VARIANTS = {
             Generator.INITRAMFS_TOOLS,
             change=Change.NFTABLES_SERVICE,
             summary="earlyfw plus nftables.service flushing the ruleset (initramfs-tools)",
+        ),
+        Variant(
+            "wireguard",
+            Generator.INITRAMFS_TOOLS,
+            change=Change.WIREGUARD,
+            watch=True,
+            summary="wg0 to a wireguard-go peer; earlyfw-watch.service relaxes on the handshake",
+        ),
+        Variant(
+            "wireguard-no-watch",
+            Generator.INITRAMFS_TOOLS,
+            change=Change.WIREGUARD,
+            summary="control: the same WireGuard guest without the watcher stays blocked",
         ),
     )
 }
@@ -147,6 +160,8 @@ class Image:
 def key(variant: Variant, base: Base) -> str:
     h = hashlib.sha256()
     h.update(f"{base.key}\0{variant.name}\0{variant.earlyfw}\0{variant.change}\0".encode())
+    if variant.change is Change.WIREGUARD:
+        h.update(wireguard.key_parts())
     h.update(CONFIG_FILE.read_bytes())
     for f in (*PROOF_FILES, *GENERATOR_FILES[variant.generator]):
         h.update(f"{f.source} {f.path} {f.mode:o}\0".encode() + (GUEST_FILES / f.source).read_bytes())
@@ -215,6 +230,8 @@ def _apply(change: Change, root: Path, log: Path) -> None:
     elif change is Change.BROKEN_RULESET:
         for path in RULESETS:
             install_file(root, path, BROKEN_RULESET, 0o644)
+    elif change is Change.WIREGUARD:
+        wireguard.install(root, log)
     elif change is Change.NFTABLES_SERVICE:
         statements = [s for s in (root / "etc/nftables.conf").read_text().splitlines() if s and not s.startswith("#")]
         if statements[:1] != ["flush ruleset"]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu import CACHE, boot, guest, pcap
+from qemu import CACHE, boot, guest, handshake, pcap, wireguard
 from qemu.guest import Change, Variant
 
 RUNS = CACHE / "runs"
@@ -70,8 +70,10 @@ def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
         if report.earlyfw_state != "fallback":
             problems.append(f"expected earlyfw's fallback table at login, found state {report.earlyfw_state}")
         return tuple(problems)
-    if report.earlyfw_state != "blocked":
-        problems.append(f"table inet earlyfw is in state {report.earlyfw_state} at login, not blocked")
+    # The watcher relaxes once the tunnel's handshake is done; without it the block holds.
+    expected = "relaxed" if variant.watch else "blocked"
+    if report.earlyfw_state != expected:
+        problems.append(f"table inet earlyfw is in state {report.earlyfw_state} at login, not {expected}")
     # The positive control inside the earlyfw guest: the network did come up,
     # and what the policy allows did get out.
     if capture.count(pcap.Kind.DHCP) == 0:
@@ -87,6 +89,8 @@ def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
         problems.append("the kernel log has no virtio_net registration line")
     if live is not None and nic is not None and live >= nic:
         problems.append(f"the block went live at {live:.3f}s, after the NIC registered at {nic:.3f}s")
+    if variant.change is Change.WIREGUARD:
+        problems += handshake.check(variant.watch, outcome)
     return tuple(problems)
 
 
@@ -100,7 +104,10 @@ def run(
 ) -> Verdict:
     image = guest.build(variant)
     run_dir = runs / f"{variant.name}{tag}"
-    outcome = boot.boot(image, run_dir, guest.guest_config().endpoints, timeout=timeout, icount=icount)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The WireGuard boot's peer runs beside QEMU, in its namespace.
+    peer = wireguard.peer_args(run_dir) if variant.change is Change.WIREGUARD else ()
+    outcome = boot.boot(image, run_dir, guest.guest_config().endpoints, timeout=timeout, icount=icount, isolated=peer)
     verdict = Verdict(variant, outcome, check(variant, outcome))
     (run_dir / "result.json").write_text(json.dumps(summary(verdict), indent=2) + "\n")
     return verdict
@@ -109,6 +116,9 @@ def run(
 def summary(verdict: Verdict) -> dict[str, Any]:
     o = verdict.outcome
     r, c = o.report, o.capture
+    extra = {}
+    if verdict.variant.change is Change.WIREGUARD:
+        extra["wireguard"] = handshake.figures(verdict.variant.watch, o)
     return {
         "variant": verdict.variant.name,
         "summary": verdict.variant.summary,
@@ -134,6 +144,7 @@ def summary(verdict: Verdict) -> dict[str, Any]:
         "failed_units": list(r.failed_units),
         "run_dir": str(o.run_dir),
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
     }
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from earlyfw.targets import dracut, initramfs_tools
+from earlyfw.targets import dracut, initramfs_tools, linux
 from tests.test_boot_targets import CONFIG_TEXT
 
 CACHE = Path("/var/cache/earlyfw-test/roots")
@@ -36,7 +36,6 @@ SUITE = "bookworm"
 RECIPE = 1
 DRACUT_ROOT = ("linux-image-amd64", "dracut", "systemd", "nftables", "kmod", "udev")
 INITRAMFS_TOOLS_ROOT = ("linux-image-amd64", "initramfs-tools", "systemd", "nftables", "kmod", "udev")
-REQUIRED = ("nf_tables", "nft_ct", "nft_reject_inet")
 # The budget earlyfw may add to an initramfs (compressed, as the generator writes it).
 GROWTH_LIMIT = 2 * 1024 * 1024
 BUILD_TIMEOUT = 1200
@@ -161,27 +160,28 @@ def expected_libraries(root: Path) -> list[str]:
 
 def expected_modules(root: Path, version: str) -> list[str]:
     """The required modules and everything they depend on, from the root's modprobe."""
-    shown = chroot(root, "modprobe", "--all", "--set-version", version, "--show-depends", *REQUIRED).stdout
+    argv = ["modprobe", "--all", "--set-version", version, "--show-depends", *linux.REQUIRED_MODULES]
+    shown = chroot(root, *argv).stdout
     return sorted({Path(p).name for p in re.findall(r"^insmod (\S+)", shown, re.M)})
 
 
 def modules_the_ruleset_needs(root: Path, version: str) -> set[str]:
     """The kernel modules the kernel would request to load the ruleset: every
-    expression nft sends for it (as `nft --debug=netlink` shows), the counter
-    object type and the inet filter chain type, resolved through the root's
-    modules.alias. Whatever is built in has no alias and needs nothing."""
+    expression nft sends for it (as `nft --debug=netlink` shows) and the inet
+    filter chain type, resolved through the root's modules.alias. Whatever is
+    built in has no alias and needs nothing."""
     ruleset = root / "etc/earlyfw/initramfs.nft"
     debug = run(["unshare", "--map-root-user", "--net", "nft", "--debug=netlink", "-c", "-f", str(ruleset)])
     assert debug.returncode == 0, debug.stderr
     expressions = set(re.findall(r"^\s*\[ ([a-z_]+) ", debug.stdout, re.M))
-    assert {"payload", "lookup", "objref", "ct", "reject"} <= expressions, expressions
+    assert {"payload", "lookup", "meta", "counter"} <= expressions, expressions
     aliases = dict(
         line.split()[1:3]
         for line in (root / f"lib/modules/{version}/modules.alias").read_text().splitlines()
         if line.startswith("alias nft-")
     )
     wanted = {f"nft-expr-{e}" for e in expressions} | {f"nft-expr-1-{e}" for e in expressions}
-    wanted |= {"nft-obj-1", "nft-chain-1-filter"}  # NFT_OBJECT_COUNTER, inet filter chains
+    wanted |= {"nft-chain-1-filter"}  # inet filter chains
     return {aliases[a] for a in wanted if a in aliases}
 
 
@@ -192,17 +192,19 @@ def assert_has_the_block(listing: str, unpacked: Path, root: Path, version: str)
     for library in libraries:
         assert f"/{library}" in listing, f"{library} is missing"
     modules = expected_modules(root, version)
-    assert {"nf_tables.ko", "nft_ct.ko", "nft_reject_inet.ko", "nf_conntrack.ko"} <= {
-        m.split(".ko")[0] + ".ko" for m in modules
-    }
+    assert {"nf_tables.ko", "nfnetlink.ko"} <= {m.split(".ko")[0] + ".ko" for m in modules}
     for module in modules:
         assert f"/{module}" in listing, f"{module} is missing"
-    # Debian 12's 6.1 kernel has nft_objref as a module: an initramfs without
-    # it cannot load `counter name` rules.
+    # Everything the initramfs ruleset asks the kernel for is in the image. On
+    # Debian 12's 6.1 kernel that is nothing beyond nf_tables: a `counter name`
+    # would need nft_objref, ct state nft_ct and nf_conntrack, each a module
+    # load before udev (this check once caught nft_objref missing).
     needed = modules_the_ruleset_needs(root, version)
-    assert {"nft_ct", "nft_reject_inet"} <= needed
+    assert needed <= set(linux.REQUIRED_MODULES), needed
     for module in needed:
         assert re.search(rf"/{module}\.ko(\.[a-z]+)?$", listing, re.M), f"{module} is missing"
+    unneeded = re.findall(r"/(nf_conntrack|nft_ct|nft_reject_inet|nft_objref)\.ko", listing)
+    assert not unneeded, f"modules the initramfs does not need: {unneeded}"
     ruleset = "etc/earlyfw/initramfs.nft"
     assert (unpacked / ruleset).read_bytes() == (root / ruleset).read_bytes()
     assert b"initramfs_hosts_v4" in (unpacked / ruleset).read_bytes()  # the initramfs state, not blocked

@@ -5,9 +5,11 @@ A `client` namespace runs the rendered ruleset; one veth connects it to
 public resolvers, the VPN endpoints and random internet hosts. A packet socket
 on world's end of the veth records what actually left the client.
 
-Every probe runs in three modes: with no ruleset (the control: the probe must
-arrive, which proves the probe and the capture work), in the blocked state, and
-in the blocked state with `[lan] allow = true`. Each (probe, mode) pair is its
+Every probe runs in four modes: with no ruleset (the control: the probe must
+arrive, which proves the probe and the capture work), in the blocked state, in
+the blocked state with `[lan] allow = true`, and in the initramfs state (the
+stateless, nf_tables-only ruleset loaded before udev) with a Tang server in
+`[initramfs] allow`. Each (probe, mode) pair is its
 own test case, so a report names exactly which traffic leaked or was lost.
 """
 
@@ -67,6 +69,11 @@ HOST_V6 = ip("2001:db8:99::5")
 RESOLVER_V4 = ip("203.0.113.53")
 RESOLVER_V6 = ip("2001:db8:53::53")
 VPN_DNS = ip("10.64.0.1")  # the VPN's resolver: only ever reachable through the tunnel
+# An [initramfs] allow host (a Tang server unlocking the root disk): reachable
+# from inside the initramfs only.
+TANG_V4 = ip("203.0.113.80")
+TANG_V6 = ip("2001:db8:80::80")
+TANG_PORT = 7500
 
 WORLD_HOSTS = (
     ENDPOINT_V4,
@@ -79,6 +86,8 @@ WORLD_HOSTS = (
     RESOLVER_V4,
     RESOLVER_V6,
     VPN_DNS,
+    TANG_V4,
+    TANG_V6,
 )
 
 MDNS_V4, MDNS_V6 = ip("224.0.0.251"), ip("ff02::fb")
@@ -89,7 +98,7 @@ DHCPV6_SERVERS = ip("ff02::1:2")
 MARK = b"earlyfw-probe:"
 
 
-def config_text(*, lan: bool, egress: tuple[str, ...] = ()) -> str:
+def config_text(*, lan: bool, egress: tuple[str, ...] = (), initramfs: bool = False) -> str:
     endpoints = "".join(
         f'[[endpoint]]\naddress = "{a}"\nport = {p}\nprotocol = "{proto}"\n'
         for a, p, proto in (
@@ -100,6 +109,10 @@ def config_text(*, lan: bool, egress: tuple[str, ...] = ()) -> str:
         )
     )
     egress_table = f"[egress]\ninterfaces = {json.dumps(list(egress))}\n" if egress else ""
+    if initramfs:
+        egress_table += "".join(
+            f'[[initramfs.allow]]\naddress = "{a}"\nport = {TANG_PORT}\nprotocol = "tcp"\n' for a in (TANG_V4, TANG_V6)
+        )
     return (
         '[tunnel]\nkind = "wireguard"\ninterface = "wg0"\n'
         + endpoints
@@ -112,6 +125,11 @@ class Mode(StrEnum):
     CONTROL = "control"  # no ruleset at all
     BLOCKED = "blocked"
     LAN = "lan-allow"  # blocked, with [lan] allow = true
+    INITRAMFS = "initramfs"  # the initramfs state, with [initramfs] allow
+
+    @property
+    def state(self) -> State:
+        return State.INITRAMFS if self is Mode.INITRAMFS else State.BLOCKED
 
 
 # --- the lab -------------------------------------------------------------------
@@ -154,7 +172,7 @@ class PolicyLab:
         """Put the client's firewall in `mode`, from scratch."""
         self.unload()
         if mode is not Mode.CONTROL:
-            self.client.nft(policy.render(self.configs[mode], State.BLOCKED))
+            self.client.nft(policy.render(self.configs[mode], mode.state))
 
     def unload(self) -> None:
         tables = self.client.exec(["nft", "list", "tables"])
@@ -220,9 +238,9 @@ def policy_lab(module_lab: netns.Lab, tmp_path_factory: pytest.TempPathFactory) 
     start_dnsmasq(module_lab, pair, workdir)
     files = {}
     configs = {}
-    for mode, lan in ((Mode.BLOCKED, False), (Mode.LAN, True)):
+    for mode in (Mode.BLOCKED, Mode.LAN, Mode.INITRAMFS):
         files[mode] = workdir / f"{mode}.toml"
-        files[mode].write_text(config_text(lan=lan))
+        files[mode].write_text(config_text(lan=mode is Mode.LAN, initramfs=mode is Mode.INITRAMFS))
         configs[mode] = configuration.load(files[mode])
     capture = pair.capture()
     module_lab.callback(capture.close)
@@ -292,6 +310,26 @@ def tcp(dst: IPAddress, port: int) -> tuple[Sender, Matcher]:
         return f.incoming and f.proto == 6 and f.dst == dst and f.dport == port and f.tcp_flags == 0x02
 
     return send, matches
+
+
+def tcp_exchange(dst: IPAddress, port: int) -> tuple[Sender, Matcher]:
+    """A whole TCP handshake attempt: world has no listener, so its kernel
+    answers the SYN with a RST, and the answer counts as a reply. In the
+    initramfs state the answer gets in only by its source address and port,
+    there being no conntrack."""
+
+    def send(lab: PolicyLab) -> Outcome:
+        with lab.client.socket(family_of(dst), socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            try:
+                s.connect(sockaddr(lab, dst, port))
+            except ConnectionRefusedError:
+                return Outcome(error="ECONNREFUSED", reply=True)
+            except OSError as e:
+                return Outcome(error=errname(e), reply=False)
+        return Outcome(reply=True)
+
+    return send, tcp(dst, port)[1]
 
 
 def icmp_echo(dst: IPAddress, name: str) -> tuple[Sender, Matcher]:
@@ -451,8 +489,9 @@ class Probe:
         return mode is Mode.CONTROL or mode in self.passes
 
 
-EARLY = frozenset({Mode.BLOCKED, Mode.LAN})  # what blocked lets through
+EARLY = frozenset({Mode.BLOCKED, Mode.LAN, Mode.INITRAMFS})  # what blocked lets through
 LAN = frozenset({Mode.LAN})
+INITRAMFS = frozenset({Mode.INITRAMFS})
 
 PROBES = (
     # Allowed before the tunnel: the endpoints exactly as configured, DHCP, ND.
@@ -491,6 +530,11 @@ PROBES = (
         EARLY,
         exchange=True,
     ),
+    # [initramfs] allow hosts: from the initramfs only, and only as configured.
+    Probe("initramfs-host-v4-tcp", 4, tcp_exchange(TANG_V4, TANG_PORT), INITRAMFS, exchange=True),
+    Probe("initramfs-host-v6-tcp", 6, tcp_exchange(TANG_V6, TANG_PORT), INITRAMFS, exchange=True),
+    Probe("initramfs-host-v4-wrong-port", 4, tcp(TANG_V4, TANG_PORT + 1)),
+    Probe("initramfs-host-v4-udp", 4, udp(TANG_V4, TANG_PORT, "initramfs-host-v4-udp")),
     # The endpoints any other way.
     Probe("endpoint-v4-wrong-port", 4, udp(ENDPOINT_V4, ENDPOINT_PORT + 1, "endpoint-v4-wrong-port")),
     Probe("endpoint-v6-wrong-port", 6, udp(ENDPOINT_V6, ENDPOINT_PORT + 1, "endpoint-v6-wrong-port")),
@@ -577,7 +621,7 @@ def test_probe(policy_lab: PolicyLab, probe: Probe, mode: Mode) -> None:
         assert not arrived, f"LEAK in mode {mode}: {probe.name} reached world: {describe(arrived)} ({outcome})"
 
 
-@pytest.mark.parametrize("mode", [Mode.BLOCKED, Mode.LAN])
+@pytest.mark.parametrize("mode", [Mode.BLOCKED, Mode.LAN, Mode.INITRAMFS])
 def test_only_allowed_frames_leave(policy_lab: PolicyLab, mode: Mode) -> None:
     """All probes back to back under one capture: every frame that reached world
     is one the mode allows (or ARP/ND/DHCP), and every allowed probe got through."""
@@ -696,7 +740,7 @@ def unsolicited(lab: PolicyLab, probe: Inbound) -> bool:
         return True
 
 
-@pytest.mark.parametrize("mode", [Mode.CONTROL, Mode.BLOCKED])
+@pytest.mark.parametrize("mode", [Mode.CONTROL, Mode.BLOCKED, Mode.INITRAMFS])
 @pytest.mark.parametrize("probe", INBOUND, ids=lambda p: p.name)
 def test_unsolicited_inbound_is_dropped_silently(policy_lab: PolicyLab, probe: Inbound, mode: Mode) -> None:
     policy_lab.use(mode)
@@ -710,7 +754,7 @@ def test_unsolicited_inbound_is_dropped_silently(policy_lab: PolicyLab, probe: I
     if mode is Mode.CONTROL:
         assert got_in, f"control: {probe.name} from world did not reach the client"
     else:
-        assert not got_in, f"{probe.name} from world reached the client in the blocked state"
+        assert not got_in, f"{probe.name} from world reached the client in mode {mode}"
         assert not answers, f"the client answered an unsolicited {probe.name}: {describe(answers)}"
 
 

@@ -209,6 +209,8 @@ def qemu_tools() -> None:
 def boot_variant(name: str) -> proof.Verdict:
     verdict = proof.run(VARIANTS[name])
     print(proof.table([verdict]))
+    if "wireguard" in (figures := proof.summary(verdict)):
+        print(figures["wireguard"])
     return verdict
 
 

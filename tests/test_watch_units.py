@@ -313,27 +313,43 @@ class StaticSource:
 
 def test_wireguard_tunnel_polls_fast_only_while_waiting() -> None:
     relaxed = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), 1)))
-    assert relaxed.evaluate(NOW, 0).recheck == tunnels.IDLE_POLL
+    assert relaxed.evaluate(lambda: NOW, 0).recheck == tunnels.IDLE_POLL
     waiting = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), None)))
-    assert waiting.evaluate(NOW, 0).recheck == StaticSource.fast_poll
+    assert waiting.evaluate(lambda: NOW, 0).recheck == StaticSource.fast_poll
     ageing = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), 179.5)))
-    assert ageing.evaluate(NOW, 0).recheck == pytest.approx(0.5)
+    assert ageing.evaluate(lambda: NOW, 0).recheck == pytest.approx(0.5)
+
+
+def test_wireguard_tunnel_reads_the_clock_after_the_peers() -> None:
+    """A first read of the peers can take seconds (pyroute2's import on a slow
+    guest CPU took 3-6 s in the QEMU boot); a handshake completed during it is
+    fresh, not "in the future". Reading the clock first kept the boot's first
+    relax waiting for the next poll."""
+    clock = [NOW]
+
+    class SlowSource(StaticSource):
+        def peers(self) -> tuple[Peer, ...]:
+            clock[0] += 5.0  # the read takes 5 s; the handshake lands at its end
+            return (Peer(FIRST_KEY, (ip("192.0.2.1"), 51820), clock[0]),)
+
+    verdict = tunnels.WireGuardTunnel(CONFIG, SlowSource()).evaluate(lambda: clock[0], 0)
+    assert verdict.state is State.RELAXED, verdict.reason
 
 
 def test_wireguard_tunnel_blocks_when_the_interface_goes_or_cannot_be_read() -> None:
     gone = tunnels.WireGuardTunnel(CONFIG, StaticSource(error=sources.InterfaceGone("interface wg0 does not exist")))
-    assert gone.evaluate(NOW, 0) == Verdict(State.BLOCKED, "interface wg0 does not exist")
+    assert gone.evaluate(lambda: NOW, 0) == Verdict(State.BLOCKED, "interface wg0 does not exist")
     broken = tunnels.WireGuardTunnel(CONFIG, StaticSource(error=SourceError("UAPI: errno=5")))
-    v = broken.evaluate(NOW, 0)
+    v = broken.evaluate(lambda: NOW, 0)
     assert v.state is State.BLOCKED
     assert "errno=5" in v.reason
 
 
 def test_keepalive_hint_after_waiting_without_keepalive() -> None:
     tunnel = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), None)))
-    tunnel.evaluate(NOW, 0)
+    tunnel.evaluate(lambda: NOW, 0)
     assert tunnel.hint is None
-    tunnel.evaluate(NOW + tunnels.KEEPALIVE_HINT_AFTER + 1, 0)
+    tunnel.evaluate(lambda: NOW + tunnels.KEEPALIVE_HINT_AFTER + 1, 0)
     assert tunnel.hint is not None
     assert "PersistentKeepalive" in tunnel.hint
 
@@ -542,7 +558,7 @@ class ScriptedTunnel:
         if self.follows_requests:
             self.verdict = Verdict(state, "as asked")
 
-    def evaluate(self, now: float, not_before: float) -> Verdict:
+    def evaluate(self, now: tunnels.Clock, not_before: float) -> Verdict:
         if self.error:
             raise self.error
         return self.verdict
@@ -780,9 +796,9 @@ def test_wake_table_logs_handshakes_from_udp_endpoints_only() -> None:
 def test_a_woken_tunnel_polls_fast_only_after_a_handshake_packet() -> None:
     tunnel = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), None)))
     tunnel.woken = True
-    assert tunnel.evaluate(NOW, 0).recheck == tunnels.IDLE_POLL
+    assert tunnel.evaluate(lambda: NOW, 0).recheck == tunnels.IDLE_POLL
     tunnel.wake()
-    assert tunnel.evaluate(NOW, 0).recheck == StaticSource.fast_poll
+    assert tunnel.evaluate(lambda: NOW, 0).recheck == StaticSource.fast_poll
 
 
 def test_install_reloads_systemd_and_restarts_a_running_watcher_only(tmp_path: Path) -> None:

@@ -57,6 +57,17 @@ class State(StrEnum):
         return self is State.INITRAMFS
 
     @property
+    def core_only(self) -> bool:
+        """Whether the ruleset uses nothing but what nf_tables.ko has built in:
+        no conntrack, drop instead of reject, plain counters. The initramfs
+        loads its ruleset before udev, on the boot's critical path, where every
+        extra module is a kernel module load (nft_ct pulls in nf_conntrack). It
+        needs no state tracking either: what it lets in is exactly the replies
+        from the endpoints, [initramfs] allow hosts and DHCP servers it lets
+        out to, matched by their source address and port."""
+        return self is State.INITRAMFS
+
+    @property
     def ruleset_name(self) -> str:
         return f"{self.value}.nft"
 

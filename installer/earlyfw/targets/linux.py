@@ -37,25 +37,17 @@ FALLBACK_RULESET = f"{CONFIG_DIR}/fallback.nft"
 # The kernel command-line switch that skips the block for one boot.
 BREAK_GLASS = "earlyfw=off"
 
-# What the rendered rulesets use that is not built into nf_tables: ct state
-# (nft_ct, which pulls in nf_conntrack and the defrag modules) and reject with
-# icmpx (nft_reject_inet -> nft_reject, nf_reject_ipv4/6). A missing one fails
-# the initramfs build.
-REQUIRED_MODULES = ("nf_tables", "nft_ct", "nft_reject_inet")
-# Modules on some kernels only, built into nf_tables on others; taken when they
-# exist. nft_objref (the `counter name "..."` references) is a module up to
-# Linux 6.1 (Debian 12's kernel): without it the ruleset does not load.
-OPTIONAL_MODULES = (
-    "nft_objref",
-    "nft_counter",
-    "nf_tables_inet",
-    "nf_tables_ipv4",
-    "nf_tables_ipv6",
-    "nf_tables_netdev",
-    "nf_conntrack",
-    "nf_reject_ipv4",
-    "nf_reject_ipv6",
-)
+# What the initramfs ruleset needs: nf_tables itself and nothing else (see
+# State.core_only), because every module loaded before udev delays the boot.
+# A missing one fails the initramfs build. The blocked and relaxed rulesets
+# use more (nft_ct, nft_reject_inet, nft_objref); after switch_root the kernel
+# loads those on demand from the real root's modules.
+REQUIRED_MODULES = ("nf_tables",)
+# Built into nf_tables on current kernels, modules on older ones (before 4.17
+# for the families, 4.x for counters); taken when they exist.
+OPTIONAL_MODULES = ("nft_counter", "nf_tables_inet", "nf_tables_ipv4", "nf_tables_ipv6")
+# What the blocked and relaxed rulesets add: ct state, reject, named counters.
+BLOCKED_MODULES = ("nft_ct", "nft_reject_inet", "nft_objref")
 
 # The shared loader's exit statuses (hooks/earlyfw-load.sh.j2).
 LOADED, FALLBACK, UNPROTECTED = 0, 1, 2
@@ -140,6 +132,7 @@ def render(template: str, **context: object) -> bytes:
         break_glass=BREAK_GLASS,
         required_modules=REQUIRED_MODULES,
         optional_modules=OPTIONAL_MODULES,
+        blocked_modules=BLOCKED_MODULES,
         loaded=LOADED,
         fallback_loaded=FALLBACK,
         unprotected_status=UNPROTECTED,

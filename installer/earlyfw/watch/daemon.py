@@ -207,7 +207,7 @@ class Watcher:
         self._tunnel_fd = fd
 
     def evaluate(self) -> Verdict:
-        verdict = self.tunnel.evaluate(self.clock.wall(), self.not_before)
+        verdict = self.tunnel.evaluate(self.clock.wall, self.not_before)
         self.due = self.clock.monotonic() + verdict.recheck
         if verdict.state is not self.state:
             self.change(verdict.state, verdict.reason)
@@ -251,7 +251,7 @@ class Watcher:
 
     def relax_request(self, who: str) -> None:
         self.tunnel.request(State.RELAXED)
-        verdict = self.tunnel.evaluate(self.clock.wall(), self.not_before)
+        verdict = self.tunnel.evaluate(self.clock.wall, self.not_before)
         self.due = self.clock.monotonic() + verdict.recheck
         self.ruleset.put(verdict.state)
         self.state = verdict.state

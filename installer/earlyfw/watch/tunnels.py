@@ -8,6 +8,7 @@ observations and say when to look again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +29,9 @@ from earlyfw.watch.sources import (
     format_endpoint,
     make_source,
 )
+
+# The wall clock, read when the verdict is made.
+Clock = Callable[[], float]
 
 # How long a watcher with nothing to wait for sleeps between looks: a relaxed
 # tunnel's interface and handshake age, a missing interface, a closed
@@ -116,7 +120,10 @@ class Tunnel(Protocol):
 
     def request(self, state: State) -> None: ...
 
-    def evaluate(self, now: float, not_before: float) -> Verdict: ...
+    # `now` is read after the tunnel is observed: a first read can take
+    # seconds (a library import under a slow CPU), and a handshake recorded
+    # meanwhile must not look as if it came from the future.
+    def evaluate(self, now: Clock, not_before: float) -> Verdict: ...
 
     def close(self) -> None: ...
 
@@ -146,7 +153,7 @@ class WireGuardTunnel:
     def request(self, state: State) -> None:
         pass
 
-    def evaluate(self, now: float, not_before: float) -> Verdict:
+    def evaluate(self, now: Clock, not_before: float) -> Verdict:
         try:
             peers = self.source.peers()
         except InterfaceGone as e:
@@ -154,11 +161,12 @@ class WireGuardTunnel:
             return Verdict(State.BLOCKED, str(e))
         except SourceError as e:
             return Verdict(State.BLOCKED, f"cannot read {self.config.interface}'s peers: {e}")
-        verdict = wireguard_verdict(self.config, peers, now=now, not_before=not_before)
+        at = now()
+        verdict = wireguard_verdict(self.config, peers, now=at, not_before=not_before)
         if verdict.state is State.RELAXED:
             self._blocked_since = None
             return Verdict(verdict.state, verdict.reason, recheck=min(IDLE_POLL, verdict.recheck))
-        self._keepalive_hint(peers, now)
+        self._keepalive_hint(peers, at)
         waiting = not self.woken or time.monotonic() < self._burst_until
         return Verdict(verdict.state, verdict.reason, recheck=self.source.fast_poll if waiting else IDLE_POLL)
 
@@ -216,7 +224,7 @@ class OpenVPNTunnel:
     def request(self, state: State) -> None:
         self.requested = state
 
-    def evaluate(self, now: float, not_before: float) -> Verdict:
+    def evaluate(self, now: Clock, not_before: float) -> Verdict:
         if not (self.sys_class_net / self.config.interface).exists():
             self.requested = State.BLOCKED
             return Verdict(State.BLOCKED, f"interface {self.config.interface} does not exist")
@@ -248,7 +256,7 @@ class ManualTunnel:
     def request(self, state: State) -> None:
         self.requested = state
 
-    def evaluate(self, now: float, not_before: float) -> Verdict:
+    def evaluate(self, now: Clock, not_before: float) -> Verdict:
         return Verdict(self.requested, "as `earlyfw relax` / `earlyfw lock` asked", recheck=60.0)
 
     def close(self) -> None:

@@ -71,12 +71,20 @@ class Variant:
     summary: str = ""
     # earlyfw's watch target too: earlyfw-watch.service relaxes on the handshake.
     watch: bool = False
+    # Booted with the break-glass switch: earlyfw installed, nothing of it loaded.
+    break_glass: bool = False
+
+    @property
+    def cmdline(self) -> str:
+        """What this variant adds to the kernel command line. The switch comes
+        last, after an earlyfw=on it must override (the last one wins)."""
+        return "earlyfw=on earlyfw=off" if self.break_glass else ""
 
     @property
     def expect_leaks(self) -> bool:
         """The controls and the mutant must leak: if they do not, the leak
         sources or the capture are broken and no "no leak" result means anything."""
-        return not self.earlyfw or self.change is Change.IP_ONLY
+        return not self.earlyfw or self.change is Change.IP_ONLY or self.break_glass
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -112,6 +120,13 @@ VARIANTS = {
             Generator.INITRAMFS_TOOLS,
             change=Change.NFTABLES_SERVICE,
             summary="earlyfw plus nftables.service flushing the ruleset (initramfs-tools)",
+        ),
+        Variant(
+            "nftables-service-off",
+            Generator.INITRAMFS_TOOLS,
+            change=Change.NFTABLES_SERVICE,
+            break_glass=True,
+            summary="the nftables-service guest booted with earlyfw=off: the admin's ruleset only, no earlyfw table",
         ),
         Variant(
             "wireguard",

@@ -51,6 +51,8 @@ def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
         return tuple(problems)
     if not report.complete:
         problems.append("the guest's login report was cut short")
+    if variant.break_glass:
+        problems += _check_break_glass(variant, outcome)
     if variant.expect_leaks:
         if not capture.leaks:
             problems.append(
@@ -92,6 +94,26 @@ def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
     if variant.change is Change.WIREGUARD:
         problems += handshake.check(variant.watch, outcome)
     return tuple(problems)
+
+
+# What the initramfs loader and earlyfw-off.service print on the console.
+BREAK_GLASS_WARNING = "earlyfw: WARNING: earlyfw=off is on the kernel command line"
+
+
+def _check_break_glass(variant: Variant, outcome: boot.Outcome) -> list[str]:
+    """Booted with earlyfw=off: nothing of earlyfw is loaded, the admin's own
+    firewall is, and the console says so."""
+    problems = []
+    tables = outcome.report.nft_tables
+    if any("earlyfw" in t for t in tables):
+        problems.append(f"booted with earlyfw=off, yet earlyfw's tables are loaded at login: {list(tables)}")
+    if variant.change is Change.NFTABLES_SERVICE and "table inet filter" not in tables:
+        problems.append("booted with earlyfw=off, nftables.service did not load the admin's /etc/nftables.conf")
+    console = outcome.run_dir / "console.log"
+    text = console.read_text(errors="replace") if console.exists() else ""
+    if BREAK_GLASS_WARNING not in text:
+        problems.append(f"booted with earlyfw=off, the console never said {BREAK_GLASS_WARNING!r}")
+    return problems
 
 
 def run(

@@ -271,3 +271,19 @@ def test_nftables_service_flush_opens_nothing() -> None:
     verdict = boot_variant("nftables-service")
     assert verdict.passed, verdict.explain()
     assert "table inet filter" in verdict.outcome.report.nft_tables
+
+
+@pytest.mark.qemu
+@pytest.mark.usefixtures("qemu_tools")
+def test_break_glass_loads_nothing_of_earlyfw() -> None:
+    """The nftables-service guest booted with `earlyfw=on earlyfw=off` (the
+    last one wins): the admin's own nftables.conf is in force, no earlyfw
+    table at login, and the initramfs and earlyfw-off.service warn on the
+    console. It leaks, as a machine without earlyfw does."""
+    variant = VARIANTS["nftables-service-off"]
+    assert variant.break_glass and variant.expect_leaks
+    verdict = boot_variant(variant.name)
+    assert verdict.passed, verdict.explain()
+    assert verdict.outcome.report.nft_tables == ("table inet filter",)
+    console = (verdict.outcome.run_dir / "console.log").read_text(errors="replace")
+    assert console.count(proof.BREAK_GLASS_WARNING) >= 2, console  # the initramfs loader, earlyfw-off.service

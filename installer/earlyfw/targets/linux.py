@@ -36,6 +36,9 @@ FALLBACK_RULESET = f"{CONFIG_DIR}/fallback.nft"
 
 # The kernel command-line switch that skips the block for one boot.
 BREAK_GLASS = "earlyfw=off"
+# The one reading of that switch for the units (units/earlyfw-switch.j2); the
+# initramfs scripts carry the same function (hooks/earlyfw-switch.sh).
+SWITCH = "/usr/lib/earlyfw/earlyfw-switch"
 
 # What the initramfs ruleset needs: nf_tables itself and nothing else (see
 # State.core_only), because every module loaded before udev delays the boot.
@@ -130,6 +133,7 @@ def render(template: str, **context: object) -> bytes:
         blocked_ruleset=BLOCKED_RULESET,
         fallback_ruleset=FALLBACK_RULESET,
         break_glass=BREAK_GLASS,
+        switch=SWITCH,
         required_modules=REQUIRED_MODULES,
         optional_modules=OPTIONAL_MODULES,
         blocked_modules=BLOCKED_MODULES,

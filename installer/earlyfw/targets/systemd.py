@@ -73,6 +73,7 @@ class Systemd(Target):
             File(f"{UNIT_DIR}/{OFF_UNIT}", linux.render("units/earlyfw-off.service.j2")),
             Symlink(f"{UNIT_DIR}/{WANTED_BY}.wants/{BLOCK_UNIT}", f"{UNIT_DIR}/{BLOCK_UNIT}"),
             Symlink(f"{UNIT_DIR}/{WANTED_BY}.wants/{OFF_UNIT}", f"{UNIT_DIR}/{OFF_UNIT}"),
+            linux.executable(linux.SWITCH, linux.render("units/earlyfw-switch.j2")),
             File(linux.FALLBACK_RULESET, templates.read("hooks", "fallback.nft").encode()),
         ]
         network = linux.render("units/network-manager.conf.j2")

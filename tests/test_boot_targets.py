@@ -57,6 +57,8 @@ EXPECTED = {
     "/etc/systemd/system/sysinit.target.wants/earlyfw-off.service": None,
     "/etc/earlyfw/fallback.nft": 0o644,
     "/usr/lib/earlyfw/earlyfw-switch": 0o755,
+    "/usr/lib/earlyfw/earlyfw-egress": 0o755,
+    "/etc/udev/rules.d/60-earlyfw-egress.rules": 0o644,
     **{f"/etc/systemd/system/{unit}.d/earlyfw.conf": 0o644 for unit in systemd.NETWORK_MANAGERS},
     "/etc/systemd/system/nftables.service.d/earlyfw.conf": 0o644,
     "/etc/earlyfw/nftables/start.nft": 0o644,
@@ -89,6 +91,7 @@ SHELL_FILES = (
     ("/etc/mkinitcpio.conf.d/earlyfw.conf", "bash"),
     ("/usr/lib/earlyfw/initcpio/earlyfw-load", "sh"),
     ("/usr/lib/earlyfw/earlyfw-switch", "sh"),
+    ("/usr/lib/earlyfw/earlyfw-egress", "sh"),
 )
 LOADERS = (
     "/usr/lib/dracut/modules.d/50earlyfw/earlyfw-load.sh",

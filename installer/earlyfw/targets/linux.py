@@ -8,6 +8,7 @@ config or the filesystem is ever interpolated into a shell script or a unit.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import distro
 
 from earlyfw import templates
 from earlyfw.config import Config
+from earlyfw import policy
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
@@ -39,6 +41,16 @@ BREAK_GLASS = "earlyfw=off"
 # The one reading of that switch for the units (units/earlyfw-switch.j2); the
 # initramfs scripts carry the same function (hooks/earlyfw-switch.sh).
 SWITCH = "/usr/lib/earlyfw/earlyfw-switch"
+
+# Raw-socket egress at boot: udev runs EGRESS_ATTACH for each interface that
+# appears, and earlyfw-block.service once before networking; it loads
+# EGRESS_RULESET for the [egress] interfaces (EGRESS_INTERFACES) present.
+EGRESS_ATTACH = "/usr/lib/earlyfw/earlyfw-egress"
+EGRESS_RULESET = f"{CONFIG_DIR}/egress.nft"
+EGRESS_INTERFACES = f"{CONFIG_DIR}/egress.interfaces"
+EGRESS_RULE = "/etc/udev/rules.d/60-earlyfw-egress.rules"
+# The nft variable EGRESS_RULESET's chain is attached with.
+EGRESS_DEVICES_VARIABLE = "EARLYFW_EGRESS_DEVICES"
 
 # What the initramfs ruleset needs: nf_tables itself and nothing else (see
 # State.core_only), because every module loaded before udev delays the boot.
@@ -134,6 +146,10 @@ def render(template: str, **context: object) -> bytes:
         fallback_ruleset=FALLBACK_RULESET,
         break_glass=BREAK_GLASS,
         switch=SWITCH,
+        egress_attach=EGRESS_ATTACH,
+        egress_ruleset=EGRESS_RULESET,
+        egress_interfaces=EGRESS_INTERFACES,
+        egress_table=policy.EGRESS_TABLE,
         required_modules=REQUIRED_MODULES,
         optional_modules=OPTIONAL_MODULES,
         blocked_modules=BLOCKED_MODULES,
@@ -153,6 +169,22 @@ def loader(*, unprotected: str = "") -> bytes:
         fallback=templates.read("hooks", "fallback.nft"),
         unprotected=unprotected,
     )
+
+
+def egress_ruleset(config: Config) -> bytes:
+    """The netdev egress table of the blocked state, for every [egress]
+    interface, attached to the devices in the nft variable EARLYFW_EGRESS_DEVICES
+    (the attach script defines it as the listed interfaces present): the same
+    rendering the watcher loads, so the two cannot drift."""
+    script = policy.render(config, State.BLOCKED, egress_devices=config.egress_interfaces)
+    start = script.index(f"table netdev {policy.EGRESS_TABLE}\n")
+    table, replaced = re.subn(
+        r"devices = \{[^}]*\}", f"devices = ${EGRESS_DEVICES_VARIABLE}", script[start:], count=1
+    )
+    if not replaced:
+        raise RuntimeError(f"no devices = {{...}} in the rendered table netdev {policy.EGRESS_TABLE}")
+    header = f"#!{NFT} -f\n# earlyfw: raw-socket egress, loaded by {EGRESS_ATTACH} (udev, boot).\n"
+    return (header + table).encode()
 
 
 def executable(path: str, content: bytes) -> File:

@@ -886,3 +886,123 @@ def test_status_reports_other_firewalls(config: configuration.Config) -> None:
     assert result.warnings[0] == "table inet earlyfw is not loaded: nothing is blocked"
     assert any(w.startswith("firewalld is active") for w in result.warnings)
     assert any(w.startswith("iptables-nft tables are loaded (ip filter)") for w in result.warnings)
+
+
+# -- raw-socket egress at boot: earlyfw-egress, with the real nft -------------
+
+EGRESS_CONFIG = CONFIG_TEXT + '[egress]\ninterfaces = ["v0", "v2"]\n'
+# Sends one hand-built frame out of argv[1] with an AF_PACKET socket (which no
+# inet hook sees) and says whether it came out of the veth peer argv[2].
+RAW_PROBE = """\
+import socket, struct, sys
+out, peer, kind = sys.argv[1:4]
+rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+rx.bind((peer, 0))
+rx.settimeout(0.5)
+tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+tx.bind((out, 0))
+dst, port = {"leak": ("192.0.2.99", 9999), "endpoint": ("198.51.100.7", 51820)}[kind]
+marker = b"earlyfw raw probe " + kind.encode()
+udp = struct.pack("!HHHH", 40000, port, 8 + len(marker), 0) + marker
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                 socket.inet_aton("192.0.2.1"), socket.inet_aton(dst))
+try:
+    # A frame the egress hook drops fails the send (ENOBUFS), or just vanishes.
+    tx.send(b"\\xff" * 6 + b"\\x02\\x00\\x00\\x00\\x00\\x01" + b"\\x08\\x00" + ip + udp)
+    while marker not in rx.recv(2048):
+        pass
+    print(f"{out}-{kind}=through")
+except (TimeoutError, BlockingIOError, OSError):
+    print(f"{out}-{kind}=blocked")
+"""
+
+
+@pytest.fixture
+def egress_root(tmp_path: Path) -> Root:
+    image = Root(tmp_path / "egress-image")
+    image.path.mkdir()
+    install.install(configuration.parse(EGRESS_CONFIG), image, RecordingRunner(), ("systemd",))
+    return image
+
+
+def run_egress(egress_root: Root, tmp_path: Path, script: str, cmdline: str = "ro quiet") -> dict[str, str]:
+    """`script` in a private mount and network namespace whose /etc and
+    /usr/lib/earlyfw are the image's, with its own /sys and `cmdline`; the
+    shell function `probe OUT PEER KIND` sends a raw frame. Returns the
+    key=value lines it printed."""
+    need("unshare", "nft", "ip")
+    etc = tmp_path / "etc"
+    shutil.copytree(egress_root / "/etc", etc, symlinks=True)
+    shutil.copy("/etc/ld.so.cache", etc / "ld.so.cache")
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    (tmp_path / "kmsg").write_text("")
+    setup = textwrap.dedent("""\
+        set -u
+        mount --bind "$ETC" /etc && mount --bind "$CMDLINE" /proc/cmdline && mount --bind "$KMSG" /dev/kmsg
+        mount -t overlay overlay -o lowerdir="$IMAGE/usr/lib:/usr/lib" /usr/lib
+        mount -t sysfs sysfs /sys
+        probe() { "$PYTHON" -c "$PROBE" "$@"; }
+        veth() { ip link add "$1" type veth peer name "$2" && ip link set "$1" up && ip link set "$2" up; }
+        egress() { /usr/lib/earlyfw/earlyfw-egress; echo "status=$?"; }
+        """)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--net", "sh", "-c", setup + script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ETC": str(etc), "CMDLINE": str(tmp_path / "cmdline"), "KMSG": str(tmp_path / "kmsg"),
+             "IMAGE": str(egress_root.path), "PYTHON": sys.executable, "PROBE": RAW_PROBE},
+        check=False,
+    )  # fmt: skip
+    found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    found["stderr"] = result.stderr
+    found["kmsg"] = (tmp_path / "kmsg").read_text()
+    return found
+
+
+@pytest.mark.netns
+def test_egress_attach_filters_raw_sockets_on_each_interface_as_it_appears(egress_root: Root, tmp_path: Path) -> None:
+    found = run_egress(
+        egress_root,
+        tmp_path,
+        textwrap.dedent("""\
+            veth v0 v1
+            probe v0 v1 leak | sed s/^/before-/
+            egress
+            probe v0 v1 leak; probe v0 v1 endpoint
+            veth v2 v3; veth v4 v5
+            probe v2 v3 leak | sed s/^/before-/
+            egress
+            probe v2 v3 leak; probe v0 v1 leak | sed s/^/again-/; probe v2 v3 endpoint; probe v4 v5 leak
+            echo "devices=$(nft list chain netdev earlyfw_egress egress | grep -o 'devices = {[^}]*}')"
+            """),
+    )
+    # The control: before the attach, raw frames skip every inet hook.
+    assert found["before-v0-leak"] == "through" and found["before-v2-leak"] == "through", found
+    assert found["status"] == "0", found["stderr"]
+    assert found["v0-leak"] == "blocked" and found["again-v0-leak"] == "blocked"
+    assert found["v0-endpoint"] == "through" and found["v2-endpoint"] == "through"  # the policy, not a wall
+    assert found["v2-leak"] == "blocked"
+    assert found["v4-leak"] == "through"  # not listed in [egress]
+    assert found["devices"] == "devices = { v0, v2 }"
+    assert '<5>earlyfw: raw-socket egress filtered on "v0", "v2"' in found["kmsg"]
+
+
+@pytest.mark.netns
+def test_egress_attach_honours_the_switch_and_fails_closed(egress_root: Root, tmp_path: Path) -> None:
+    off = run_egress(egress_root, tmp_path / "off", "veth v0 v1\negress\nprobe v0 v1 leak\n", "ro earlyfw=off")
+    assert off["status"] == "0" and off["v0-leak"] == "through"
+    (egress_root / linux.EGRESS_RULESET).write_text("table netdev earlyfw_egress { this is not nft }\n")
+    broken = run_egress(egress_root, tmp_path / "broken", "veth v0 v1\negress\nprobe v0 v1 endpoint\n")
+    assert broken["status"] == "1", broken["stderr"]
+    assert broken["v0-endpoint"] == "blocked"  # nothing at all leaves
+    assert "<2>earlyfw: FAILED to load /etc/earlyfw/egress.nft" in broken["kmsg"]
+
+
+def test_egress_files_only_with_egress_configured(root: Root, egress_root: Root) -> None:
+    assert not (root / linux.EGRESS_RULESET).exists() and not (root / linux.EGRESS_INTERFACES).exists()
+    assert (egress_root / linux.EGRESS_INTERFACES).read_text() == "v0\nv2\n"
+    rule = (egress_root / linux.EGRESS_RULE).read_text()
+    assert 'ACTION=="add|move", SUBSYSTEM=="net", RUN+="/usr/lib/earlyfw/earlyfw-egress"' in rule
+    block = (egress_root / "/etc/systemd/system/earlyfw-block.service").read_text()
+    assert "ExecStart=/usr/lib/earlyfw/earlyfw-egress\n" in block

@@ -49,7 +49,8 @@ EGRESS_ATTACH = "/usr/lib/earlyfw/earlyfw-egress"
 EGRESS_RULESET = f"{CONFIG_DIR}/egress.nft"
 EGRESS_INTERFACES = f"{CONFIG_DIR}/egress.interfaces"
 EGRESS_RULE = "/etc/udev/rules.d/60-earlyfw-egress.rules"
-# The nft variable EGRESS_RULESET's chain is attached with.
+# The placeholder in EGRESS_RULESET that the attach script replaces with the
+# devices (an nft variable name, so the file stays nft syntax).
 EGRESS_DEVICES_VARIABLE = "EARLYFW_EGRESS_DEVICES"
 
 # What the initramfs ruleset needs: nf_tables itself and nothing else (see
@@ -150,6 +151,7 @@ def render(template: str, **context: object) -> bytes:
         egress_ruleset=EGRESS_RULESET,
         egress_interfaces=EGRESS_INTERFACES,
         egress_table=policy.EGRESS_TABLE,
+        egress_variable=EGRESS_DEVICES_VARIABLE,
         required_modules=REQUIRED_MODULES,
         optional_modules=OPTIONAL_MODULES,
         blocked_modules=BLOCKED_MODULES,
@@ -174,7 +176,7 @@ def loader(*, unprotected: str = "") -> bytes:
 def egress_ruleset(config: Config) -> bytes:
     """The netdev egress table of the blocked state, for every [egress]
     interface, attached to the devices in the nft variable EARLYFW_EGRESS_DEVICES
-    (the attach script defines it as the listed interfaces present): the same
+    (the attach script puts the listed interfaces present in its place): the same
     rendering the watcher loads, so the two cannot drift."""
     script = policy.render(config, State.BLOCKED, egress_devices=config.egress_interfaces)
     start = script.index(f"table netdev {policy.EGRESS_TABLE}\n")

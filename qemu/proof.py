@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu import CACHE, boot, guest, handshake, pcap, wireguard
 from earlyfw.policy import EGRESS_TABLE
+from qemu import CACHE, boot, guest, handshake, pcap, wireguard
 from qemu.guest import Change, Variant
 
 RUNS = CACHE / "runs"
@@ -148,7 +148,9 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     # The WireGuard boot's peer runs beside QEMU, in its namespace.
     peer = wireguard.peer_args(run_dir) if variant.change is Change.WIREGUARD else ()
-    outcome = boot.boot(image, run_dir, guest.guest_config(variant).endpoints, timeout=timeout, icount=icount, isolated=peer)
+    outcome = boot.boot(
+        image, run_dir, guest.guest_config(variant).endpoints, timeout=timeout, icount=icount, isolated=peer
+    )
     verdict = Verdict(variant, outcome, check(variant, outcome))
     (run_dir / "result.json").write_text(json.dumps(summary(verdict), indent=2) + "\n")
     return verdict

@@ -525,7 +525,12 @@ def test_loader_with_real_nft_falls_back_to_drop_everything(root: Root, tmp_path
 # How each generator sources its hook, with its own die()/err() stubbed: the
 # shell it runs under (busybox ash for mkinitcpio), and what to call.
 WRAPPERS = {
-    "dracut": ("hooks/dracut/earlyfw-pre-udev.sh.j2", ("sh",), 'die() { echo "STOP: $*"; }\nwarn() { echo "warn: $*"; }\n', ""),
+    "dracut": (
+        "hooks/dracut/earlyfw-pre-udev.sh.j2",
+        ("sh",),
+        'die() { echo "STOP: $*"; }\nwarn() { echo "warn: $*"; }\n',
+        "",
+    ),
     "mkinitcpio": (
         "hooks/mkinitcpio/hook.j2",
         ("busybox", "ash"),
@@ -552,7 +557,7 @@ def run_wrapper(tmp_path: Path, generator: str, cmdline: str) -> dict[str, str]:
     cases = tmp_path / "cases"
     cases.write_text("\n".join(OUTCOMES) + "\n")
     run_one = stubs + '. "$HOOK"\n' + call + 'echo "GO status=${earlyfw_status-unset}"\n'
-    driver = textwrap.dedent('''\
+    driver = textwrap.dedent("""\
         mount --bind "$CMDLINE" /proc/cmdline || exit 99
         while IFS= read -r outcome; do
             rm -f "$LOADER"
@@ -564,7 +569,7 @@ def run_wrapper(tmp_path: Path, generator: str, cmdline: str) -> dict[str, str]:
             echo "@@ $outcome"
             "$@" -c "$RUN_ONE" 2>&1
         done <"$CASES"
-        ''')
+        """)
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", driver, "sh", *shell],
         capture_output=True,

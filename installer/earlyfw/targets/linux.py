@@ -16,9 +16,8 @@ from typing import ClassVar
 
 import distro
 
-from earlyfw import templates
+from earlyfw import policy, templates
 from earlyfw.config import Config
-from earlyfw import policy
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
@@ -180,9 +179,7 @@ def egress_ruleset(config: Config) -> bytes:
     rendering the watcher loads, so the two cannot drift."""
     script = policy.render(config, State.BLOCKED, egress_devices=config.egress_interfaces)
     start = script.index(f"table netdev {policy.EGRESS_TABLE}\n")
-    table, replaced = re.subn(
-        r"devices = \{[^}]*\}", f"devices = ${EGRESS_DEVICES_VARIABLE}", script[start:], count=1
-    )
+    table, replaced = re.subn(r"devices = \{[^}]*\}", f"devices = ${EGRESS_DEVICES_VARIABLE}", script[start:], count=1)
     if not replaced:
         raise RuntimeError(f"no devices = {{...}} in the rendered table netdev {policy.EGRESS_TABLE}")
     header = f"#!{NFT} -f\n# earlyfw: raw-socket egress, loaded by {EGRESS_ATTACH} (udev, boot).\n"

@@ -314,3 +314,6 @@ def test_raw_socket_egress_is_filtered_from_the_moment_the_nic_exists() -> None:
     assert verdict.passed, verdict.explain()
     assert proof.raw_leaks(verdict.outcome) == 0
     assert "table netdev earlyfw_egress" in verdict.outcome.report.nft_tables
+    # Attached by earlyfw-block.service, and again by the udev rule on coldplug.
+    attached = [line for line in verdict.outcome.report.kernel_log if proof.EGRESS_ATTACHED in line.text]
+    assert len(attached) >= 2, attached

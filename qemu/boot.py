@@ -186,7 +186,7 @@ def qemu_argv(image: Image, run_dir: Path, *, icount: int | None = None) -> list
         "-rtc", f"base={RTC_BASE},clock=vm",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
-        "-append", CMDLINE,
+        "-append", " ".join(filter(None, (CMDLINE, image.variant.cmdline))),
         "-drive", f"file={image.disk},format=raw,if=virtio,snapshot=on",
         # Both families named: naming only one turns the other off.
         "-netdev", "user,id=n0,ipv4=on,ipv6=on",

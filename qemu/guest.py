@@ -57,6 +57,9 @@ class Change(StrEnum):
     # Debian's nftables.service enabled with its default /etc/nftables.conf,
     # whose first line is `flush ruleset`.
     NFTABLES_SERVICE = "nftables-service"
+    # The raw-socket (AF_PACKET) leak source (guest/raw-leak.c), built static
+    # on the host; with `egress`, [egress] lists the guest's NIC.
+    RAW_EGRESS = "raw-egress"
     # wg0 to a wireguard-go peer in QEMU's namespace, the frozen earlyfw
     # binary and the tunnel probe (qemu.wireguard).
     WIREGUARD = "wireguard"
@@ -71,12 +74,23 @@ class Variant:
     summary: str = ""
     # earlyfw's watch target too: earlyfw-watch.service relaxes on the handshake.
     watch: bool = False
+    # Booted with the break-glass switch: earlyfw installed, nothing of it loaded.
+    break_glass: bool = False
+    # [egress] interfaces lists the guest's NIC (raw-socket egress filtered).
+    egress: bool = False
+
+    @property
+    def cmdline(self) -> str:
+        """What this variant adds to the kernel command line. The switch comes
+        last, after an earlyfw=on it must override (the last one wins)."""
+        return "earlyfw=on earlyfw=off" if self.break_glass else ""
 
     @property
     def expect_leaks(self) -> bool:
         """The controls and the mutant must leak: if they do not, the leak
         sources or the capture are broken and no "no leak" result means anything."""
-        return not self.earlyfw or self.change is Change.IP_ONLY
+        raw_control = self.change is Change.RAW_EGRESS and not self.egress
+        return not self.earlyfw or self.change is Change.IP_ONLY or self.break_glass or raw_control
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -114,6 +128,26 @@ VARIANTS = {
             summary="earlyfw plus nftables.service flushing the ruleset (initramfs-tools)",
         ),
         Variant(
+            "nftables-service-off",
+            Generator.INITRAMFS_TOOLS,
+            change=Change.NFTABLES_SERVICE,
+            break_glass=True,
+            summary="the nftables-service guest booted with earlyfw=off: the admin's ruleset only, no earlyfw table",
+        ),
+        Variant(
+            "raw-egress",
+            Generator.INITRAMFS_TOOLS,
+            change=Change.RAW_EGRESS,
+            egress=True,
+            summary="a raw-socket (AF_PACKET) leak source from early boot; [egress] lists the NIC",
+        ),
+        Variant(
+            "control-raw-egress",
+            Generator.INITRAMFS_TOOLS,
+            change=Change.RAW_EGRESS,
+            summary="control: the same raw-socket leak source, no [egress]: raw frames bypass the inet table",
+        ),
+        Variant(
             "wireguard",
             Generator.INITRAMFS_TOOLS,
             change=Change.WIREGUARD,
@@ -130,8 +164,22 @@ VARIANTS = {
 }
 
 
-def guest_config() -> Config:
-    return configuration.load(CONFIG_FILE)
+# The guest's NIC as systemd names it (virtio-net in slot 2).
+GUEST_NIC = "ens2"
+RAW_LEAK_SOURCE = GUEST_FILES / "raw-leak.c"
+RAW_LEAK = "/usr/local/libexec/earlyfw-qemu/raw-leak"
+RAW_LEAK_UNIT = GuestFile("earlyfw-qemu-raw-leak.service", "/etc/systemd/system/earlyfw-qemu-raw-leak.service")
+
+
+def config_text(variant: Variant | None = None) -> str:
+    text = CONFIG_FILE.read_text()
+    if variant is not None and variant.egress:
+        text += f'\n[egress]\ninterfaces = ["{GUEST_NIC}"]\n'
+    return text
+
+
+def guest_config(variant: Variant | None = None) -> Config:
+    return configuration.parse(config_text(variant))
 
 
 @dataclass(frozen=True)
@@ -162,7 +210,9 @@ def key(variant: Variant, base: Base) -> str:
     h.update(f"{base.key}\0{variant.name}\0{variant.earlyfw}\0{variant.change}\0".encode())
     if variant.change is Change.WIREGUARD:
         h.update(wireguard.key_parts())
-    h.update(CONFIG_FILE.read_bytes())
+    h.update(config_text(variant).encode())
+    if variant.change is Change.RAW_EGRESS:
+        h.update(RAW_LEAK_SOURCE.read_bytes() + (GUEST_FILES / RAW_LEAK_UNIT.source).read_bytes())
     for f in (*PROOF_FILES, *GENERATOR_FILES[variant.generator]):
         h.update(f"{f.source} {f.path} {f.mode:o}\0".encode() + (GUEST_FILES / f.source).read_bytes())
     for artifact in rendered(variant):
@@ -181,7 +231,7 @@ def rendered(variant: Variant) -> list[File | Symlink]:
         return []
     root = Root(Path("/nonexistent"))
     targets = [cls(root, Runner(verbose=False)) for cls in installer.select(root, variant.targets)]
-    plans = installer.plan(guest_config(), targets)
+    plans = installer.plan(guest_config(variant), targets)
     return [a for p in plans for a in p.artifacts]
 
 
@@ -203,9 +253,13 @@ def build(variant: Variant, cache: Path = CACHE) -> Image:
         install_file(root, f.path, (GUEST_FILES / f.source).read_bytes(), f.mode)
     sh.chroot(root, ["systemctl", "enable", *ENABLED_UNITS], log=log)
     if variant.earlyfw:
-        install = [sys.executable, "-m", "earlyfw", "--config", str(CONFIG_FILE), "install", "--root", str(root)]
+        config_file = staging / "earlyfw.toml"
+        config_file.write_text(config_text(variant))
+        install = [sys.executable, "-m", "earlyfw", "--config", str(config_file), "install", "--root", str(root)]
         sh.run([*install, *(arg for t in variant.targets for arg in ("--target", t))], log=log)
     _apply(variant.change, root, log)
+    if variant.change is Change.RAW_EGRESS:
+        _install_raw_leak(staging, root, log)
     sh.chroot(root, variant.generator.build_command(base.kernel_version), log=log)
     shutil.copyfile(root / f"boot/vmlinuz-{base.kernel_version}", staging / "vmlinuz")
     shutil.copyfile(root / f"boot/initrd.img-{base.kernel_version}", staging / "initrd.img")
@@ -237,6 +291,16 @@ def _apply(change: Change, root: Path, log: Path) -> None:
         if statements[:1] != ["flush ruleset"]:
             raise sh.HarnessError(f"{root}/etc/nftables.conf does not begin with `flush ruleset`: nothing to prove")
         sh.chroot(root, ["systemctl", "enable", "nftables.service"], log=log)
+
+
+def _install_raw_leak(staging: Path, root: Path, log: Path) -> None:
+    sh.require("gcc")
+    binary = staging / "raw-leak"
+    sh.run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(binary), str(RAW_LEAK_SOURCE)], log=log)
+    install_file(root, RAW_LEAK, binary.read_bytes(), 0o755)
+    unit = RAW_LEAK_UNIT
+    install_file(root, unit.path, (GUEST_FILES / unit.source).read_bytes(), unit.mode)
+    sh.chroot(root, ["systemctl", "enable", unit.path.rsplit("/", 1)[1]], log=log)
 
 
 def ip_only(script: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from earlyfw.policy import EGRESS_TABLE
 from qemu import CACHE, boot, guest, handshake, pcap, wireguard
 from qemu.guest import Change, Variant
 
@@ -51,6 +52,8 @@ def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
         return tuple(problems)
     if not report.complete:
         problems.append("the guest's login report was cut short")
+    if variant.break_glass:
+        problems += _check_break_glass(variant, outcome)
     if variant.expect_leaks:
         if not capture.leaks:
             problems.append(
@@ -59,6 +62,8 @@ def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
             )
         if variant.change is Change.IP_ONLY and not any(p.version == 6 for p in capture.leaks):
             problems.append("the ip-only mutant should leak over IPv6, and nothing IPv6 leaked")
+        if variant.change is Change.RAW_EGRESS and not raw_leaks(outcome):
+            problems.append("the raw-socket leak source never got a frame out: it proves nothing")
         return tuple(problems)
     if capture.leaks:
         kinds = sorted({p.kind.value for p in capture.leaks})
@@ -91,7 +96,43 @@ def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
         problems.append(f"the block went live at {live:.3f}s, after the NIC registered at {nic:.3f}s")
     if variant.change is Change.WIREGUARD:
         problems += handshake.check(variant.watch, outcome)
+    if variant.change is Change.RAW_EGRESS:
+        if f"table netdev {EGRESS_TABLE}" not in report.nft_tables:
+            problems.append(f"table netdev {EGRESS_TABLE} is not loaded at login")
+        if not any(EGRESS_ATTACHED in line.text for line in report.kernel_log):
+            problems.append(f"the kernel log has no {EGRESS_ATTACHED!r} line")
     return tuple(problems)
+
+
+# What the raw-socket leak source (guest/raw-leak.c) sends, and what
+# earlyfw-egress logs once it attached the egress chain.
+RAW_PAYLOAD = b"earlyfw-qemu raw leak"
+EGRESS_ATTACHED = "earlyfw: raw-socket egress filtered on"
+
+
+def raw_leaks(outcome: boot.Outcome) -> int:
+    """Frames from the raw-socket leak source in the capture."""
+    return sum(RAW_PAYLOAD in frame.data for frame in pcap.read(outcome.run_dir / "capture.pcap"))
+
+
+# What the initramfs loader and earlyfw-off.service print on the console.
+BREAK_GLASS_WARNING = "earlyfw: WARNING: earlyfw=off is on the kernel command line"
+
+
+def _check_break_glass(variant: Variant, outcome: boot.Outcome) -> list[str]:
+    """Booted with earlyfw=off: nothing of earlyfw is loaded, the admin's own
+    firewall is, and the console says so."""
+    problems = []
+    tables = outcome.report.nft_tables
+    if any("earlyfw" in t for t in tables):
+        problems.append(f"booted with earlyfw=off, yet earlyfw's tables are loaded at login: {list(tables)}")
+    if variant.change is Change.NFTABLES_SERVICE and "table inet filter" not in tables:
+        problems.append("booted with earlyfw=off, nftables.service did not load the admin's /etc/nftables.conf")
+    console = outcome.run_dir / "console.log"
+    text = console.read_text(errors="replace") if console.exists() else ""
+    if BREAK_GLASS_WARNING not in text:
+        problems.append(f"booted with earlyfw=off, the console never said {BREAK_GLASS_WARNING!r}")
+    return problems
 
 
 def run(
@@ -107,7 +148,9 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     # The WireGuard boot's peer runs beside QEMU, in its namespace.
     peer = wireguard.peer_args(run_dir) if variant.change is Change.WIREGUARD else ()
-    outcome = boot.boot(image, run_dir, guest.guest_config().endpoints, timeout=timeout, icount=icount, isolated=peer)
+    outcome = boot.boot(
+        image, run_dir, guest.guest_config(variant).endpoints, timeout=timeout, icount=icount, isolated=peer
+    )
     verdict = Verdict(variant, outcome, check(variant, outcome))
     (run_dir / "result.json").write_text(json.dumps(summary(verdict), indent=2) + "\n")
     return verdict

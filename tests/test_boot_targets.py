@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from earlyfw import config as configuration
 from earlyfw import firewalls, install, nft, templates
@@ -54,6 +56,9 @@ EXPECTED = {
     "/etc/systemd/system/sysinit.target.wants/earlyfw-block.service": None,
     "/etc/systemd/system/sysinit.target.wants/earlyfw-off.service": None,
     "/etc/earlyfw/fallback.nft": 0o644,
+    "/usr/lib/earlyfw/earlyfw-switch": 0o755,
+    "/usr/lib/earlyfw/earlyfw-egress": 0o755,
+    "/etc/udev/rules.d/60-earlyfw-egress.rules": 0o644,
     **{f"/etc/systemd/system/{unit}.d/earlyfw.conf": 0o644 for unit in systemd.NETWORK_MANAGERS},
     "/etc/systemd/system/nftables.service.d/earlyfw.conf": 0o644,
     "/etc/earlyfw/nftables/start.nft": 0o644,
@@ -85,6 +90,8 @@ SHELL_FILES = (
     ("/etc/initcpio/hooks/earlyfw", "sh"),
     ("/etc/mkinitcpio.conf.d/earlyfw.conf", "bash"),
     ("/usr/lib/earlyfw/initcpio/earlyfw-load", "sh"),
+    ("/usr/lib/earlyfw/earlyfw-switch", "sh"),
+    ("/usr/lib/earlyfw/earlyfw-egress", "sh"),
 )
 LOADERS = (
     "/usr/lib/dracut/modules.d/50earlyfw/earlyfw-load.sh",
@@ -208,7 +215,7 @@ def test_shellcheck_would_catch_a_mistake(tmp_path: Path) -> None:
     """Control for the test above: shellcheck really reads these files."""
     need("shellcheck")
     loader = tmp_path / "loader"
-    loader.write_bytes(linux.loader().replace(b'[ "$arg" =', b"[ $arg ="))
+    loader.write_bytes(linux.loader().replace(b'[ "$1" = off ]', b"[ $1 = off ]"))
     assert subprocess.run(["shellcheck", str(loader)], capture_output=True, check=False).returncode != 0
 
 
@@ -278,6 +285,162 @@ def test_loader_honours_break_glass(root: Root, tmp_path: Path, loader: str) -> 
 def test_loader_break_glass_is_exact(root: Root, tmp_path: Path, cmdline: str) -> None:
     status, _, calls, _ = run_loader(tmp_path, root / LOADERS[0], f"ro {cmdline} quiet", "ok")
     assert status == linux.LOADED and calls[-1] == "nft -f /etc/earlyfw/initramfs.nft"
+
+
+# The command lines the issue names, and what the switch is on each.
+SWITCH_CASES = [
+    ("ro quiet", False),
+    ("BOOT_IMAGE=/vmlinuz earlyfw=off quiet", True),
+    ('foo="a earlyfw=off b"', False),  # inside another parameter's quoted value
+    ("earlyfw=off earlyfw=on", False),  # the last one wins
+    ("earlyfw=on earlyfw=off", True),
+    ("earlyfw=off earlyfw", False),
+    ("ro -- earlyfw=off", False),  # after "--": arguments for init, not parameters
+    ('ro "--" earlyfw=off', False),
+    ("ro --x earlyfw=off", True),
+    ('earlyfw="off"', True),
+    ('"earlyfw=off"', True),
+    ("ro\tearlyfw=off\n", True),
+    ("earlyfw=offx", False),
+    ("xearlyfw=off", False),
+    ("rd.earlyfw=off", False),
+    ("earlyfw=OFF", False),
+]
+
+
+def kernel_parameters(cmdline: bytes) -> list[tuple[bytes, bytes | None]]:
+    """The reference: the kernel's own parsing of its command line, transcribed
+    from lib/cmdline.c next_arg() and kernel/params.c parse_args(), NUL writes
+    included: (name, value or None) up to a bare "--"."""
+    spaces = set(b" \t\n\v\f\r\xa0")  # the kernel's isspace(), Latin-1 0xa0 included
+
+    def cstr(buf: bytearray, start: int) -> bytes:
+        end = buf.find(0, start)
+        return bytes(buf[start : end if end >= 0 else len(buf)])
+
+    params: list[tuple[bytes, bytes | None]] = []
+    args = cmdline.lstrip(bytes(spaces))
+    while args:
+        in_quote = quoted = False
+        if args[0] == ord('"'):
+            args, in_quote, quoted = args[1:], True, True
+        i = equals = 0
+        while i < len(args):
+            if args[i] in spaces and not in_quote:
+                break
+            if equals == 0 and args[i] == ord("="):
+                equals = i
+            if args[i] == ord('"'):
+                in_quote = not in_quote
+            i += 1
+        word = bytearray(args[:i])
+        value_at: int | None = None
+        if equals:
+            word[equals] = 0
+            value_at = equals + 1
+            if value_at < i and word[value_at] == ord('"'):
+                value_at += 1
+                if word[i - 1] == ord('"'):
+                    word[i - 1] = 0
+        if quoted and i > 0 and word[i - 1] == ord('"'):
+            word[i - 1] = 0
+        name, value = cstr(word, 0), None if value_at is None else cstr(word, value_at)
+        args = args[i + 1 :].lstrip(bytes(spaces))
+        if value is None and name == b"--":
+            break
+        params.append((name, value))
+    return params
+
+
+def reference_off(cmdline: bytes) -> bool:
+    values = [value for name, value in kernel_parameters(cmdline) if name == b"earlyfw"]
+    return bool(values) and values[-1] == b"off"
+
+
+SWITCH_SNIPPET = 'LC_ALL=C; . "$0"; earlyfw_off "$1"'
+SHELLS = (("dash",), ("busybox", "ash"), ("bash", "--posix"))
+
+
+def shell_off(shell: Sequence[str], cmdline: bytes) -> bool:
+    snippet = templates.resource("hooks", "earlyfw-switch.sh")
+    result = subprocess.run([*shell, "-c", SWITCH_SNIPPET, str(snippet), cmdline], capture_output=True, check=False)
+    assert result.returncode in (0, 1) and not result.stderr, result.stderr
+    return result.returncode == 0
+
+
+@pytest.mark.parametrize(("cmdline", "off"), SWITCH_CASES)
+def test_reference_parser_reads_the_issues_examples(cmdline: str, off: bool) -> None:
+    assert reference_off(cmdline.encode()) is off
+
+
+# Tokens that exercise every rule: quotes anywhere, "=", "--", every kernel
+# white-space byte, and the switch's own words.
+TOKENS = st.sampled_from(
+    [b"earlyfw", b"=", b"off", b"on", b'"', b"--", b"-", b" ", b"  ", b"\t", b"\n", b"\r", b"\v", b"\f", b"\xa0",
+     b"a", b"x=", b"ro", b"earlyfw=off", b"earlyfw=on", b'"earlyfw=off"', b'="', b"'", b"\\", b"$", b"*", b"[", b"]"]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TOKENS, max_size=14).map(b"".join))
+def test_switch_reads_the_command_line_as_the_kernel_does(cmdline: bytes) -> None:
+    """The one shell function every loader uses agrees with the kernel's own
+    parsing on generated command lines, in every shell it runs under."""
+    need("busybox", "dash", "bash")
+    expected = reference_off(cmdline)
+    for shell in SHELLS:
+        assert shell_off(shell, cmdline) is expected, (shell, cmdline)
+
+
+def test_switch_reads_a_long_command_line_fast_enough(tmp_path: Path) -> None:
+    """The kernel allows 2048 bytes and more: the function copes, and ends."""
+    need("dash")
+    cmdline = b" ".join([b'foo="a b c earlyfw=on"'] * 150 + [b"earlyfw=off"])
+    assert reference_off(cmdline) and shell_off(("dash",), cmdline)
+
+
+@pytest.mark.parametrize(("cmdline", "off"), SWITCH_CASES)
+@pytest.mark.parametrize("loader", LOADERS)
+def test_loader_reads_the_switch_as_the_kernel_does(
+    root: Root, tmp_path: Path, loader: str, cmdline: str, off: bool
+) -> None:
+    status, stderr, calls, _ = run_loader(tmp_path, root / loader, cmdline.replace("\n", " "), "ok")
+    assert status == linux.LOADED, stderr
+    assert (calls == []) is off, calls
+    assert ("the boot block is SKIPPED" in stderr) is off
+
+
+def run_switch(root: Root, tmp_path: Path, cmdline: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed earlyfw-switch with `cmdline` as /proc/cmdline."""
+    need("unshare")
+    fake = tmp_path / "switch-cmdline"
+    fake.write_text(cmdline + "\n")
+    script = 'mount --bind "$0" /proc/cmdline && exec "$@"'
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, fake, root / linux.SWITCH, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(("cmdline", "off"), SWITCH_CASES)
+def test_switch_script_answers_and_runs_only_in_its_position(
+    root: Root, tmp_path: Path, cmdline: str, off: bool
+) -> None:
+    on_status = run_switch(root, tmp_path, cmdline, "on").returncode
+    off_status = run_switch(root, tmp_path, cmdline, "off").returncode
+    assert (on_status, off_status) == ((1, 0) if off else (0, 1))
+    ran = run_switch(root, tmp_path, cmdline, "on", "echo", "loaded")
+    assert ran.returncode == 0 and (ran.stdout == "loaded\n") is not off
+    ran = run_switch(root, tmp_path, cmdline, "off", "sh", "-c", "echo admin; exit 3")
+    assert (ran.returncode, ran.stdout) == ((3, "admin\n") if off else (0, ""))
+
+
+def test_switch_script_refuses_a_bad_position(root: Root, tmp_path: Path) -> None:
+    result = run_switch(root, tmp_path, "ro", "maybe")
+    assert result.returncode == 255 and "usage:" in result.stderr
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -359,40 +522,99 @@ def test_loader_with_real_nft_falls_back_to_drop_everything(root: Root, tmp_path
 # -- the generator wrappers' own logic ---------------------------------------
 
 
-def stub_loader(tmp_path: Path, status: int) -> Path:
-    loader = tmp_path / f"loader-{status}"
-    loader.write_text(f"#!/bin/sh\nexit {status}\n")
-    loader.chmod(0o755)
-    return loader
+# How each generator sources its hook, with its own die()/err() stubbed: the
+# shell it runs under (busybox ash for mkinitcpio), and what to call.
+WRAPPERS = {
+    "dracut": (
+        "hooks/dracut/earlyfw-pre-udev.sh.j2",
+        ("sh",),
+        'die() { echo "STOP: $*"; }\nwarn() { echo "warn: $*"; }\n',
+        "",
+    ),
+    "mkinitcpio": (
+        "hooks/mkinitcpio/hook.j2",
+        ("busybox", "ash"),
+        'err() { echo "err: $*"; }\nlaunch_interactive_shell() { echo "STOP: shell"; }\n',
+        "run_earlyhook\n",
+    ),
+}
+# Every way a loader can end: each exit status, killed by a signal, missing
+# (127), not executable (126).
+OUTCOMES = (*(f"exit {n}" for n in range(256)), "kill -KILL $$", "kill -TERM $$", "kill -SEGV $$", "missing", "noexec")
 
 
-@pytest.mark.parametrize(("status", "dies"), [(0, False), (1, False), (2, True)])
-def test_dracut_pre_udev_hook_dies_only_when_unprotected(tmp_path: Path, status: int, dies: bool) -> None:
-    hook = tmp_path / "hook.sh"
-    hook.write_bytes(linux.render("hooks/dracut/earlyfw-pre-udev.sh.j2", loader=stub_loader(tmp_path, status)))
-    # dracut's init sources hooks; die() comes from dracut-lib.sh.
-    script = 'die() { echo "die: $*"; }\n. "$1"\necho "sourced, status var: ${earlyfw_status-unset}"\n'
-    result = subprocess.run(["sh", "-c", script, "sh", hook], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert ("die: earlyfw: no firewall could be loaded; boot with earlyfw=off" in result.stdout) is dies
-    assert "status var: unset" in result.stdout  # leaves dracut's namespace clean
-
-
-@pytest.mark.parametrize(("status", "shell"), [(0, False), (1, False), (2, True)])
-def test_mkinitcpio_runtime_hook_drops_to_a_shell_only_when_unprotected(
-    tmp_path: Path, status: int, shell: bool
-) -> None:
+def run_wrapper(tmp_path: Path, generator: str, cmdline: str) -> dict[str, str]:
+    """Source the generator's hook against a stub loader ending each way in
+    OUTCOMES, with `cmdline` as /proc/cmdline: outcome -> "stop" or "go" (and
+    the hook's own words)."""
+    need("unshare", "busybox")
+    template, shell, stubs, call = WRAPPERS[generator]
+    loader = tmp_path / "loader"
     hook = tmp_path / "hook"
-    hook.write_bytes(linux.render("hooks/mkinitcpio/hook.j2", loader=stub_loader(tmp_path, status)))
-    script = (
-        'err() { echo "err: $*"; }\nlaunch_interactive_shell() { echo "shell"; }\n'
-        '. "$1"\nrun_earlyhook\necho "returned $?"\n'
-    )
-    result = subprocess.run(["sh", "-c", script, "sh", hook], capture_output=True, text=True, check=False)
+    hook.write_bytes(linux.render(template, loader=loader))
+    fake_cmdline = tmp_path / "cmdline"
+    fake_cmdline.write_text(cmdline + "\n")
+    cases = tmp_path / "cases"
+    cases.write_text("\n".join(OUTCOMES) + "\n")
+    run_one = stubs + '. "$HOOK"\n' + call + 'echo "GO status=${earlyfw_status-unset}"\n'
+    driver = textwrap.dedent("""\
+        mount --bind "$CMDLINE" /proc/cmdline || exit 99
+        while IFS= read -r outcome; do
+            rm -f "$LOADER"
+            case $outcome in
+            missing) ;;
+            noexec) printf '#!/bin/sh\nexit 0\n' >"$LOADER" ;;
+            *) printf '#!/bin/sh\n%s\n' "$outcome" >"$LOADER"; chmod +x "$LOADER" ;;
+            esac
+            echo "@@ $outcome"
+            "$@" -c "$RUN_ONE" 2>&1
+        done <"$CASES"
+        """)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", driver, "sh", *shell],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CMDLINE": str(fake_cmdline), "LOADER": str(loader), "HOOK": str(hook),
+             "CASES": str(cases), "RUN_ONE": run_one},
+        timeout=300,
+        check=False,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert ("shell" in result.stdout.split("\n")) is shell
-    assert ("err: earlyfw: no firewall could be loaded" in result.stdout) is shell
-    assert "returned 0" in result.stdout
+    found = {}
+    for block in result.stdout.split("@@ ")[1:]:
+        outcome, _, said = block.partition("\n")
+        found[outcome] = said
+    assert list(found) == list(OUTCOMES), result.stdout[-2000:]
+    return found
+
+
+@pytest.mark.parametrize("generator", WRAPPERS)
+def test_initramfs_hook_goes_on_only_when_a_table_is_in_place(tmp_path: Path, generator: str) -> None:
+    """The dracut pre-udev hook and the mkinitcpio hook let the boot go on only
+    when the loader says a table is loaded (0) or the fallback is (1); every
+    other way it can end, a missing or unrunnable loader included, stops it."""
+    found = run_wrapper(tmp_path, generator, "BOOT_IMAGE=/vmlinuz ro quiet")
+    for outcome, said in found.items():
+        table_loaded = outcome in ("exit 0", "exit 1")
+        assert ("STOP" in said) is not table_loaded, (outcome, said)
+        if not table_loaded:
+            assert "no firewall could be loaded; boot with earlyfw=off" in said, (outcome, said)
+    assert "status 127" in found["missing"] and "status 126" in found["noexec"]
+    assert "status 137" in found["kill -KILL $$"]
+    # dracut sources its hooks into init's own shell: leave nothing behind.
+    if generator == "dracut":
+        assert all("status=unset" in said for outcome, said in found.items() if "STOP" not in said)
+
+
+@pytest.mark.parametrize("generator", WRAPPERS)
+def test_initramfs_hook_never_locks_out_with_earlyfw_off(tmp_path: Path, generator: str) -> None:
+    """A broken or missing loader must not stop a boot the user turned earlyfw
+    off for: the break glass always gets the machine up."""
+    found = run_wrapper(tmp_path, generator, "ro earlyfw=on quiet earlyfw=off")
+    for outcome, said in found.items():
+        assert "STOP" not in said and "GO" in said, (outcome, said)
+        if outcome not in ("exit 0", "exit 1"):
+            assert "earlyfw=off: going on without earlyfw" in said, (outcome, said)
 
 
 # -- mkinitcpio: sourced by bash against stub functions -----------------------
@@ -669,3 +891,123 @@ def test_status_reports_other_firewalls(config: configuration.Config) -> None:
     assert result.warnings[0] == "table inet earlyfw is not loaded: nothing is blocked"
     assert any(w.startswith("firewalld is active") for w in result.warnings)
     assert any(w.startswith("iptables-nft tables are loaded (ip filter)") for w in result.warnings)
+
+
+# -- raw-socket egress at boot: earlyfw-egress, with the real nft -------------
+
+EGRESS_CONFIG = CONFIG_TEXT + '[egress]\ninterfaces = ["v0", "v2"]\n'
+# Sends one hand-built frame out of argv[1] with an AF_PACKET socket (which no
+# inet hook sees) and says whether it came out of the veth peer argv[2].
+RAW_PROBE = """\
+import socket, struct, sys
+out, peer, kind = sys.argv[1:4]
+rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+rx.bind((peer, 0))
+rx.settimeout(0.5)
+tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+tx.bind((out, 0))
+dst, port = {"leak": ("192.0.2.99", 9999), "endpoint": ("198.51.100.7", 51820)}[kind]
+marker = b"earlyfw raw probe " + kind.encode()
+udp = struct.pack("!HHHH", 40000, port, 8 + len(marker), 0) + marker
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                 socket.inet_aton("192.0.2.1"), socket.inet_aton(dst))
+try:
+    # A frame the egress hook drops fails the send (ENOBUFS), or just vanishes.
+    tx.send(b"\\xff" * 6 + b"\\x02\\x00\\x00\\x00\\x00\\x01" + b"\\x08\\x00" + ip + udp)
+    while marker not in rx.recv(2048):
+        pass
+    print(f"{out}-{kind}=through")
+except (TimeoutError, BlockingIOError, OSError):
+    print(f"{out}-{kind}=blocked")
+"""
+
+
+@pytest.fixture
+def egress_root(tmp_path: Path) -> Root:
+    image = Root(tmp_path / "egress-image")
+    image.path.mkdir()
+    install.install(configuration.parse(EGRESS_CONFIG), image, RecordingRunner(), ("systemd",))
+    return image
+
+
+def run_egress(egress_root: Root, tmp_path: Path, script: str, cmdline: str = "ro quiet") -> dict[str, str]:
+    """`script` in a private mount and network namespace whose /etc and
+    /usr/lib/earlyfw are the image's, with its own /sys and `cmdline`; the
+    shell function `probe OUT PEER KIND` sends a raw frame. Returns the
+    key=value lines it printed."""
+    need("unshare", "nft", "ip")
+    etc = tmp_path / "etc"
+    shutil.copytree(egress_root / "/etc", etc, symlinks=True)
+    shutil.copy("/etc/ld.so.cache", etc / "ld.so.cache")
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    (tmp_path / "kmsg").write_text("")
+    setup = textwrap.dedent("""\
+        set -u
+        mount --bind "$ETC" /etc && mount --bind "$CMDLINE" /proc/cmdline && mount --bind "$KMSG" /dev/kmsg
+        mount -t overlay overlay -o lowerdir="$IMAGE/usr/lib:/usr/lib" /usr/lib
+        mount -t sysfs sysfs /sys
+        probe() { "$PYTHON" -c "$PROBE" "$@"; }
+        veth() { ip link add "$1" type veth peer name "$2" && ip link set "$1" up && ip link set "$2" up; }
+        egress() { /usr/lib/earlyfw/earlyfw-egress; echo "status=$?"; }
+        """)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--net", "sh", "-c", setup + script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ETC": str(etc), "CMDLINE": str(tmp_path / "cmdline"), "KMSG": str(tmp_path / "kmsg"),
+             "IMAGE": str(egress_root.path), "PYTHON": sys.executable, "PROBE": RAW_PROBE},
+        check=False,
+    )  # fmt: skip
+    found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    found["stderr"] = result.stderr
+    found["kmsg"] = (tmp_path / "kmsg").read_text()
+    return found
+
+
+@pytest.mark.netns
+def test_egress_attach_filters_raw_sockets_on_each_interface_as_it_appears(egress_root: Root, tmp_path: Path) -> None:
+    found = run_egress(
+        egress_root,
+        tmp_path,
+        textwrap.dedent("""\
+            veth v0 v1
+            probe v0 v1 leak | sed s/^/before-/
+            egress
+            probe v0 v1 leak; probe v0 v1 endpoint
+            veth v2 v3; veth v4 v5
+            probe v2 v3 leak | sed s/^/before-/
+            egress
+            probe v2 v3 leak; probe v0 v1 leak | sed s/^/again-/; probe v2 v3 endpoint; probe v4 v5 leak
+            echo "devices=$(nft list chain netdev earlyfw_egress egress | grep -o 'devices = {[^}]*}')"
+            """),
+    )
+    # The control: before the attach, raw frames skip every inet hook.
+    assert found["before-v0-leak"] == "through" and found["before-v2-leak"] == "through", found
+    assert found["status"] == "0", found["stderr"]
+    assert found["v0-leak"] == "blocked" and found["again-v0-leak"] == "blocked"
+    assert found["v0-endpoint"] == "through" and found["v2-endpoint"] == "through"  # the policy, not a wall
+    assert found["v2-leak"] == "blocked"
+    assert found["v4-leak"] == "through"  # not listed in [egress]
+    assert found["devices"] == "devices = { v0, v2 }"
+    assert '<5>earlyfw: raw-socket egress filtered on "v0", "v2"' in found["kmsg"]
+
+
+@pytest.mark.netns
+def test_egress_attach_honours_the_switch_and_fails_closed(egress_root: Root, tmp_path: Path) -> None:
+    off = run_egress(egress_root, tmp_path / "off", "veth v0 v1\negress\nprobe v0 v1 leak\n", "ro earlyfw=off")
+    assert off["status"] == "0" and off["v0-leak"] == "through"
+    (egress_root / linux.EGRESS_RULESET).write_text("table netdev earlyfw_egress { this is not nft }\n")
+    broken = run_egress(egress_root, tmp_path / "broken", "veth v0 v1\negress\nprobe v0 v1 endpoint\n")
+    assert broken["status"] == "1", broken["stderr"]
+    assert broken["v0-endpoint"] == "blocked"  # nothing at all leaves
+    assert "<2>earlyfw: FAILED to load /etc/earlyfw/egress.nft" in broken["kmsg"]
+
+
+def test_egress_files_only_with_egress_configured(root: Root, egress_root: Root) -> None:
+    assert not (root / linux.EGRESS_RULESET).exists() and not (root / linux.EGRESS_INTERFACES).exists()
+    assert (egress_root / linux.EGRESS_INTERFACES).read_text() == "v0\nv2\n"
+    rule = (egress_root / linux.EGRESS_RULE).read_text()
+    assert 'ACTION=="add|move", SUBSYSTEM=="net", RUN+="/usr/lib/earlyfw/earlyfw-egress"' in rule
+    block = (egress_root / "/etc/systemd/system/earlyfw-block.service").read_text()
+    assert "ExecStart=/usr/lib/earlyfw/earlyfw-egress\n" in block

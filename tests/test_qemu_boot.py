@@ -271,3 +271,49 @@ def test_nftables_service_flush_opens_nothing() -> None:
     verdict = boot_variant("nftables-service")
     assert verdict.passed, verdict.explain()
     assert "table inet filter" in verdict.outcome.report.nft_tables
+
+
+@pytest.mark.qemu
+@pytest.mark.usefixtures("qemu_tools")
+def test_break_glass_loads_nothing_of_earlyfw() -> None:
+    """The nftables-service guest booted with `earlyfw=on earlyfw=off` (the
+    last one wins): the admin's own nftables.conf is in force, no earlyfw
+    table at login, and the initramfs and earlyfw-off.service warn on the
+    console. It leaks, as a machine without earlyfw does."""
+    variant = VARIANTS["nftables-service-off"]
+    assert variant.break_glass and variant.expect_leaks
+    verdict = boot_variant(variant.name)
+    assert verdict.passed, verdict.explain()
+    assert verdict.outcome.report.nft_tables == ("table inet filter",)
+    console = (verdict.outcome.run_dir / "console.log").read_text(errors="replace")
+    assert console.count(proof.BREAK_GLASS_WARNING) >= 2, console  # the initramfs loader, earlyfw-off.service
+
+
+@pytest.mark.qemu
+@pytest.mark.usefixtures("qemu_tools")
+def test_raw_socket_control_leaks_past_the_inet_table() -> None:
+    """The control for the next test: earlyfw installed without [egress], a
+    raw-socket (AF_PACKET) leak source from early boot. Its frames skip every
+    inet hook and reach the capture; nothing else leaks."""
+    variant = VARIANTS["control-raw-egress"]
+    assert variant.expect_leaks and not variant.egress
+    verdict = boot_variant(variant.name)
+    assert verdict.passed, verdict.explain()
+    assert proof.raw_leaks(verdict.outcome) > 0
+    assert {p.kind for p in verdict.outcome.capture.leaks} == {pcap.Kind.UDP}, by_kind(verdict)
+
+
+@pytest.mark.qemu
+@pytest.mark.usefixtures("qemu_tools")
+def test_raw_socket_egress_is_filtered_from_the_moment_the_nic_exists() -> None:
+    """The same guest with [egress] interfaces = the NIC: earlyfw-egress (from
+    earlyfw-block.service and the udev rule) attached the egress chain before
+    any network manager set the link up: not one raw frame, no leak at all,
+    while DHCP and the endpoint got out."""
+    verdict = boot_variant("raw-egress")
+    assert verdict.passed, verdict.explain()
+    assert proof.raw_leaks(verdict.outcome) == 0
+    assert "table netdev earlyfw_egress" in verdict.outcome.report.nft_tables
+    # Attached by earlyfw-block.service, and again by the udev rule on coldplug.
+    attached = [line for line in verdict.outcome.report.kernel_log if proof.EGRESS_ATTACHED in line.text]
+    assert len(attached) >= 2, attached

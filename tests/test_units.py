@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config as configuration
-from earlyfw import install
+from earlyfw import firewalls, install
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner
 from earlyfw.targets import systemd
@@ -78,9 +78,18 @@ def instance(unit: str) -> str:
 # -- systemd-analyze verify ---------------------------------------------------
 
 
+# verify checks that every command exists on this host: the image's /usr/lib
+# (earlyfw-switch) is laid over the host's, read-only, in a private mount namespace.
+OVERLAY_USR_LIB = 'mount -t overlay overlay -o lowerdir="$0/usr/lib:/usr/lib" /usr/lib && exec "$@"'
+
+
 def verify(image: Path, *units: str, **env: str) -> subprocess.CompletedProcess[str]:
+    need("unshare")
     return subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *units],
+        [
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c", OVERLAY_USR_LIB, str(image / "image")),
+            *("systemd-analyze", "verify", "--man=no", *units),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "SYSTEMD_UNIT_PATH": unit_path(image), **env},
@@ -112,12 +121,12 @@ def test_verify_does_read_our_files(image: Path, tmp_path: Path) -> None:
     broken = tmp_path / "units"
     shutil.copytree(image / "image" / UNIT_DIR.lstrip("/"), broken, symlinks=True)
     block = broken / systemd.BLOCK_UNIT
-    block.write_text(block.read_text().replace("ExecStart=/usr/sbin/nft", "ExecStart=/usr/sbin/nft-missing"))
+    block.write_text(block.read_text().replace("ExecStart=/usr/lib/earlyfw/", "ExecStart=/usr/lib/earlyfw-missing/"))
     drop_in = broken / "systemd-networkd.service.d/earlyfw.conf"
     drop_in.write_text(drop_in.read_text() + "Requieres=typo.service\n")
     env = {"SYSTEMD_UNIT_PATH": f"{broken}:{image / 'stubs'}:"}
     result = verify(image, str(block), **env)
-    assert result.returncode != 0 and "/usr/sbin/nft-missing is not executable" in result.stderr
+    assert result.returncode != 0 and "/usr/lib/earlyfw-missing/earlyfw-switch is not executable" in result.stderr
     result = verify(image, "systemd-networkd.service", **env)
     assert f"{drop_in}:" in result.stderr and "Unknown key 'Requieres'" in result.stderr
 
@@ -169,20 +178,24 @@ def test_block_unit_starts_with_the_system_before_any_network(transaction: dict[
         "Wants: network-pre.target (origin-file)",
         "Before: network-pre.target (origin-file)",
         "DefaultDependencies: no",
-        "ConditionKernelCommandLine: !earlyfw=off untested",
         "OnFailure: earlyfw-block-failed.service (origin-file)",
         "Type: oneshot",
         "RemainAfterExit: yes",
-        "Command Line: /usr/sbin/nft -f /etc/earlyfw/blocked.nft",
+        # Through the switch, which earlyfw=off turns into a no-op that succeeds.
+        "Command Line: /usr/lib/earlyfw/earlyfw-switch on /usr/sbin/nft -f /etc/earlyfw/blocked.nft",
     ):
         assert line in block, line
+    # No Condition*: systemd's ConditionKernelCommandLine= does not let the last
+    # earlyfw= win, and a skipped unit would let the network managers start.
+    assert not any(line.startswith("Condition") for line in block)
     # Stopping it must never open the firewall.
     assert not any(line.startswith("ExecStop") for line in block)
 
 
 def test_break_glass_warning_runs_only_with_earlyfw_off(transaction: dict[str, list[str]]) -> None:
     off = transaction[systemd.OFF_UNIT]
-    assert "ConditionKernelCommandLine: earlyfw=off untested" in off
+    assert "Command Line: /usr/lib/earlyfw/earlyfw-switch off" in off  # ExecCondition=
+    assert not any(line.startswith("ConditionKernelCommandLine") for line in off)
     assert "WantedBy: sysinit.target (destination-file)" in off
     assert "Before: network-pre.target (origin-file)" in off
 
@@ -206,10 +219,14 @@ def test_nftables_service_loads_through_the_wrapper(transaction: dict[str, list[
     lines = transaction["nftables.service"]
     assert "After: earlyfw-block.service (origin-file)" in lines
     commands = [line for line in lines if line.startswith("Command Line:")]
+    switch = "Command Line: /usr/lib/earlyfw/earlyfw-switch"
     assert commands == [
-        "Command Line: /usr/sbin/nft -f /etc/earlyfw/nftables/start.nft",
-        "Command Line: /usr/sbin/nft -f /etc/earlyfw/nftables/reload.nft",
-        "Command Line: /usr/sbin/nft -f /etc/earlyfw/nftables/stop.nft",
+        f"{switch} on /usr/sbin/nft -f /etc/earlyfw/nftables/start.nft",
+        f"{switch} off /usr/sbin/nft -f /etc/nftables.conf",
+        f"{switch} on /usr/sbin/nft -f /etc/earlyfw/nftables/reload.nft",
+        f"{switch} off /usr/sbin/nft -f /etc/nftables.conf",
+        f"{switch} on /usr/sbin/nft -f /etc/earlyfw/nftables/stop.nft",
+        f"{switch} off /usr/sbin/nft flush ruleset",
     ]
 
 
@@ -231,7 +248,7 @@ table inet filter {
 BIND_ETC = 'mount --bind "$0" /etc && '
 
 
-def nft_in_image(image: Path, tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+def nft_in_image(image: Path, tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `script` in a private user, mount and network namespace in which
     /etc is the image's /etc, so the drop-in's absolute includes resolve to the
     files install wrote."""
@@ -241,7 +258,7 @@ def nft_in_image(image: Path, tmp_path: Path, script: str) -> subprocess.Complet
     shutil.copy("/etc/ld.so.cache", etc / "ld.so.cache")
     (etc / "nftables.conf").write_text(DISTRO_NFTABLES_CONF)
     return subprocess.run(
-        [*("unshare", "--user", "--map-root-user", "--mount", "--net"), "sh", "-c", BIND_ETC + script, str(etc)],
+        [*("unshare", "--user", "--map-root-user", "--mount", "--net"), "sh", "-c", BIND_ETC + script, str(etc), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -298,3 +315,48 @@ def test_the_include_trick_is_one_transaction(image: Path, tmp_path: Path) -> No
     # The kernel, not nft's parser, refused it: the whole batch had been sent.
     assert "Could not process rule: No such file or directory" in result.stderr
     assert tables(result.stdout, "after") == ["table inet earlyfw", "table ip canary"]
+
+
+def drop_in_commands(image: Path, key: str) -> list[str]:
+    """The drop-in's commands for `key` (ExecStart, ...), in order, as systemd
+    would run them (the empty assignment resets the distribution's)."""
+    text = (image / "image" / firewalls.NFTABLES_DROP_IN.lstrip("/")).read_text()
+    commands: list[str] = []
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if name == key:
+            commands = [] if not value else [*commands, value]
+    return commands
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    ("cmdline", "expected"),
+    [
+        ("ro quiet", ["table inet earlyfw", "table inet filter"]),
+        ("ro earlyfw=off quiet", ["table inet filter"]),
+        ("earlyfw=off earlyfw=on", ["table inet earlyfw", "table inet filter"]),
+        ('foo="x earlyfw=off"', ["table inet earlyfw", "table inet filter"]),
+    ],
+)
+def test_nftables_service_with_earlyfw_off_loads_only_the_admins_ruleset(
+    image: Path, tmp_path: Path, cmdline: str, expected: list[str]
+) -> None:
+    """nftables.service's start, reload and stop, run as systemd runs the
+    drop-in's lines, with the real nft and earlyfw-switch reading `cmdline`:
+    with the switch off, exactly what nftables.service does without earlyfw."""
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    steps = []
+    for key, marker in (("ExecStart", "start"), ("ExecReload", "reload"), ("ExecStop", "stop")):
+        steps += [*drop_in_commands(image, key), f"echo --{marker}--", "nft list tables"]
+    script = (
+        'mount --bind "$1" /proc/cmdline && '
+        '{ [ ! -d "$2/usr/lib" ] || mount -t overlay overlay -o lowerdir="$2/usr/lib:/usr/lib" /usr/lib; } && '
+        + " && ".join(steps)
+        + " && echo --end--"
+    )
+    result = nft_in_image(image, tmp_path, script, str(tmp_path / "cmdline"), str(image / "image"))
+    assert "--end--" in result.stdout, result.stdout + result.stderr
+    assert tables(result.stdout, "start") == expected
+    assert tables(result.stdout, "reload") == expected
+    assert tables(result.stdout, "stop") == [t for t in expected if "earlyfw" in t]

@@ -8,6 +8,7 @@ config or the filesystem is ever interpolated into a shell script or a unit.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import ClassVar
 
 import distro
 
-from earlyfw import templates
+from earlyfw import policy, templates
 from earlyfw.config import Config
 from earlyfw.policy import State
 from earlyfw.root import Root
@@ -36,6 +37,20 @@ FALLBACK_RULESET = f"{CONFIG_DIR}/fallback.nft"
 
 # The kernel command-line switch that skips the block for one boot.
 BREAK_GLASS = "earlyfw=off"
+# The one reading of that switch for the units (units/earlyfw-switch.j2); the
+# initramfs scripts carry the same function (hooks/earlyfw-switch.sh).
+SWITCH = "/usr/lib/earlyfw/earlyfw-switch"
+
+# Raw-socket egress at boot: udev runs EGRESS_ATTACH for each interface that
+# appears, and earlyfw-block.service once before networking; it loads
+# EGRESS_RULESET for the [egress] interfaces (EGRESS_INTERFACES) present.
+EGRESS_ATTACH = "/usr/lib/earlyfw/earlyfw-egress"
+EGRESS_RULESET = f"{CONFIG_DIR}/egress.nft"
+EGRESS_INTERFACES = f"{CONFIG_DIR}/egress.interfaces"
+EGRESS_RULE = "/etc/udev/rules.d/60-earlyfw-egress.rules"
+# The placeholder in EGRESS_RULESET that the attach script replaces with the
+# devices (an nft variable name, so the file stays nft syntax).
+EGRESS_DEVICES_VARIABLE = "EARLYFW_EGRESS_DEVICES"
 
 # What the initramfs ruleset needs: nf_tables itself and nothing else (see
 # State.core_only), because every module loaded before udev delays the boot.
@@ -130,6 +145,12 @@ def render(template: str, **context: object) -> bytes:
         blocked_ruleset=BLOCKED_RULESET,
         fallback_ruleset=FALLBACK_RULESET,
         break_glass=BREAK_GLASS,
+        switch=SWITCH,
+        egress_attach=EGRESS_ATTACH,
+        egress_ruleset=EGRESS_RULESET,
+        egress_interfaces=EGRESS_INTERFACES,
+        egress_table=policy.EGRESS_TABLE,
+        egress_variable=EGRESS_DEVICES_VARIABLE,
         required_modules=REQUIRED_MODULES,
         optional_modules=OPTIONAL_MODULES,
         blocked_modules=BLOCKED_MODULES,
@@ -149,6 +170,20 @@ def loader(*, unprotected: str = "") -> bytes:
         fallback=templates.read("hooks", "fallback.nft"),
         unprotected=unprotected,
     )
+
+
+def egress_ruleset(config: Config) -> bytes:
+    """The netdev egress table of the blocked state, for every [egress]
+    interface, attached to the devices in the nft variable EARLYFW_EGRESS_DEVICES
+    (the attach script puts the listed interfaces present in its place): the same
+    rendering the watcher loads, so the two cannot drift."""
+    script = policy.render(config, State.BLOCKED, egress_devices=config.egress_interfaces)
+    start = script.index(f"table netdev {policy.EGRESS_TABLE}\n")
+    table, replaced = re.subn(r"devices = \{[^}]*\}", f"devices = ${EGRESS_DEVICES_VARIABLE}", script[start:], count=1)
+    if not replaced:
+        raise RuntimeError(f"no devices = {{...}} in the rendered table netdev {policy.EGRESS_TABLE}")
+    header = f"#!{NFT} -f\n# earlyfw: raw-socket egress, loaded by {EGRESS_ATTACH} (udev, boot).\n"
+    return (header + table).encode()
 
 
 def executable(path: str, content: bytes) -> File:

@@ -73,8 +73,16 @@ class Systemd(Target):
             File(f"{UNIT_DIR}/{OFF_UNIT}", linux.render("units/earlyfw-off.service.j2")),
             Symlink(f"{UNIT_DIR}/{WANTED_BY}.wants/{BLOCK_UNIT}", f"{UNIT_DIR}/{BLOCK_UNIT}"),
             Symlink(f"{UNIT_DIR}/{WANTED_BY}.wants/{OFF_UNIT}", f"{UNIT_DIR}/{OFF_UNIT}"),
+            linux.executable(linux.SWITCH, linux.render("units/earlyfw-switch.j2")),
+            linux.executable(linux.EGRESS_ATTACH, linux.render("units/earlyfw-egress.j2")),
+            File(linux.EGRESS_RULE, linux.render("units/udev/earlyfw-egress.rules")),
             File(linux.FALLBACK_RULESET, templates.read("hooks", "fallback.nft").encode()),
         ]
+        if config.egress_interfaces:
+            artifacts += [
+                File(linux.EGRESS_RULESET, linux.egress_ruleset(config)),
+                File(linux.EGRESS_INTERFACES, "".join(f"{name}\n" for name in config.egress_interfaces).encode()),
+            ]
         network = linux.render("units/network-manager.conf.j2")
         artifacts += [File(drop_in(unit), network) for unit in NETWORK_MANAGERS]
         artifacts.append(File(firewalls.NFTABLES_DROP_IN, linux.render("units/nftables.conf.j2", **context)))

@@ -31,8 +31,7 @@ from earlyfw.root import Root
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.targets import File, Symlink, linux
 from earlyfw.targets import watcher as watcher_target
-from earlyfw.watch import events, openvpn, ruleset, sources, tunnels
-from earlyfw.watch import daemon
+from earlyfw.watch import daemon, events, openvpn, ruleset, sources, tunnels
 from earlyfw.watch.daemon import Clock, Stopped, Watcher
 from earlyfw.watch.ruleset import Finding, Ruleset
 from earlyfw.watch.sources import Peer, SourceError
@@ -390,7 +389,7 @@ def test_a_blocked_peer_without_keepalive_is_made_to_start_a_handshake(
     persistent keepalive on (one keepalive goes out at once) and puts the
     peer's own 0 back; WireGuard then retries by itself for 90 s."""
     mono = [100.0]
-    monkeypatch.setattr(tunnels.time, "monotonic", lambda: mono[0])
+    monkeypatch.setattr("earlyfw.watch.tunnels.time.monotonic", lambda: mono[0])
     source = StaticSource(wg_peer(None))
     tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
     v = tunnel.evaluate(lambda: NOW, 0)
@@ -476,7 +475,8 @@ def test_traffic_within_the_session_is_not_a_reason_to_lock(tmp_path: Path) -> N
     tunnel, source = relaxed_tunnel(tmp_path)
     for second in range(2, 179, 3):
         source.result = (wg_peer(NOW, tx=148 + second * 1000),)
-        assert tunnel.evaluate(lambda s=second: NOW + s, 0).situation == tunnels.Situation.ACTIVE
+        at = NOW + second
+        assert tunnel.evaluate(lambda: at, 0).situation == tunnels.Situation.ACTIVE  # noqa: B023
     # The session ends; a new handshake after the traffic renews it.
     source.result = (wg_peer(NOW, tx=10**6),)
     assert tunnel.evaluate(lambda: NOW + 200, 0).situation == tunnels.Situation.PENDING

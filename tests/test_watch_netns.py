@@ -87,6 +87,12 @@ def earlyfw(ns: netns.Namespace, config: Path, *args: str) -> subprocess.Complet
     return ns.exec_result([*PYTHON_MODULE, "--config", str(config), *args])
 
 
+def state_lines(watcher: Watcher) -> list[str]:
+    """The state of each state change the watcher logged (a line "blocked: …"
+    or "relaxed: …"; "blocked, no peer: …" is a situation within one)."""
+    return [line.split(":")[0] for line in watcher.lines() if line.split(":")[0] in ("blocked", "relaxed")]
+
+
 def leaks(frames: list[netns.Frame]) -> list[str]:
     """What arrived from the client other than WireGuard to the endpoint and
     link housekeeping."""
@@ -136,28 +142,34 @@ def test_only_handshake_packets_leave_until_the_handshake_then_the_tunnel_passes
     assert received(tunnel, 0.5) == [b"through"]
     send_udp(pair.client, WORLD, PROBE_PORT, b"outside-again")
     assert received(outside, 0.3) == []
-    assert [line.split(":")[0] for line in watcher.lines()] == ["blocked", "relaxed"], "one line per change"
+    assert state_lines(watcher) == ["blocked", "relaxed"], "one line per change"
 
 
-def test_no_handshake_within_reject_after_locks_again(
+def test_a_peer_leaving_the_configured_endpoints_locks_at_once(
     lab: netns.Lab, executable: tuple[str, ...], tmp_path: Path
 ) -> None:
-    """reject_after_seconds is shortened to 4 s. (WireGuard re-handshakes every
-    120 s, so a reject-after this short would lock a live tunnel too: the test
-    shows the lock follows the handshake's age, with the peer gone.)"""
-    pair = wg_pair(lab)
-    watcher = watch(lab, pair, executable, tmp_path, reject_after=4)
-    watcher.wait_for(r"^relaxed: ")
-    handshake = pair.latest_handshake()
-    tunnel = pair.tunnel_listener()
-    send_udp(pair.client, TUNNEL_SERVER, PROBE_PORT, b"alive")
-    assert received(tunnel, 0.5) == [b"alive"]
-    pair.server_wg.stop()
-    line = watcher.wait_for(r"^blocked: peer \S+ at 192\.0\.2\.1:51820: last handshake \d+s ago, over 4s", 10)
-    locked_at = time.time()
-    assert line
-    # Not before the handshake aged out, and promptly after (wg shows whole seconds).
-    assert handshake + 4 <= locked_at <= handshake + 4 + 2.5
+    """Idle is not dead, but a peer whose endpoint is no longer a configured
+    one is: its traffic would go where the block does not let it. (The other
+    dead tunnel, traffic with no handshake within WireGuard's limits, needs
+    180 + 97 s of real time; the unit tests drive it through the verdict.)"""
+    pair = wg_pair(lab, endpoint=netns.WORLD_LAN_V4)
+    both = ((str(WORLD), WG_PORT), (str(netns.WORLD_LAN_V4), WG_PORT))
+    watcher = watch(lab, pair, executable, tmp_path, lan_allow=True, endpoints=both[1:])
+    watcher.wait_for(r"^relaxed: peer \S+ at 192\.168\.50\.1:51820")
+    moved = time.monotonic()
+    pair.client.exec(
+        [
+            "wg",
+            "set",
+            pair.client_wg.name,
+            "peer",
+            pair.server_wg.public,
+            "endpoint",
+            pair.endpoint.replace(str(netns.WORLD_LAN_V4), str(WORLD)),
+        ]
+    )
+    watcher.wait_for(r"^blocked: peer \S+ at 192\.0\.2\.1:51820 is not a configured endpoint", 5)
+    assert time.monotonic() - moved < 2.5
     assert live_state(pair.client) == live_state(pair.client, "earlyfw_guard") == "blocked"
 
 
@@ -301,7 +313,7 @@ def test_stop_locks_a_kill_leaves_only_the_tunnel_and_a_restart_reverifies(lab: 
 
     restarted = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
     restarted.wait_for(r"^relaxed: ")
-    assert [line.split(":")[0] for line in restarted.lines()] == ["blocked", "relaxed"]
+    assert state_lines(restarted) == ["blocked", "relaxed"]
 
 
 def test_manual_mode_follows_relax_and_lock_and_repairs(lab: netns.Lab, tmp_path: Path) -> None:
@@ -427,8 +439,12 @@ def echo_through_tunnel(pair: WgPair, payload: bytes, wait: float = 5.0) -> byte
     """A datagram from the client into the tunnel, answered by the server
     through it: the reply, or an AssertionError naming what failed (an
     application error on send, or no answer)."""
-    server = pair.tunnel_listener()
-    with pair.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+    with (
+        pair.world.socket(socket.AF_INET, socket.SOCK_DGRAM) as server,
+        pair.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        server.bind((str(TUNNEL_SERVER), PROBE_PORT))
+        server.settimeout(0.05)
         client.settimeout(wait)
         try:
             client.sendto(payload, (str(TUNNEL_SERVER), PROBE_PORT))

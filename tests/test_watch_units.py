@@ -396,18 +396,25 @@ def test_a_blocked_peer_without_keepalive_is_made_to_start_a_handshake(
     assert (v.state, v.situation) == (State.BLOCKED, tunnels.Situation.UNANSWERED)
     assert "handshake initiated by earlyfw and unanswered since" in v.reason
     assert source.keepalives == [(FIRST_KEY, tunnels.KICK_KEEPALIVE), (FIRST_KEY, 0)]
+    # Nothing went out (wireguard-go had not seen its link up yet): again soon.
+    mono[0] += tunnels.KICK_RETRY
+    tunnel.evaluate(lambda: NOW + 0.5, 0)
+    assert len(source.keepalives) == 4
+    # The initiation went out: WireGuard retries on its own for 90 s.
+    source.result = (wg_peer(None, tx=148),)
+    mono[0] += tunnels.KICK_RETRY
     tunnel.evaluate(lambda: NOW + 1, 0)
-    assert len(source.keepalives) == 2, "WireGuard retries on its own meanwhile"
+    assert len(source.keepalives) == 4, "WireGuard retries on its own meanwhile"
     mono[0] += tunnels.KICK_AGAIN_AFTER
     tunnel.evaluate(lambda: NOW + tunnels.KICK_AGAIN_AFTER, 0)
-    assert len(source.keepalives) == 4, "started again once WireGuard has given up"
+    assert len(source.keepalives) == 6, "started again once WireGuard has given up"
     # Down and up again: a new start at once.
     link(tmp_path, up=False)
     down = tunnel.evaluate(lambda: NOW + 100, 0)
     assert down.situation == tunnels.Situation.INTERFACE_DOWN
     link(tmp_path, up=True)
     tunnel.evaluate(lambda: NOW + 101, 0)
-    assert len(source.keepalives) == 6
+    assert len(source.keepalives) == 8
 
 
 @pytest.mark.parametrize(

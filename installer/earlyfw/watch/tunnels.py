@@ -68,6 +68,9 @@ DEAD_AFTER = REKEY_ATTEMPT_TIME + REKEY_TIMEOUT + 2 * IDLE_POLL
 KICK_KEEPALIVE = 25
 # WireGuard retries a started handshake on its own for REKEY_ATTEMPT_TIME.
 KICK_AGAIN_AFTER = REKEY_ATTEMPT_TIME
+# A start that sent nothing (wireguard-go sees its link come up a moment after
+# the watcher does, and sends nothing while down) is tried again this soon.
+KICK_RETRY = 0.25
 # Blocked with nothing started (no peer, interface down): WireGuard announces
 # no configuration change, so look this often for a peer to appear.
 WAITING_POLL = 0.2
@@ -191,8 +194,10 @@ class _Track:
     # Wall-clock time the watcher first saw the peer send with no valid
     # session (a handshake initiation went out): the dead clock runs from it.
     needs_since: float | None = None
-    # Monotonic time the watcher last started a handshake with this peer.
+    # Monotonic time the watcher last started a handshake with this peer, and
+    # the peer's tx then: unchanged since, nothing went out.
     kicked_at: float | None = None
+    kicked_tx: int = 0
     # Wall-clock time this peer was first seen waiting for a handshake.
     waiting_since: float | None = None
 
@@ -344,13 +349,22 @@ class WireGuardTunnel:
             reason = f"{reason}; handshake {how} and unanswered since {_stamp(since)}"
         waiting = not self.woken or time.monotonic() < self._burst_until
         recheck = self.source.fast_poll if waiting else IDLE_POLL
+        if any(self._unconfirmed(p) for p in ours):
+            recheck = min(recheck, KICK_RETRY)
         return self._blocked(Verdict(State.BLOCKED, reason, recheck, situation), at, dead)
+
+    def _unconfirmed(self, peer: Peer) -> bool:
+        """Started, and nothing seen going out since."""
+        track = self._tracks[peer.public_key]
+        return track.kicked_at is not None and peer.tx <= track.kicked_tx
 
     def _kick(self, peer: Peer, track: _Track) -> bool:
         mono = time.monotonic()
-        if track.kicked_at is not None and mono - track.kicked_at < KICK_AGAIN_AFTER:
-            return False
-        track.kicked_at = mono
+        if track.kicked_at is not None:
+            wait = KICK_AGAIN_AFTER if peer.tx > track.kicked_tx else KICK_RETRY
+            if mono - track.kicked_at < wait:
+                return False
+        track.kicked_at, track.kicked_tx = mono, peer.tx
         try:
             self.source.set_keepalive(peer.public_key, KICK_KEEPALIVE)
         except EarlyfwError as e:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
+import os
 import re
 import shutil
 import socket
@@ -1016,8 +1018,11 @@ def test_wake_table_logs_handshakes_from_udp_endpoints_only() -> None:
 
 
 def test_a_woken_tunnel_polls_fast_only_after_a_handshake_packet() -> None:
-    tunnel = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), None)))
+    source = StaticSource(wg_peer(None, tx=148))
+    tunnel = tunnels.WireGuardTunnel(CONFIG, source)
     tunnel.woken = True
+    assert tunnel.evaluate(lambda: NOW, 0).recheck == tunnels.KICK_RETRY, "a start not yet seen going out"
+    source.result = (wg_peer(None, tx=296),)
     assert tunnel.evaluate(lambda: NOW, 0).recheck == tunnels.IDLE_POLL
     tunnel.wake()
     assert tunnel.evaluate(lambda: NOW, 0).recheck == StaticSource.fast_poll
@@ -1030,3 +1035,20 @@ def test_install_reloads_systemd_and_restarts_a_running_watcher_only(tmp_path: P
     (tmp_path / "run/systemd/system").mkdir(parents=True)
     watcher_target.Watcher(Root(tmp_path), runner).after_install(CONFIG)
     assert runner.argvs() == [("systemctl", "daemon-reload"), ("systemctl", "try-restart", "earlyfw-watch.service")]
+
+
+def test_status_shows_the_watchers_verdict_and_whether_it_still_runs(tmp_path: Path) -> None:
+    from earlyfw import cli  # noqa: PLC0415
+
+    assert cli._describe_verdict(None).startswith("no verdict published")
+    path = daemon.verdict_path("wg0", tmp_path)
+    verdict = {"pid": os.getpid(), "state": "relaxed", "situation": "tunnel idle", "reason": "peer X", "since": NOW}
+    path.write_text(json.dumps(verdict))
+    shown = cli._describe_verdict(daemon.read_verdict("wg0", tmp_path))
+    assert re.fullmatch(r"relaxed, tunnel idle since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: peer X", shown), shown
+    dead = subprocess.Popen(["true"])  # a pid that has exited
+    dead.wait()
+    path.write_text(json.dumps({**verdict, "pid": dead.pid}))
+    assert cli._describe_verdict(daemon.read_verdict("wg0", tmp_path)).startswith("NOT RUNNING; its last word: relaxed")
+    path.write_text("{not json")
+    assert daemon.read_verdict("wg0", tmp_path) is None

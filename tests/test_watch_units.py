@@ -1052,3 +1052,15 @@ def test_status_shows_the_watchers_verdict_and_whether_it_still_runs(tmp_path: P
     assert cli._describe_verdict(daemon.read_verdict("wg0", tmp_path)).startswith("NOT RUNNING; its last word: relaxed")
     path.write_text("{not json")
     assert daemon.read_verdict("wg0", tmp_path) is None
+
+
+def test_a_longer_reject_after_relaxes_on_an_older_handshake_but_not_past_a_dead_tunnel(tmp_path: Path) -> None:
+    longer = cfg(("192.0.2.1", 51820), reject_after=600)
+    source = StaticSource(wg_peer(NOW, tx=148))
+    tunnel = tunnels.WireGuardTunnel(longer, source, link(tmp_path))
+    idle = tunnel.evaluate(lambda: NOW + 300, 0)
+    assert (idle.state, idle.situation) == (State.RELAXED, tunnels.Situation.IDLE), "proof, but no session"
+    source.result = (wg_peer(NOW, tx=296),)
+    tunnel.evaluate(lambda: NOW + 301, 0)
+    dead = tunnel.evaluate(lambda: NOW + 301 + tunnels.DEAD_AFTER, 0)
+    assert dead.state is State.BLOCKED, "dead within WireGuard's limits, however long reject_after is"

@@ -260,7 +260,10 @@ class WireGuardTunnel:
             self._live = True
             self._situation = None
             self.hint = None
-            return Verdict(State.RELAXED, proof.reason, min(IDLE_POLL, proof.recheck), Situation.ACTIVE)
+            if self._in_session(peers, at, not_before):
+                return Verdict(State.RELAXED, proof.reason, min(IDLE_POLL, proof.recheck), Situation.ACTIVE)
+            # A reject_after_seconds above WireGuard's session: proof enough
+            # to relax, but the session is over; the liveness rules apply.
         dead = f"interface {self.config.interface} was replaced" if replaced else None
         if self._live and not replaced:
             idle, dead = self._liveness(peers, at, not_before)
@@ -268,6 +271,16 @@ class WireGuardTunnel:
                 return idle
         self._live = False
         return self._waiting(peers, at, not_before, proof, dead)
+
+    def _in_session(self, peers: tuple[Peer, ...], at: float, not_before: float) -> bool:
+        allowed = _udp_endpoints(self.config)
+        return any(
+            p.endpoint in allowed
+            and p.last_handshake is not None
+            and not_before < p.last_handshake
+            and at - p.last_handshake < REJECT_AFTER_TIME
+            for p in peers
+        )
 
     # --- relaxed: idle is not dead ------------------------------------------------------
 

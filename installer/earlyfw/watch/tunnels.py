@@ -90,7 +90,6 @@ class Situation(StrEnum):
     NOT_CONFIGURED = "peer endpoint not configured"
     UNANSWERED = "handshake unanswered"
     AFTER_LOCK = "waiting for a handshake newer than the lock"
-    DEAD = "tunnel dead"
     UNREADABLE = "tunnel unreadable"
     CONNECTED = "connected"
     NOT_CONNECTED = "not connected"
@@ -388,7 +387,7 @@ class WireGuardTunnel:
             try:
                 self.source.set_keepalive(peer.public_key, peer.keepalive)
             except EarlyfwError as e:
-                self.notes.append(f"could not restore {peer.describe()}'s persistent keepalive of 0: {e}")
+                self.notes.append(f"could not restore {peer.describe()}'s persistent keepalive of {peer.keepalive}: {e}")
         return True
 
     def _blocked(self, verdict: Verdict, at: float, dead: str | None = None) -> Verdict:

@@ -387,7 +387,8 @@ class WireGuardTunnel:
             try:
                 self.source.set_keepalive(peer.public_key, peer.keepalive)
             except EarlyfwError as e:
-                self.notes.append(f"could not restore {peer.describe()}'s persistent keepalive of {peer.keepalive}: {e}")
+                own = peer.keepalive
+                self.notes.append(f"could not restore {peer.describe()}'s persistent keepalive of {own}: {e}")
         return True
 
     def _blocked(self, verdict: Verdict, at: float, dead: str | None = None) -> Verdict:

@@ -336,10 +336,14 @@ def test_manual_mode_follows_relax_and_lock_and_repairs(lab: netns.Lab, tmp_path
 
 
 def test_wg_show_source_relaxes_too(lab: netns.Lab, tmp_path: Path) -> None:
-    pair = wg_pair(lab)
+    """`wg show` to read and `wg set` to start the handshake: the way the
+    watcher talks to kernel WireGuard, here against wireguard-go (which `wg`
+    reaches over UAPI), with a peer that has no keepalive."""
+    pair = wg_pair(lab, keepalive=None)
     config_path = write_config(tmp_path, config_for(pair.client_wg.name))
     watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, "--source", "wg", log_dir=tmp_path)
     watcher.wait_for(r"^relaxed: peer \S+ at 192\.0\.2\.1:51820")
+    assert pair.client_keepalive() == "off"
 
 
 def test_nftables_events_from_the_kernel_name_table_and_process(lab: netns.Lab) -> None:

@@ -70,7 +70,7 @@ KICK_KEEPALIVE = 25
 KICK_AGAIN_AFTER = REKEY_ATTEMPT_TIME
 # A start that sent nothing (wireguard-go sees its link come up a moment after
 # the watcher does, and sends nothing while down) is tried again this soon.
-KICK_RETRY = 0.25
+KICK_RETRY = 0.1
 # Blocked with nothing started (no peer, interface down): WireGuard announces
 # no configuration change, so look this often for a peer to appear.
 WAITING_POLL = 0.2

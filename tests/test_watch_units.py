@@ -399,12 +399,12 @@ def test_a_blocked_peer_without_keepalive_is_made_to_start_a_handshake(
     assert "handshake initiated by earlyfw and unanswered since" in v.reason
     assert source.keepalives == [(FIRST_KEY, tunnels.KICK_KEEPALIVE), (FIRST_KEY, 0)]
     # Nothing went out (wireguard-go had not seen its link up yet): again soon.
-    mono[0] += tunnels.KICK_RETRY
+    mono[0] += tunnels.KICK_RETRY + 0.01
     tunnel.evaluate(lambda: NOW + 0.5, 0)
     assert len(source.keepalives) == 4
     # The initiation went out: WireGuard retries on its own for 90 s.
     source.result = (wg_peer(None, tx=148),)
-    mono[0] += tunnels.KICK_RETRY
+    mono[0] += tunnels.KICK_RETRY + 0.01
     tunnel.evaluate(lambda: NOW + 1, 0)
     assert len(source.keepalives) == 4, "WireGuard retries on its own meanwhile"
     mono[0] += tunnels.KICK_AGAIN_AFTER

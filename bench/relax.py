@@ -6,6 +6,10 @@ both ends), and what it costs at rest.
           when the watcher's transaction reaches the nftables event group.
           Each round locks (as the sleep unit does, `nft -f` the blocked
           ruleset), then forces a fresh handshake by re-adding the peer.
+  come up: a peer without PersistentKeepalive, configured while the interface
+          is down, then `ip link set up` (wg-quick's order) -> relaxed live.
+          WireGuard would never start this handshake by itself under the
+          block; the watcher makes it (see earlyfw.watch.tunnels).
   repair: `nft delete table inet earlyfw` (or `flush ruleset`) committed ->
           the watcher's repair committed, both timed on the event group.
   events: the same removal seen on the raw netlink group (what the watcher
@@ -110,6 +114,29 @@ def relax_rounds(pair: WgPair, pids: set[int], clock: EventClock, blocked_script
         if live_state(pair.client) != "relaxed":
             raise RuntimeError("the watcher's transaction was not the relax")
         latencies.append((live - handshake) * 1000)
+    return latencies
+
+
+def come_up_rounds(pair: WgPair, pids: set[int], clock: EventClock, blocked_script: Path, rounds: int) -> list[float]:
+    name = pair.client_wg.name
+    pair.keepalive = None
+    latencies = []
+    for _ in range(rounds):
+        pair.client.ip("link", "set", name, "down")
+        clock.drain()
+        pair.client.exec(["nft", "-f", str(blocked_script)])
+        clock.wait(lambda g: g.pid in pids)  # the watcher follows the lock
+        pair.client_wg.remove_peer(pair.server_wg.public)
+        pair.connect_client()
+        clock.drain()
+        up = time.time()
+        pair.client.ip("link", "set", name, "up")
+        live = clock.wait(lambda g: g.pid in pids)
+        if live_state(pair.client) != "relaxed":
+            raise RuntimeError("the watcher's transaction was not the relax")
+        latencies.append((live - up) * 1000)
+    pair.keepalive = 1
+    pair.connect_client()
     return latencies
 
 
@@ -231,6 +258,8 @@ def main() -> None:
 
         relax = relax_rounds(pair, pids, clock, blocked, args.rounds)
         print(summary("handshake -> relaxed live", relax))
+        come_up = come_up_rounds(pair, pids, clock, blocked, max(1, args.rounds // 4))
+        print(summary("no keepalive: up -> relaxed", come_up))
         delete = repair_rounds(pair, pids, clock, args.rounds, ["nft", "delete", "table", "inet", "earlyfw"])
         print(summary("table deleted -> repaired", delete))
         flush = repair_rounds(pair, pids, clock, args.rounds, ["nft", "flush", "ruleset"])

@@ -168,7 +168,7 @@ valid_documents = st.fixed_dictionaries(
     },
     optional={
         "initramfs": st.fixed_dictionaries({"allow": st.lists(valid_endpoint, max_size=2)}),
-        "watch": st.fixed_dictionaries({"reject_after_seconds": st.integers(min_value=1, max_value=86400)}),
+        "watch": st.fixed_dictionaries({"reject_after_seconds": st.integers(min_value=180, max_value=86400)}),
     },
 )
 anything = st.one_of(

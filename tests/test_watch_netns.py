@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from earlyfw import policy
+from earlyfw import cli, policy
 from earlyfw.config import TunnelKind
 from earlyfw.policy import State
 from earlyfw.targets import linux
+from earlyfw.watch import daemon, tunnels
 from earlyfw.watch.events import HandshakeLog, NftablesEvents
 from earlyfw.watch.libnft import Libnftables
 from earlyfw.watch.ruleset import WATCHED_TABLES, wake_script
@@ -86,6 +87,12 @@ def earlyfw(ns: netns.Namespace, config: Path, *args: str) -> subprocess.Complet
     return ns.exec_result([*PYTHON_MODULE, "--config", str(config), *args])
 
 
+def state_lines(watcher: Watcher) -> list[str]:
+    """The state of each state change the watcher logged (a line "blocked: …"
+    or "relaxed: …"; "blocked, no peer: …" is a situation within one)."""
+    return [line.split(":")[0] for line in watcher.lines() if line.split(":")[0] in ("blocked", "relaxed")]
+
+
 def leaks(frames: list[netns.Frame]) -> list[str]:
     """What arrived from the client other than WireGuard to the endpoint and
     link housekeeping."""
@@ -135,28 +142,34 @@ def test_only_handshake_packets_leave_until_the_handshake_then_the_tunnel_passes
     assert received(tunnel, 0.5) == [b"through"]
     send_udp(pair.client, WORLD, PROBE_PORT, b"outside-again")
     assert received(outside, 0.3) == []
-    assert [line.split(":")[0] for line in watcher.lines()] == ["blocked", "relaxed"], "one line per change"
+    assert state_lines(watcher) == ["blocked", "relaxed"], "one line per change"
 
 
-def test_no_handshake_within_reject_after_locks_again(
+def test_a_peer_leaving_the_configured_endpoints_locks_at_once(
     lab: netns.Lab, executable: tuple[str, ...], tmp_path: Path
 ) -> None:
-    """reject_after_seconds is shortened to 4 s. (WireGuard re-handshakes every
-    120 s, so a reject-after this short would lock a live tunnel too: the test
-    shows the lock follows the handshake's age, with the peer gone.)"""
-    pair = wg_pair(lab)
-    watcher = watch(lab, pair, executable, tmp_path, reject_after=4)
-    watcher.wait_for(r"^relaxed: ")
-    handshake = pair.latest_handshake()
-    tunnel = pair.tunnel_listener()
-    send_udp(pair.client, TUNNEL_SERVER, PROBE_PORT, b"alive")
-    assert received(tunnel, 0.5) == [b"alive"]
-    pair.server_wg.stop()
-    line = watcher.wait_for(r"^blocked: peer \S+ at 192\.0\.2\.1:51820: last handshake \d+s ago, over 4s", 10)
-    locked_at = time.time()
-    assert line
-    # Not before the handshake aged out, and promptly after (wg shows whole seconds).
-    assert handshake + 4 <= locked_at <= handshake + 4 + 2.5
+    """Idle is not dead, but a peer whose endpoint is no longer a configured
+    one is: its traffic would go where the block does not let it. (The other
+    dead tunnel, traffic with no handshake within WireGuard's limits, needs
+    180 + 97 s of real time; the unit tests drive it through the verdict.)"""
+    pair = wg_pair(lab, endpoint=netns.WORLD_LAN_V4)
+    both = ((str(WORLD), WG_PORT), (str(netns.WORLD_LAN_V4), WG_PORT))
+    watcher = watch(lab, pair, executable, tmp_path, lan_allow=True, endpoints=both[1:])
+    watcher.wait_for(r"^relaxed: peer \S+ at 192\.168\.50\.1:51820")
+    moved = time.monotonic()
+    pair.client.exec(
+        [
+            "wg",
+            "set",
+            pair.client_wg.name,
+            "peer",
+            pair.server_wg.public,
+            "endpoint",
+            pair.endpoint.replace(str(netns.WORLD_LAN_V4), str(WORLD)),
+        ]
+    )
+    watcher.wait_for(r"^blocked: peer \S+ at 192\.0\.2\.1:51820 is not a configured endpoint", 5)
+    assert time.monotonic() - moved < 2.5
     assert live_state(pair.client) == live_state(pair.client, "earlyfw_guard") == "blocked"
 
 
@@ -300,7 +313,7 @@ def test_stop_locks_a_kill_leaves_only_the_tunnel_and_a_restart_reverifies(lab: 
 
     restarted = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
     restarted.wait_for(r"^relaxed: ")
-    assert [line.split(":")[0] for line in restarted.lines()] == ["blocked", "relaxed"]
+    assert state_lines(restarted) == ["blocked", "relaxed"]
 
 
 def test_manual_mode_follows_relax_and_lock_and_repairs(lab: netns.Lab, tmp_path: Path) -> None:
@@ -323,10 +336,14 @@ def test_manual_mode_follows_relax_and_lock_and_repairs(lab: netns.Lab, tmp_path
 
 
 def test_wg_show_source_relaxes_too(lab: netns.Lab, tmp_path: Path) -> None:
-    pair = wg_pair(lab)
+    """`wg show` to read and `wg set` to start the handshake: the way the
+    watcher talks to kernel WireGuard, here against wireguard-go (which `wg`
+    reaches over UAPI), with a peer that has no keepalive."""
+    pair = wg_pair(lab, keepalive=None)
     config_path = write_config(tmp_path, config_for(pair.client_wg.name))
     watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, "--source", "wg", log_dir=tmp_path)
     watcher.wait_for(r"^relaxed: peer \S+ at 192\.0\.2\.1:51820")
+    assert pair.client_keepalive() == "off"
 
 
 def test_nftables_events_from_the_kernel_name_table_and_process(lab: netns.Lab) -> None:
@@ -417,3 +434,126 @@ def test_handshake_packets_from_the_endpoint_wake_the_watcher(lab: netns.Lab) ->
 
     pair.rehandshake()
     netns.wait_until(lambda: wake.read() > 0, 5, "a logged handshake response")
+
+
+# --- issue 11: a tunnel that comes up, and stays up, under the kill switch ---------------------
+
+
+def echo_through_tunnel(pair: WgPair, payload: bytes, wait: float = 5.0) -> bytes:
+    """A datagram from the client into the tunnel, answered by the server
+    through it: the reply, or an AssertionError naming what failed (an
+    application error on send, or no answer)."""
+    with (
+        pair.world.socket(socket.AF_INET, socket.SOCK_DGRAM) as server,
+        pair.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        server.bind((str(TUNNEL_SERVER), PROBE_PORT))
+        server.settimeout(0.05)
+        client.settimeout(wait)
+        try:
+            client.sendto(payload, (str(TUNNEL_SERVER), PROBE_PORT))
+        except OSError as e:
+            raise AssertionError(f"the application got an error sending into the tunnel: {e}") from None
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                data, source = server.recvfrom(2048)
+            except TimeoutError:
+                continue
+            server.sendto(data, source)
+            break
+        try:
+            return client.recv(2048)
+        except TimeoutError:
+            raise AssertionError("no answer through the tunnel") from None
+
+
+def watcher_status(pair: WgPair) -> str:
+    """The watcher's line of `earlyfw status`, from what the watcher published,
+    rendered by status's own code. (Rendered here rather than by running
+    `earlyfw status`: nft 1.0.6 aborts in `nft -j list tables` on the watcher's
+    owned tables, which fails the whole command.)"""
+    return "watcher: " + cli._describe_verdict(daemon.read_verdict(pair.client_wg.name))
+
+
+def test_a_tunnel_without_keepalive_comes_up(lab: netns.Lab, tmp_path: Path) -> None:
+    """Issue 11 (a). The client's peer has no PersistentKeepalive: WireGuard
+    starts a handshake only for a packet to send, and the block refuses the
+    user's packets before WireGuard sees them (the control shows it). The
+    watcher makes WireGuard start one, and puts the user's "off" back."""
+    pair = wg_pair(lab, keepalive=None)
+    config_path = write_config(tmp_path, config_for(pair.client_wg.name))
+    assert pair.client_keepalive() == "off"
+    # Control: the block alone, and the user's packet: no handshake, ever.
+    assert earlyfw(pair.client, config_path, "apply", "--state", "blocked").returncode == 0
+    send_udp(pair.client, TUNNEL_SERVER, PROBE_PORT, b"refused", count=3)
+    time.sleep(1.0)
+    assert pair.latest_handshake() == 0
+
+    capture = lab.enter_context(pair.topology.capture())
+    mark = capture.mark()
+    watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
+    watcher.wait_for(r"^relaxed: peer \S+ at 192\.0\.2\.1:51820: handshake", 5)
+    assert pair.client_keepalive() == "off", "the user's keepalive setting is back"
+    assert echo_through_tunnel(pair, b"hello") == b"hello"
+    assert leaks(capture.since(mark)) == []
+    assert re.match(r"watcher: relaxed, tunnel active since .*: peer ", watcher_status(pair))
+
+
+def test_reject_after_below_wireguards_session_is_refused_before_anything_loads(lab: netns.Lab, tmp_path: Path) -> None:
+    """Issue 11 (c): reject_after_seconds = 5 used to lock a live tunnel 5 s
+    after each handshake, until the next one 120 s later. Now the watcher
+    refuses it with one error line, exit 2, and loads nothing (in a
+    throwaway namespace, should an old watcher start)."""
+    ns = lab.namespace("efwra-")
+    config_path = tmp_path / "earlyfw.toml"
+    config_path.write_text(config_for("wg0").to_toml() + "[watch]\nreject_after_seconds = 5\n")
+    try:
+        result = subprocess.run(
+            ["ip", "netns", "exec", ns.name, *PYTHON_MODULE, "--config", str(config_path), "watch"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the watcher accepted reject_after_seconds = 5 and ran")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("earlyfw: error:")]
+    assert len(errors) == 1
+    assert "watch.reject_after_seconds: 5 is below WireGuard's 180 s" in errors[0]
+    assert ns.exec(["nft", "list", "tables"]).strip() == ""
+
+
+@pytest.mark.slow
+def test_an_idle_tunnel_stays_relaxed_past_wireguards_timers_and_carries_the_next_packet(
+    lab: netns.Lab, tmp_path: Path
+) -> None:
+    """Issue 11 (b). Relaxed, then no traffic at all until WireGuard's own
+    session is over (REJECT_AFTER_TIME, 180 s, real time: WireGuard's timers
+    cannot be shortened, and faking the clock would prove nothing). The
+    watcher stays relaxed and says "idle"; the next packet makes WireGuard
+    shake hands again and is answered, with no error to the application.
+    The peer starts with a keepalive so that the old watcher comes up too,
+    and the keepalive is then turned off: the idle time is real."""
+    pair = wg_pair(lab)
+    config_path = write_config(tmp_path, config_for(pair.client_wg.name))
+    watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
+    watcher.wait_for(r"^relaxed: ")
+    pair.client.exec(["wg", "set", pair.client_wg.name, "peer", pair.server_wg.public, "persistent-keepalive", "0"])
+    assert echo_through_tunnel(pair, b"before") == b"before"
+    handshake = pair.latest_handshake()
+    relaxed_lines = len(watcher.lines())
+    time.sleep(15)  # the last keepalives, passive ones included, are out by now
+    quiet_tx = pair.client_tx()
+
+    time.sleep(max(0.0, handshake + tunnels.REJECT_AFTER_TIME + 5 - time.time()))
+    assert pair.client_tx() == quiet_tx, "nothing at all was sent: the tunnel was really idle"
+    assert not [line for line in watcher.lines()[relaxed_lines:] if line.startswith("blocked")], watcher.log
+    assert live_state(pair.client) == "relaxed"
+    watcher.wait_for(r"^relaxed, tunnel idle: peer \S+ at 192\.0\.2\.1:51820: nothing sent", 3, after=relaxed_lines)
+    assert watcher_status(pair).startswith("watcher: relaxed, tunnel idle since ")
+
+    assert echo_through_tunnel(pair, b"after") == b"after"
+    assert pair.latest_handshake() > handshake, "WireGuard made a new handshake for it"
+    assert live_state(pair.client) == "relaxed"

@@ -197,8 +197,9 @@ def test_management_states_from_a_fake_server(lab: netns.Lab, tmp_path: Path) ->
     watcher.wait_for(r"^relaxed: OpenVPN CONNECTED to 192\.0\.2\.1:1194")
     fake.push("RECONNECTING")
     watcher.wait_for(r"^blocked: OpenVPN is RECONNECTING")
+    before = len(watcher.lines())
     fake.push("CONNECTED", str(WORLD), str(OPENVPN_PORT))
-    watcher.wait_for(r"^relaxed: OpenVPN CONNECTED", after=3)
+    watcher.wait_for(r"^relaxed: OpenVPN CONNECTED", after=before)
     fake.close()
     watcher.wait_for(r"^blocked: management interface .* closed \(OpenVPN stopped\)")
     assert live_state(topology.client) == "blocked"
@@ -239,3 +240,66 @@ def test_hook_mode_follows_relax_and_lock_and_locks_when_the_tunnel_goes(lab: ne
     watcher.wait_for(r"^blocked: interface efvtun1 does not exist", 3)
     assert live_state(topology.client) == "blocked"
     assert os.path.exists(config_path)
+
+
+def test_real_openvpn_idle_stays_relaxed_and_dead_locks(lab: netns.Lab, tmp_path: Path) -> None:
+    """Issue 11's idle-is-not-dead, for OpenVPN: its control channel goes to
+    the endpoint, which the block allows, and its own --ping/--ping-restart
+    decide when the tunnel is dead. Idle past the ping-restart time with no
+    traffic of the user's: still relaxed, and the next packet is answered.
+    The server gone: OpenVPN's ping-restart gives up, RECONNECTING, locked."""
+    topology = netns.client_world(lab, [], tag="ei")
+    key = tmp_path / "static.key"
+    subprocess.run(["openvpn", "--genkey", "secret", str(key)], check=True, capture_output=True)
+    server_if, client_if = netns.unique("efvs"), netns.unique("efvc")
+    management = tmp_path / "mgmt.sock"
+    config = config_for(client_if, ((str(WORLD), OPENVPN_PORT),), kind=TunnelKind.OPENVPN, management=management)
+    watcher = start_watcher(lab, topology.client, PYTHON_MODULE, write_config(tmp_path, config), log_dir=tmp_path)
+    server = openvpn(
+        lab,
+        topology.world,
+        key,
+        "0",
+        *("--dev", server_if, "--lport", str(OPENVPN_PORT)),
+        *("--ifconfig", str(TUNNEL_SERVER), str(TUNNEL_CLIENT)),
+        log=tmp_path / "server.log",
+    )
+    openvpn(
+        lab,
+        topology.client,
+        key,
+        "1",
+        *("--dev", client_if, "--remote", str(WORLD), str(OPENVPN_PORT)),
+        *("--ifconfig", str(TUNNEL_CLIENT), str(TUNNEL_SERVER)),
+        *("--management", str(management), "unix", "--ping-restart", str(PING_RESTART), "--persist-tun"),
+        log=tmp_path / "client.log",
+    )
+    watcher.wait_for(r"^relaxed: OpenVPN CONNECTED to 192\.0\.2\.1:1194", 30)
+    relaxed = len(watcher.lines())
+
+    time.sleep(PING_RESTART + 2)  # idle: only OpenVPN's own pings cross
+    assert not [line for line in watcher.lines()[relaxed:] if line.startswith("blocked")], watcher.log
+    assert live_state(topology.client) == "relaxed"
+    assert echo(topology, b"after idling") == b"after idling"
+
+    server.kill()
+    watcher.wait_for(r"^blocked: OpenVPN is RECONNECTING", PING_RESTART + 10, after=relaxed)
+    assert live_state(topology.client) == "blocked"
+
+
+PING_RESTART = 4
+
+
+def echo(topology: netns.ClientWorld, payload: bytes, wait: float = 5.0) -> bytes:
+    """A datagram from the client into the tunnel, answered through it."""
+    with (
+        topology.world.socket(socket.AF_INET, socket.SOCK_DGRAM) as server,
+        topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        server.bind((str(TUNNEL_SERVER), PROBE_PORT))
+        server.settimeout(wait)
+        client.settimeout(wait)
+        client.sendto(payload, (str(TUNNEL_SERVER), PROBE_PORT))
+        data, source = server.recvfrom(2048)
+        server.sendto(data, source)
+        return client.recv(2048)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
+import os
 import re
 import shutil
 import socket
@@ -31,7 +33,7 @@ from earlyfw.root import Root
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.targets import File, Symlink, linux
 from earlyfw.targets import watcher as watcher_target
-from earlyfw.watch import events, openvpn, ruleset, sources, tunnels
+from earlyfw.watch import daemon, events, openvpn, ruleset, sources, tunnels
 from earlyfw.watch.daemon import Clock, Stopped, Watcher
 from earlyfw.watch.ruleset import Finding, Ruleset
 from earlyfw.watch.sources import Peer, SourceError
@@ -289,9 +291,23 @@ def test_the_newest_qualifying_handshake_is_the_reason() -> None:
 
 
 def test_reject_after_is_configurable() -> None:
-    short = cfg(("192.0.2.1", 51820), reject_after=5)
-    assert verdict(peer(("192.0.2.1", 51820), 4.9), config=short).state is State.RELAXED
-    assert verdict(peer(("192.0.2.1", 51820), 5.0), config=short).state is State.BLOCKED
+    longer = cfg(("192.0.2.1", 51820), reject_after=300)
+    assert verdict(peer(("192.0.2.1", 51820), 299.9), config=longer).state is State.RELAXED
+    assert verdict(peer(("192.0.2.1", 51820), 300.0), config=longer).state is State.BLOCKED
+
+
+@pytest.mark.parametrize("value", [1, 5, 119, 120, 179])
+def test_reject_after_below_wireguards_session_lifetime_is_refused(value: int) -> None:
+    """Issue 11 (c): 5 s locked a live tunnel for 115 s of every 120. Any
+    value under WireGuard's 180 s session lifetime is one clear error."""
+    text = '[tunnel]\nkind = "wireguard"\n[[endpoint]]\naddress = "192.0.2.1"\nport = 51820\n'
+    with pytest.raises(ConfigError) as refused:
+        configuration.parse(text + f"[watch]\nreject_after_seconds = {value}\n")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"watch.reject_after_seconds: {value} is below WireGuard's 180 s")
+    for fine in (180, 181, 86400):
+        assert configuration.parse(text + f"[watch]\nreject_after_seconds = {fine}\n").reject_after_seconds == fine
 
 
 class StaticSource:
@@ -301,11 +317,15 @@ class StaticSource:
     def __init__(self, *peers: Peer, error: Exception | None = None) -> None:
         self.result = peers
         self.error = error
+        self.keepalives: list[tuple[str, int]] = []
 
     def peers(self) -> tuple[Peer, ...]:
         if self.error:
             raise self.error
         return self.result
+
+    def set_keepalive(self, public_key: str, seconds: int) -> None:
+        self.keepalives.append((public_key, seconds))
 
     def close(self) -> None:
         pass
@@ -338,20 +358,171 @@ def test_wireguard_tunnel_reads_the_clock_after_the_peers() -> None:
 
 def test_wireguard_tunnel_blocks_when_the_interface_goes_or_cannot_be_read() -> None:
     gone = tunnels.WireGuardTunnel(CONFIG, StaticSource(error=sources.InterfaceGone("interface wg0 does not exist")))
-    assert gone.evaluate(lambda: NOW, 0) == Verdict(State.BLOCKED, "interface wg0 does not exist")
+    assert gone.evaluate(lambda: NOW, 0) == Verdict(
+        State.BLOCKED, "interface wg0 does not exist", situation=tunnels.Situation.NO_INTERFACE
+    )
     broken = tunnels.WireGuardTunnel(CONFIG, StaticSource(error=SourceError("UAPI: errno=5")))
     v = broken.evaluate(lambda: NOW, 0)
     assert v.state is State.BLOCKED
     assert "errno=5" in v.reason
 
 
-def test_keepalive_hint_after_waiting_without_keepalive() -> None:
-    tunnel = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), None)))
+def link(sys_class_net: Path, *, index: int = 7, up: bool = True) -> Path:
+    """A stand-in /sys/class/net/wg0: its index and IFF_UP."""
+    directory = sys_class_net / "wg0"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ifindex").write_text(f"{index}\n")
+    (directory / "flags").write_text("0x1091\n" if up else "0x1090\n")
+    return sys_class_net
+
+
+ENDPOINT = (ip("192.0.2.1"), 51820)
+
+
+def wg_peer(handshake: float | None, *, tx: int = 0, keepalive: int = 0, endpoint: object = ENDPOINT) -> Peer:
+    return Peer(FIRST_KEY, endpoint, handshake, keepalive, rx=tx, tx=tx)  # type: ignore[arg-type]
+
+
+def test_a_blocked_peer_without_keepalive_is_made_to_start_a_handshake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11 (a): WireGuard starts a handshake only when it has something
+    to send, which the block prevents. The watcher turns the peer's
+    persistent keepalive on (one keepalive goes out at once) and puts the
+    peer's own 0 back; WireGuard then retries by itself for 90 s."""
+    mono = [100.0]
+    monkeypatch.setattr("earlyfw.watch.tunnels.time.monotonic", lambda: mono[0])
+    source = StaticSource(wg_peer(None))
+    tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
+    v = tunnel.evaluate(lambda: NOW, 0)
+    assert (v.state, v.situation) == (State.BLOCKED, tunnels.Situation.UNANSWERED)
+    assert "handshake initiated by earlyfw and unanswered since" in v.reason
+    assert source.keepalives == [(FIRST_KEY, tunnels.KICK_KEEPALIVE), (FIRST_KEY, 0)]
+    # Nothing went out (wireguard-go had not seen its link up yet): again soon.
+    mono[0] += tunnels.KICK_RETRY + 0.01
+    tunnel.evaluate(lambda: NOW + 0.5, 0)
+    assert len(source.keepalives) == 4
+    # The initiation went out: WireGuard retries on its own for 90 s.
+    source.result = (wg_peer(None, tx=148),)
+    mono[0] += tunnels.KICK_RETRY + 0.01
+    tunnel.evaluate(lambda: NOW + 1, 0)
+    assert len(source.keepalives) == 4, "WireGuard retries on its own meanwhile"
+    mono[0] += tunnels.KICK_AGAIN_AFTER
+    tunnel.evaluate(lambda: NOW + tunnels.KICK_AGAIN_AFTER, 0)
+    assert len(source.keepalives) == 6, "started again once WireGuard has given up"
+    # Down and up again: a new start at once.
+    link(tmp_path, up=False)
+    down = tunnel.evaluate(lambda: NOW + 100, 0)
+    assert down.situation == tunnels.Situation.INTERFACE_DOWN
+    link(tmp_path, up=True)
+    tunnel.evaluate(lambda: NOW + 101, 0)
+    assert len(source.keepalives) == 8
+
+
+@pytest.mark.parametrize(
+    ("peers", "situation"),
+    [
+        ((), tunnels.Situation.NO_PEER),
+        ((wg_peer(None, endpoint=(ip("203.0.113.9"), 51820)),), tunnels.Situation.NOT_CONFIGURED),
+        ((wg_peer(None, endpoint=None),), tunnels.Situation.NOT_CONFIGURED),
+        # WireGuard keeps trying by itself where a keepalive is set: left alone.
+        ((wg_peer(None, keepalive=5),), tunnels.Situation.UNANSWERED),
+    ],
+)
+def test_no_handshake_is_started_where_there_is_nothing_to_start_or_wireguard_tries(
+    tmp_path: Path, peers: tuple[Peer, ...], situation: str
+) -> None:
+    source = StaticSource(*peers)
+    v = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path)).evaluate(lambda: NOW, 0)
+    assert (v.state, v.situation) == (State.BLOCKED, situation)
+    assert source.keepalives == []
+
+
+def test_a_failed_start_is_reported_and_the_keepalive_still_restored(tmp_path: Path) -> None:
+    class Refusing(StaticSource):
+        def set_keepalive(self, public_key: str, seconds: int) -> None:
+            super().set_keepalive(public_key, seconds)
+            if seconds:
+                raise SourceError("UAPI set: errno=1")
+
+    source = Refusing(wg_peer(None))
+    tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
+    tunnel.evaluate(lambda: NOW, 0)
+    assert source.keepalives[-1] == (FIRST_KEY, 0)
+    assert tunnel.notes and "could not start a handshake" in tunnel.notes[0]
+
+
+def relaxed_tunnel(tmp_path: Path) -> tuple[tunnels.WireGuardTunnel, StaticSource]:
+    source = StaticSource(wg_peer(NOW, tx=148))
+    tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
+    v = tunnel.evaluate(lambda: NOW + 1, 0)
+    assert (v.state, v.situation) == (State.RELAXED, tunnels.Situation.ACTIVE)
+    return tunnel, source
+
+
+def test_an_idle_tunnel_stays_relaxed_and_one_that_sends_unanswered_locks(tmp_path: Path) -> None:
+    """Issue 11 (b): idle is not dead. Ten minutes with nothing sent, long
+    past WireGuard's 180 s session: relaxed, "idle". Then something is sent
+    (a handshake initiation: the session is over) and no handshake completes
+    within WireGuard's own 90 s of attempts: dead, blocked."""
+    tunnel, source = relaxed_tunnel(tmp_path)
+    idle = tunnel.evaluate(lambda: NOW + 600, 0)
+    assert (idle.state, idle.situation) == (State.RELAXED, tunnels.Situation.IDLE)
+    assert "the next packet starts a handshake" in idle.reason
+    source.result = (wg_peer(NOW, tx=148 + 148),)
+    sent = NOW + 601
+    pending = tunnel.evaluate(lambda: sent, 0)
+    assert (pending.state, pending.situation) == (State.RELAXED, tunnels.Situation.PENDING)
+    assert tunnel.evaluate(lambda: sent + tunnels.DEAD_AFTER - 0.5, 0).state is State.RELAXED
+    dead = tunnel.evaluate(lambda: sent + tunnels.DEAD_AFTER, 0)
+    assert (dead.state, dead.situation) == (State.BLOCKED, tunnels.Situation.UNANSWERED)
+    assert "no handshake completed within" in dead.reason
+    assert "the tunnel is dead" in dead.reason
+
+
+def test_traffic_within_the_session_is_not_a_reason_to_lock(tmp_path: Path) -> None:
+    tunnel, source = relaxed_tunnel(tmp_path)
+    for second in range(2, 179, 3):
+        source.result = (wg_peer(NOW, tx=148 + second * 1000),)
+        at = NOW + second
+        assert tunnel.evaluate(lambda: at, 0).situation == tunnels.Situation.ACTIVE  # noqa: B023
+    # The session ends; a new handshake after the traffic renews it.
+    source.result = (wg_peer(NOW, tx=10**6),)
+    assert tunnel.evaluate(lambda: NOW + 200, 0).situation == tunnels.Situation.PENDING
+    source.result = (wg_peer(NOW + 201, tx=10**6 + 148),)
+    renewed = tunnel.evaluate(lambda: NOW + 202, 0)
+    assert (renewed.state, renewed.situation) == (State.RELAXED, tunnels.Situation.ACTIVE)
+
+
+@pytest.mark.parametrize("change", ["endpoint", "replaced", "removed", "locked"])
+def test_an_idle_tunnel_locks_when_it_is_dead_for_other_reasons(tmp_path: Path, change: str) -> None:
+    tunnel, source = relaxed_tunnel(tmp_path)
+    assert tunnel.evaluate(lambda: NOW + 600, 0).situation == tunnels.Situation.IDLE
+    not_before = 0.0
+    if change == "endpoint":
+        source.result = (wg_peer(NOW, tx=148, endpoint=(ip("203.0.113.9"), 51820)),)
+    elif change == "replaced":
+        link(tmp_path, index=8)
+    elif change == "removed":
+        source.result = ()
+    else:
+        tunnel.request(State.BLOCKED)
+        not_before = NOW + 600
+    v = tunnel.evaluate(lambda: NOW + 601, not_before)
+    assert v.state is State.BLOCKED, v
+
+
+def test_hints_name_the_situation_after_a_while_and_clear_with_it(tmp_path: Path) -> None:
+    source = StaticSource(wg_peer(None))
+    tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
     tunnel.evaluate(lambda: NOW, 0)
     assert tunnel.hint is None
-    tunnel.evaluate(lambda: NOW + tunnels.KEEPALIVE_HINT_AFTER + 1, 0)
+    tunnel.evaluate(lambda: NOW + tunnels.HINT_AFTER, 0)
     assert tunnel.hint is not None
-    assert "PersistentKeepalive" in tunnel.hint
+    assert "has not answered" in tunnel.hint
+    source.result = (wg_peer(NOW + 16),)
+    tunnel.evaluate(lambda: NOW + 16.5, 0)
+    assert tunnel.hint is None
 
 
 # --- OpenVPN ------------------------------------------------------------------------
@@ -412,7 +583,7 @@ def test_openvpn_connected_before_a_lock_does_not_count() -> None:
     assert v.state is State.BLOCKED
     assert "predates" in v.reason
     closed = tunnels.openvpn_verdict(OPENVPN_CONFIG, event, seen_at=NOW, not_before=0, problem="closed")
-    assert closed == Verdict(State.BLOCKED, "closed")
+    assert closed == Verdict(State.BLOCKED, "closed", situation=tunnels.Situation.NOT_CONNECTED)
 
 
 # --- config ---------------------------------------------------------------------------
@@ -546,6 +717,7 @@ class ScriptedTunnel:
     follows_requests: bool = False
     requests: list[State] = field(default_factory=list)
     error: BaseException | None = None
+    hint: str | None = None
 
     def fileno(self) -> int | None:
         return None
@@ -712,6 +884,58 @@ def test_reloading_the_blocked_ruleset_while_blocked_still_raises_the_bar() -> N
     assert len(lines) == 1, "no state change, no line"
 
 
+def test_a_hint_repeats_when_its_situation_recurs_at_most_once_per_interval() -> None:
+    """Issue 11 (d): the one hint used to be said once per watcher process,
+    however often its situation came back."""
+    tunnel = ScriptedTunnel()
+    watcher, _, lines, fake = make(tunnel)
+    watcher.start()
+
+    def turn(hint: str | None, after: float) -> list[str]:
+        fake.mono_now += after
+        tunnel.hint = hint
+        watcher.due = 0
+        watcher.step(0)
+        return [line for line in lines if line.startswith("hint: ")]
+
+    assert turn("check the server", 0) == ["hint: check the server"]
+    assert len(turn("check the server", 60)) == 1, "said once while the situation lasts"
+    turn(None, 1)
+    assert len(turn("check the server", 1)) == 1, "recurring within the interval: not again yet"
+    turn(None, 1)
+    assert len(turn("check the server", daemon.HINT_INTERVAL)) == 2, "recurring after it: said again"
+    assert len(turn("another situation", 1)) == 3, "a different hint is said at once"
+
+
+def test_the_situation_is_journalled_and_published(tmp_path: Path) -> None:
+    tunnel = ScriptedTunnel(Verdict(State.BLOCKED, "wg0 has no peer", situation="no peer"))
+    rules = RecordingRuleset(CONFIG)
+    lines: list[str] = []
+    fake = FakeClock()
+    watcher = Watcher(CONFIG, rules, tunnel, None, None, log=lines.append, clock=fake.clock(), verdict_dir=tmp_path)
+    watcher.start()
+    watcher.step(0)
+    assert lines[-1] == "blocked, no peer: wg0 has no peer"
+    published = daemon.read_verdict("wg0", tmp_path)
+    assert published is not None
+    assert (published["state"], published["situation"], published["running"]) == ("blocked", "no peer", True)
+    tunnel.verdict = Verdict(State.RELAXED, "peer X: handshake 0.010s ago", situation="tunnel active")
+    watcher.due = 0
+    watcher.step(0)
+    tunnel.verdict = Verdict(State.RELAXED, "peer X: nothing sent since", situation="tunnel idle")
+    watcher.due = 0
+    watcher.step(0)
+    assert lines[-2:] == ["relaxed: peer X: handshake 0.010s ago", "relaxed, tunnel idle: peer X: nothing sent since"]
+    assert daemon.read_verdict("wg0", tmp_path)["situation"] == "tunnel idle"  # type: ignore[index]
+    fake.slept, fake.wall_now = 30.0, NOW + 30
+    tunnel.verdict = Verdict(State.BLOCKED, "predates", situation="handshake unanswered")
+    watcher.due = 0
+    watcher.step(0)
+    assert daemon.read_verdict("wg0", tmp_path)["situation"] == "after sleep, handshake unanswered"  # type: ignore[index]
+    watcher.shutdown("watcher stopped (SIGTERM)")
+    assert daemon.read_verdict("wg0", tmp_path)["stopped"] is True  # type: ignore[index]
+
+
 # --- the watcher target and its units ------------------------------------------------------------
 
 
@@ -794,8 +1018,11 @@ def test_wake_table_logs_handshakes_from_udp_endpoints_only() -> None:
 
 
 def test_a_woken_tunnel_polls_fast_only_after_a_handshake_packet() -> None:
-    tunnel = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), None)))
+    source = StaticSource(wg_peer(None, tx=148))
+    tunnel = tunnels.WireGuardTunnel(CONFIG, source)
     tunnel.woken = True
+    assert tunnel.evaluate(lambda: NOW, 0).recheck == tunnels.KICK_RETRY, "a start not yet seen going out"
+    source.result = (wg_peer(None, tx=296),)
     assert tunnel.evaluate(lambda: NOW, 0).recheck == tunnels.IDLE_POLL
     tunnel.wake()
     assert tunnel.evaluate(lambda: NOW, 0).recheck == StaticSource.fast_poll
@@ -808,3 +1035,32 @@ def test_install_reloads_systemd_and_restarts_a_running_watcher_only(tmp_path: P
     (tmp_path / "run/systemd/system").mkdir(parents=True)
     watcher_target.Watcher(Root(tmp_path), runner).after_install(CONFIG)
     assert runner.argvs() == [("systemctl", "daemon-reload"), ("systemctl", "try-restart", "earlyfw-watch.service")]
+
+
+def test_status_shows_the_watchers_verdict_and_whether_it_still_runs(tmp_path: Path) -> None:
+    from earlyfw import cli  # noqa: PLC0415
+
+    assert cli._describe_verdict(None).startswith("no verdict published")
+    path = daemon.verdict_path("wg0", tmp_path)
+    verdict = {"pid": os.getpid(), "state": "relaxed", "situation": "tunnel idle", "reason": "peer X", "since": NOW}
+    path.write_text(json.dumps(verdict))
+    shown = cli._describe_verdict(daemon.read_verdict("wg0", tmp_path))
+    assert re.fullmatch(r"relaxed, tunnel idle since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: peer X", shown), shown
+    dead = subprocess.Popen(["true"])  # a pid that has exited
+    dead.wait()
+    path.write_text(json.dumps({**verdict, "pid": dead.pid}))
+    assert cli._describe_verdict(daemon.read_verdict("wg0", tmp_path)).startswith("NOT RUNNING; its last word: relaxed")
+    path.write_text("{not json")
+    assert daemon.read_verdict("wg0", tmp_path) is None
+
+
+def test_a_longer_reject_after_relaxes_on_an_older_handshake_but_not_past_a_dead_tunnel(tmp_path: Path) -> None:
+    longer = cfg(("192.0.2.1", 51820), reject_after=600)
+    source = StaticSource(wg_peer(NOW, tx=148))
+    tunnel = tunnels.WireGuardTunnel(longer, source, link(tmp_path))
+    idle = tunnel.evaluate(lambda: NOW + 300, 0)
+    assert (idle.state, idle.situation) == (State.RELAXED, tunnels.Situation.IDLE), "proof, but no session"
+    source.result = (wg_peer(NOW, tx=296),)
+    tunnel.evaluate(lambda: NOW + 301, 0)
+    dead = tunnel.evaluate(lambda: NOW + 301 + tunnels.DEAD_AFTER, 0)
+    assert dead.state is State.BLOCKED, "dead within WireGuard's limits, however long reject_after is"

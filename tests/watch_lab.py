@@ -24,7 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from earlyfw import config as configuration
 from earlyfw.config import Config, Endpoint, TunnelKind
+from earlyfw.watch.daemon import verdict_path
 from tests import netns
 from tests.netns import Lab, Namespace
 
@@ -160,6 +162,8 @@ class WgPair:
     client_wg: WireGuard
     server_wg: WireGuard
     endpoint: str
+    # The client's PersistentKeepalive; None: off, as in many providers' configs.
+    keepalive: int | None = 1
 
     @property
     def client(self) -> Namespace:
@@ -175,14 +179,24 @@ class WgPair:
 
     def rehandshake(self) -> None:
         """A fresh handshake now: drop the client's session by re-adding the peer
-        (its persistent keepalive makes it initiate at once)."""
+        (its persistent keepalive, or the watcher, makes it initiate at once)."""
         self.client_wg.remove_peer(self.server_wg.public)
         self.connect_client()
 
     def connect_client(self) -> None:
         self.client_wg.set_peer(
-            self.server_wg.public, allowed=f"{TUNNEL_SERVER}/32", endpoint=self.endpoint, keepalive=1
+            self.server_wg.public, allowed=f"{TUNNEL_SERVER}/32", endpoint=self.endpoint, keepalive=self.keepalive
         )
+
+    def client_keepalive(self) -> str:
+        """The client peer's persistent keepalive as `wg` shows it ("off" or seconds)."""
+        out = self.client.exec(["wg", "show", self.client_wg.name, "persistent-keepalive"])
+        return out.split("\t")[1].strip() if "\t" in out else ""
+
+    def client_tx(self) -> int:
+        """Bytes the client's WireGuard sent to the server, handshakes included."""
+        out = self.client.exec(["wg", "show", self.client_wg.name, "transfer"])
+        return int(out.split("\t")[2]) if out.count("\t") == 2 else 0
 
     def latest_handshake(self) -> float:
         return self.client_wg.latest_handshake(self.server_wg.public)
@@ -201,17 +215,25 @@ class WgPair:
         return sock
 
 
-def wg_pair(lab: Lab, *, accept: bool = True, endpoint: ipaddress.IPv4Address = netns.WORLD_V4) -> WgPair:
+def wg_pair(
+    lab: Lab,
+    *,
+    accept: bool = True,
+    endpoint: ipaddress.IPv4Address = netns.WORLD_V4,
+    keepalive: int | None = 1,
+    connect: bool = True,
+) -> WgPair:
     topology = netns.client_world(lab, [], tag="ew")
     client_key, server_key = keypair(), keypair()
     client_wg = WireGuard(lab, topology.client, netns.unique("efwc"), *client_key)
     server_wg = WireGuard(lab, topology.world, netns.unique("efws"), *server_key)
     server_wg.start(TUNNEL_SERVER, listen_port=WG_PORT)
     client_wg.start(TUNNEL_CLIENT)
-    pair = WgPair(lab, topology, client_wg, server_wg, f"{endpoint}:{WG_PORT}")
+    pair = WgPair(lab, topology, client_wg, server_wg, f"{endpoint}:{WG_PORT}", keepalive)
     if accept:
         pair.accept_client()
-    pair.connect_client()
+    if connect:
+        pair.connect_client()
     return pair
 
 
@@ -328,6 +350,8 @@ def start_watcher(
         tuple(prefix),
     )
     lab.callback(watcher.stop)
+    # What it publishes for `earlyfw status` (on the host's /run: names are unique).
+    lab.callback(verdict_path(configuration.load(config_path).interface).unlink, missing_ok=True)
     watcher.wait_for(r"^blocked: watcher started")
     return watcher
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,13 +128,15 @@ def status(ctx: Context, as_json: bool) -> None:
     config = ctx.config()
     ctx.runner.verbose = False
     result = nft.status(ctx.runner, config)
+    verdict = daemon.read_verdict(config.interface)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(json.dumps({**result.to_json(), "watcher": verdict}, indent=2))
     else:
         click.echo(f"table inet earlyfw: {'present' if result.present else 'ABSENT'}")
         if result.present:
             click.echo(f"state: {result.state or 'unknown'} ({'intact' if result.intact else 'ALTERED'})")
         click.echo(f"tunnel: {config.tunnel_kind} on {config.interface}")
+        click.echo(f"watcher: {_describe_verdict(verdict)}")
         click.echo("endpoints: " + ", ".join(result.endpoints))
         for name, (packets, size) in sorted(result.counters.items()):
             click.echo(f"  {name:16} {packets:>10} packets {size:>12} bytes  {policy.COUNTERS.get(name, '')}")
@@ -141,6 +144,16 @@ def status(ctx: Context, as_json: bool) -> None:
             click.echo(f"warning: {warning}")
     if not result.intact:
         sys.exit(3)
+
+
+def _describe_verdict(verdict: dict[str, object] | None) -> str:
+    """The watcher's own account: state, situation since when, and why."""
+    if verdict is None:
+        return "no verdict published (not running, or not started since boot)"
+    since = verdict.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    line = f"{verdict.get('state')}, {verdict.get('situation')} since {when}: {verdict.get('reason')}"
+    return line if verdict.get("running") else f"NOT RUNNING; its last word: {line}"
 
 
 @cli.command()

@@ -32,6 +32,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 IFNAMSIZ = 16  # including the trailing NUL, so 15 usable bytes
 
+# How old a handshake may be and still relax a blocked tunnel. At least
+# WireGuard's REJECT_AFTER_TIME: a session younger than that is never renewed
+# on demand, so a stricter limit would keep a live tunnel blocked until it is.
+# A relaxed tunnel is not locked for its handshake's age: only when it is dead
+# (see earlyfw.watch.tunnels).
 DEFAULT_REJECT_AFTER_SECONDS = 180  # WireGuard's REJECT_AFTER_TIME
 
 
@@ -131,6 +136,14 @@ class Config:
         watch = doc.table("watch")
         watch.only({"reject_after_seconds", "openvpn_management"})
         reject_after = watch.integer("reject_after_seconds", default=DEFAULT_REJECT_AFTER_SECONDS, low=1, high=86400)
+        if reject_after < DEFAULT_REJECT_AFTER_SECONDS:
+            raise ConfigError(
+                f"watch.reject_after_seconds: {reject_after} is below WireGuard's {DEFAULT_REJECT_AFTER_SECONDS} s "
+                "session lifetime: a live tunnel makes a new handshake only when its session nears that age, "
+                "so a blocked one could not prove itself meanwhile",
+                hint=f"leave it out (default {DEFAULT_REJECT_AFTER_SECONDS}) or give "
+                f"{DEFAULT_REJECT_AFTER_SECONDS}-86400; an idle relaxed tunnel is never locked for its age",
+            )
         management = watch.get("openvpn_management")
         if management is not None and kind is not TunnelKind.OPENVPN:
             raise ConfigError(

@@ -11,10 +11,15 @@ Invariants:
 - An outside `earlyfw lock` (the sleep hook runs one) is obeyed at once and
   makes every handshake older than it worthless; an outside `earlyfw relax`
   decides only where the tunnel kind follows requests (manual, OpenVPN hooks).
+- What it decided, and why, is published in /run/earlyfw/watch-IF.json for
+  `earlyfw status`, and said in the journal whenever the state or the
+  situation within it changes; advice repeats when a situation recurs, at
+  most once per HINT_INTERVAL.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -23,12 +28,15 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from earlyfw import nft
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
 from earlyfw.policy import State
+from earlyfw.root import Root
 from earlyfw.run import Runner
 from earlyfw.watch.events import Generation, HandshakeLog, LinkEvents, NftablesEvents
 from earlyfw.watch.libnft import Libnftables
@@ -39,6 +47,34 @@ from earlyfw.watch.tunnels import Tunnel, Verdict, WireGuardTunnel, make_tunnel
 # CLOCK_BOOTTIME runs through suspend and CLOCK_MONOTONIC does not: when the
 # gap between them grows by more than this, the machine slept.
 SUSPEND_GAP = 0.5
+# The same advice again, when its situation recurs, at most this often.
+HINT_INTERVAL = 300.0
+# Where the watcher publishes its verdict (its unit's RuntimeDirectory).
+VERDICT_DIR = Path("/run/earlyfw")
+
+
+def verdict_path(interface: str, directory: Path = VERDICT_DIR) -> Path:
+    return directory / f"watch-{interface}.json"
+
+
+def read_verdict(interface: str, directory: Path = VERDICT_DIR) -> dict[str, Any] | None:
+    """The watcher's last published verdict, with "running" telling whether
+    the process that wrote it is still there; None if there is none."""
+    try:
+        data = json.loads(verdict_path(interface, directory).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
+        return None
+    try:
+        os.kill(data["pid"], 0)
+        data["running"] = True
+    except ProcessLookupError:
+        data["running"] = False
+    except PermissionError:
+        data["running"] = True
+    return data
+
 
 Log = Callable[[str], None]
 
@@ -73,6 +109,7 @@ class Watcher:
         clock: Clock | None = None,
         fallback_lock: Callable[[], None] | None = None,
         wake: HandshakeLog | None = None,
+        verdict_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.ruleset = ruleset
@@ -91,7 +128,16 @@ class Watcher:
         self.not_before = 0.0
         self.due = 0.0
         self.gap = self._gap()
-        self.hinted: set[str] = set()
+        # Each hint's last showing (monotonic), and the one showing now.
+        self.hinted: dict[str, float] = {}
+        self.hint: str | None = None
+        self.situation = str(State.BLOCKED)
+        self.situation_since = self.clock.wall()
+        self.reason = "watcher started"
+        # Why the last outside lock happened ("sleep", "a lock"), until a relax.
+        self.locked_by: str | None = None
+        self.verdict_dir = verdict_dir
+        self._publish_failed = False
         self.selector = selectors.DefaultSelector()
         for source in (tables, links):
             if source is not None:
@@ -113,6 +159,7 @@ class Watcher:
             f"blocked: watcher started ({self.config.tunnel_kind} on {self.config.interface}, {how}); "
             "relaxing only on proof the tunnel is live"
         )
+        self.publish()
 
     def run(self) -> int:
         """Until a signal (exit 0) or an error (exit 1); BLOCKED either way."""
@@ -149,7 +196,9 @@ class Watcher:
                 self.log(f"error: could not lock on the way out: {again}")
                 return
         self.state = State.BLOCKED
+        self.reason, self.situation = why, "stopped"
         self.log(f"blocked: {why}")
+        self.publish(stopped=True)
 
     def _start_wake(self) -> None:
         if self.wake is None or not isinstance(self.tunnel, WireGuardTunnel):
@@ -209,18 +258,84 @@ class Watcher:
     def evaluate(self) -> Verdict:
         verdict = self.tunnel.evaluate(self.clock.wall, self.not_before)
         self.due = self.clock.monotonic() + verdict.recheck
+        for note in self._drain_notes():
+            self.log(f"warning: {note}")
+        situation = self._situation(verdict)
         if verdict.state is not self.state:
-            self.change(verdict.state, verdict.reason)
-        hint = getattr(self.tunnel, "hint", None)
-        if isinstance(hint, str) and hint not in self.hinted:
-            self.hinted.add(hint)
-            self.log(f"hint: {hint}")
+            self.change(verdict.state, verdict.reason, situation)
+        elif situation != self.situation:
+            # The same state for a different reason: the journal says so.
+            self.situation, self.situation_since, self.reason = situation, self.clock.wall(), verdict.reason
+            self.log(f"{self.state}, {situation}: {verdict.reason}")
+            self.publish()
+        self._show_hint(getattr(self.tunnel, "hint", None))
         return verdict
 
-    def change(self, state: State, reason: str) -> None:
+    def _situation(self, verdict: Verdict) -> str:
+        if verdict.state is State.BLOCKED and self.locked_by is not None:
+            return ", ".join(filter(None, (f"after {self.locked_by}", verdict.situation)))
+        return verdict.situation or str(verdict.state)
+
+    def _drain_notes(self) -> list[str]:
+        notes = getattr(self.tunnel, "notes", None)
+        if not isinstance(notes, list) or not notes:
+            return []
+        drained = [str(n) for n in notes]
+        notes.clear()
+        return drained
+
+    def _show_hint(self, hint: object) -> None:
+        """A hint when its situation starts, again when it recurs, never
+        more often than HINT_INTERVAL."""
+        current = hint if isinstance(hint, str) else None
+        if current == self.hint:
+            return
+        self.hint = current
+        if current is None:
+            return
+        now = self.clock.monotonic()
+        last = self.hinted.get(current)
+        if last is None or now - last >= HINT_INTERVAL:
+            self.hinted[current] = now
+            self.log(f"hint: {current}")
+
+    def change(self, state: State, reason: str, situation: str | None = None) -> None:
         self.ruleset.put(state)
         self.state = state
+        if state is State.RELAXED:
+            self.locked_by = None
+        self.situation, self.situation_since, self.reason = situation or str(state), self.clock.wall(), reason
         self.log(f"{state}: {reason}")
+        self.publish()
+
+    def publish(self, *, stopped: bool = False) -> None:
+        """The verdict for `earlyfw status`, atomically (a reader never sees
+        half a file). Failing to publish is said once and changes nothing else."""
+        if self.verdict_dir is None:
+            return
+        data = {
+            "pid": self.pid,
+            "interface": self.config.interface,
+            "tunnel": str(self.config.tunnel_kind),
+            "state": str(self.state),
+            "situation": self.situation,
+            "reason": self.reason,
+            "since": self.situation_since,
+            "stopped": stopped,
+        }
+        try:
+            self.verdict_dir.mkdir(mode=0o755, exist_ok=True)
+            Root().write(
+                str(verdict_path(self.config.interface, self.verdict_dir)),
+                (json.dumps(data) + "\n").encode(),
+                mode=0o644,
+                uid=os.geteuid(),
+                gid=os.getegid(),
+            )
+        except OSError as e:
+            if not self._publish_failed:
+                self._publish_failed = True
+                self.log(f"warning: cannot publish the verdict for `earlyfw status`: {e}")
 
     # --- outside changes --------------------------------------------------------
 
@@ -239,15 +354,18 @@ class Watcher:
             # does, whatever the state): a lock all the same.
             self.not_before = self.clock.wall()
 
-    def lock_request(self, why: str) -> None:
+    def lock_request(self, why: str, *, by: str = "a lock") -> None:
         """A lock from outside: obeyed, and only proof newer than it relaxes again."""
+        self.locked_by = by
         self.not_before = self.clock.wall()
         self.tunnel.request(State.BLOCKED)
         self.ruleset.put(State.BLOCKED)  # the guard follows the table
         self.state = State.BLOCKED
         self.due = 0.0
         proof = "" if self.tunnel.follows_requests else "; relaxing again needs a newer handshake"
+        self.situation, self.situation_since, self.reason = f"after {self.locked_by}", self.clock.wall(), why
         self.log(f"blocked: {why}{proof}")
+        self.publish()
 
     def relax_request(self, who: str) -> None:
         self.tunnel.request(State.RELAXED)
@@ -255,10 +373,14 @@ class Watcher:
         self.due = self.clock.monotonic() + verdict.recheck
         self.ruleset.put(verdict.state)
         self.state = verdict.state
+        self.situation, self.situation_since, self.reason = self._situation(verdict), self.clock.wall(), verdict.reason
         if verdict.state is State.RELAXED:
+            self.locked_by = None
+            self.situation = self._situation(verdict)
             self.log(f"relaxed: asked by {who}; {verdict.reason}")
         else:
             self.log(f"blocked: refused the relax by {who}: {verdict.reason}")
+        self.publish()
 
     def _gap(self) -> float:
         return self.clock.boottime() - self.clock.monotonic()
@@ -267,7 +389,7 @@ class Watcher:
         gap = self._gap()
         slept, self.gap = gap - self.gap, gap
         if slept > SUSPEND_GAP:
-            self.lock_request(f"resumed after {slept:.0f}s of suspend")
+            self.lock_request(f"resumed after {slept:.0f}s of suspend", by="sleep")
 
 
 def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *, log: Log = log_to_stderr) -> int:
@@ -292,6 +414,7 @@ def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *
         log=log,
         fallback_lock=lambda: nft.put_state(runner, config, State.BLOCKED),
         wake=wake,
+        verdict_dir=VERDICT_DIR,
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:

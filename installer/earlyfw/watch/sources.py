@@ -49,6 +49,10 @@ class Peer:
     endpoint: tuple[IPAddress, int] | None
     last_handshake: float | None  # wall-clock seconds since the epoch; None: never
     keepalive: int = 0
+    # Bytes received from and sent to the peer, handshake messages included:
+    # what tells an idle tunnel (nothing sent) from a dead one (sent, unanswered).
+    rx: int = 0
+    tx: int = 0
 
     def describe(self) -> str:
         return f"peer {self.public_key[:8]}… at {format_endpoint(self.endpoint)}"
@@ -85,6 +89,8 @@ _UAPI_NUMBERS = {
     "last_handshake_time_sec": "sec",
     "last_handshake_time_nsec": "nsec",
     "persistent_keepalive_interval": "keepalive",
+    "rx_bytes": "rx",
+    "tx_bytes": "tx",
 }
 
 
@@ -103,6 +109,8 @@ def parse_uapi(text: str) -> tuple[Peer, ...]:
                     current.get("endpoint"),
                     _handshake(current.get("sec", 0), current.get("nsec", 0)),
                     current.get("keepalive", 0),
+                    current.get("rx", 0),
+                    current.get("tx", 0),
                 )
             )
 
@@ -150,15 +158,18 @@ def parse_wg_dump(text: str) -> tuple[Peer, ...]:
         fields = line.split("\t")
         if len(fields) != 8:
             raise SourceError(f"wg show dump: unexpected peer line {line!r}")
-        key, _psk, endpoint, _ips, latest, _rx, _tx, keepalive = fields
-        if not latest.isdigit():
-            raise SourceError(f"wg show dump: latest-handshake {latest!r} is not a number")
+        key, _psk, endpoint, _ips, latest, rx, tx, keepalive = fields
+        for name, value in (("latest-handshake", latest), ("transfer-rx", rx), ("transfer-tx", tx)):
+            if not value.isdigit():
+                raise SourceError(f"wg show dump: {name} {value!r} is not a number")
         peers.append(
             Peer(
                 key,
                 None if endpoint == "(none)" else parse_endpoint(endpoint),
                 _handshake(int(latest), 0),
                 0 if keepalive == "off" else int(keepalive),
+                int(rx),
+                int(tx),
             )
         )
     return tuple(peers)
@@ -183,6 +194,8 @@ def peers_from_netlink(messages: Iterable[Any]) -> tuple[Peer, ...]:
                     parse_endpoint(f"[{endpoint['addr']}]:{endpoint['port']}") if endpoint else None,
                     _handshake(int(handshake["tv_sec"]), int(handshake["tv_nsec"])),
                     int(peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0),
+                    int(peer.get_attr("WGPEER_A_RX_BYTES") or 0),
+                    int(peer.get_attr("WGPEER_A_TX_BYTES") or 0),
                 )
             )
     return tuple(peers)
@@ -198,6 +211,10 @@ class PeerSource(Protocol):
 
     def peers(self) -> tuple[Peer, ...]: ...
 
+    def set_keepalive(self, public_key: str, seconds: int) -> None:
+        """Set one peer's persistent keepalive at runtime (only if the peer
+        still exists): nothing on disk changes."""
+
     def close(self) -> None: ...
 
 
@@ -208,12 +225,12 @@ class UapiSource:
     def __init__(self, interface: str, directory: Path = UAPI_DIR) -> None:
         self.path = directory / f"{interface}.sock"
 
-    def peers(self) -> tuple[Peer, ...]:
+    def _ask(self, request: bytes) -> str:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
                 sock.settimeout(UAPI_TIMEOUT)
                 sock.connect(str(self.path))
-                sock.sendall(b"get=1\n\n")
+                sock.sendall(request)
                 reply = b""
                 while not reply.endswith(b"\n\n"):
                     chunk = sock.recv(1 << 16)
@@ -224,18 +241,49 @@ class UapiSource:
             raise InterfaceGone(f"{self.path}: no WireGuard UAPI socket") from None
         except OSError as e:
             raise SourceError(f"{self.path}: {e.strerror or e}") from None
-        return parse_uapi(reply.decode(errors="replace"))
+        return reply.decode(errors="replace")
+
+    def peers(self) -> tuple[Peer, ...]:
+        return parse_uapi(self._ask(b"get=1\n\n"))
+
+    def set_keepalive(self, public_key: str, seconds: int) -> None:
+        key = _key_hex(public_key)
+        reply = self._ask(
+            f"set=1\npublic_key={key}\nupdate_only=true\npersistent_keepalive_interval={seconds}\n\n".encode()
+        )
+        if reply.strip() != "errno=0":
+            raise SourceError(f"UAPI set: {reply.strip() or 'no reply'}")
 
     def close(self) -> None:
         pass
+
+
+def _key_hex(public_key: str) -> str:
+    try:
+        raw = base64.b64decode(public_key, validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise SourceError(f"bad public key {public_key!r}")
+    return raw.hex()
+
+
+def wg_set_keepalive(runner: Runner, interface: str, public_key: str, seconds: int) -> None:
+    """The kernel's way, through `wg set`: a fork and exec, but only when the
+    watcher starts a handshake, and no netlink library to import for it."""
+    _key_hex(public_key)  # never hand `wg` anything but a well-formed key
+    result = runner.run(["wg", "set", interface, "peer", public_key, "persistent-keepalive", str(seconds)], check=False)
+    if result.returncode != 0:
+        raise SourceError(f"wg set {interface} peer … persistent-keepalive {seconds}: {result.stderr.strip()}")
 
 
 class NetlinkSource:
     name = "netlink"
     fast_poll = 0.02
 
-    def __init__(self, interface: str) -> None:
+    def __init__(self, interface: str, runner: Runner | None = None) -> None:
         self.interface = interface
+        self.runner = runner or Runner(verbose=False)
         self._wg: Any = None
 
     def peers(self) -> tuple[Peer, ...]:
@@ -263,6 +311,9 @@ class NetlinkSource:
                 raise gone from None
             raise SourceError(f"{self.interface}: WireGuard netlink: {e}") from None
 
+    def set_keepalive(self, public_key: str, seconds: int) -> None:
+        wg_set_keepalive(self.runner, self.interface, public_key, seconds)
+
     def close(self) -> None:
         if self._wg is not None:
             self._wg.close()
@@ -285,6 +336,9 @@ class WgShowSource:
                 raise InterfaceGone(f"{self.interface}: no such WireGuard device")
             raise SourceError(f"wg show {self.interface} dump: {result.stderr.strip()}")
         return parse_wg_dump(result.stdout)
+
+    def set_keepalive(self, public_key: str, seconds: int) -> None:
+        wg_set_keepalive(self.runner, self.interface, public_key, seconds)
 
     def close(self) -> None:
         pass
@@ -316,7 +370,9 @@ class AutoSource:
         self.interface = interface
         self.sys_class_net = sys_class_net
         self.uapi = UapiSource(interface, uapi_dir)
-        self.kernel: PeerSource = NetlinkSource(interface) if _pyroute2_available() else WgShowSource(interface, runner)
+        self.kernel: PeerSource = (
+            NetlinkSource(interface, runner) if _pyroute2_available() else WgShowSource(interface, runner)
+        )
         self.current: PeerSource = self.uapi
 
     @property
@@ -333,6 +389,9 @@ class AutoSource:
         self.current = self.uapi if self.uapi.path.exists() else self.kernel
         return self.current.peers()
 
+    def set_keepalive(self, public_key: str, seconds: int) -> None:
+        self.current.set_keepalive(public_key, seconds)
+
     def close(self) -> None:
         self.kernel.close()
 
@@ -342,7 +401,7 @@ def make_source(kind: SourceKind, interface: str, runner: Runner) -> PeerSource:
         case SourceKind.UAPI:
             return UapiSource(interface)
         case SourceKind.NETLINK:
-            return NetlinkSource(interface)
+            return NetlinkSource(interface, runner)
         case SourceKind.WG:
             return WgShowSource(interface, runner)
         case SourceKind.AUTO:

@@ -1,0 +1,62 @@
+"""`earlyfw endpoints refresh`: re-resolve the hostnames endpoints were pinned
+from (`host = "..."` in the config) and swap the pins.
+
+A host whose lookup fails, or that answers with an address no endpoint may
+have, keeps its old pins: a resolver outage or a poisoned answer never empties
+the allow list under a running tunnel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from earlyfw.config import Config, Endpoint, IPAddress, endpoint_dict, unusable_endpoint
+from earlyfw.errors import EarlyfwError
+from earlyfw.importers import Resolve
+
+Log = Callable[[str], None]
+
+
+def refreshed(config: Config, lookup: Resolve, log: Log) -> Config:
+    """`config` with each hostname's endpoints replaced by its current
+    addresses, where its first endpoint was; every other endpoint unchanged."""
+    answers = {host: _lookup(host, lookup, log) for host in dict.fromkeys(e.host for e in config.endpoints if e.host)}
+    pins: dict[object, Endpoint] = {}
+    done: set[tuple[str, int, str]] = set()
+    for endpoint in config.endpoints:
+        fresh = answers.get(endpoint.host) if endpoint.host else None
+        if endpoint.host is None or fresh is None:
+            pins.setdefault(endpoint.key, endpoint)
+            continue
+        group = (endpoint.host, endpoint.port, str(endpoint.protocol))
+        if group not in done:
+            done.add(group)
+            for address in fresh:
+                pin = Endpoint(address, endpoint.port, endpoint.protocol, endpoint.host)
+                pins.setdefault(pin.key, pin)
+    new = Config.from_dict({**config.to_dict(), "endpoint": [endpoint_dict(e) for e in pins.values()]})
+    old_keys, new_keys = {e.key for e in config.endpoints}, {e.key for e in new.endpoints}
+    for e in new.endpoints:
+        if e.key not in old_keys:
+            log(f"added {e} ({e.host})")
+    for e in config.endpoints:
+        if e.key not in new_keys:
+            log(f"removed {e} ({e.host})")
+    return new
+
+
+def _lookup(host: str, lookup: Resolve, log: Log) -> list[IPAddress] | None:
+    try:
+        addresses = list(lookup(host, None))
+    except EarlyfwError as e:
+        log(f"kept the pins of {host}: {e}")
+        return None
+    if not addresses:
+        log(f"kept the pins of {host}: it has no A or AAAA record")
+        return None
+    for address in addresses:
+        why = unusable_endpoint(address)
+        if why:
+            log(f"kept the pins of {host}: it resolved to {address}, {why}")
+            return None
+    return addresses

@@ -90,6 +90,7 @@ def _ask(servers: Sequence[IPAddress], interface: str, host: str, rdtype: dns.rd
         family = socket.AF_INET6 if server.version == 6 else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            sock.setblocking(False)  # dnspython waits with its own timeout on a socket it is given
             try:
                 reply = dns.query.udp(query, str(server), timeout=TIMEOUT, sock=sock)
             except (dns.exception.DNSException, OSError) as e:

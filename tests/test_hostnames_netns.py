@@ -12,6 +12,7 @@ world's end of the veth sees everything that crosses the physical link.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import shutil
@@ -192,11 +193,14 @@ def test_import_resolve_pins_every_address_and_writes_the_companion(provider: Pr
 def test_import_resolve_is_refused_while_blocked(provider: Provider) -> None:
     source = provider.write("provider.ovpn", provider_file(provider.tun, random=True))
     out = provider.workdir / "earlyfw.toml"
-    typed = provider.write("typed.toml", configuration.Config(
-        tunnel_kind=configuration.TunnelKind.OPENVPN,
-        interface=provider.tun,
-        endpoints=(configuration.Endpoint(X, PORT),),
-    ).to_toml())
+    typed = provider.write(
+        "typed.toml",
+        configuration.Config(
+            tunnel_kind=configuration.TunnelKind.OPENVPN,
+            interface=provider.tun,
+            endpoints=(configuration.Endpoint(X, PORT),),
+        ).to_toml(),
+    )
     locked = provider.earlyfw("--config", str(typed), "lock")
     assert locked.returncode == 0, locked.stderr
     with provider.pair.capture() as capture:
@@ -258,10 +262,8 @@ class Pinger:
                 self.sock.send(struct.pack("!I", self.sent))
                 self.sent += 1
                 next_send += 0.01
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.received.add(struct.unpack("!I", self.sock.recv(16))[0])
-            except TimeoutError:
-                pass
 
     def stop(self) -> list[int]:
         """Stop sending, wait a second for the last answers: the lost numbers."""

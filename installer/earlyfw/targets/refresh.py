@@ -28,7 +28,7 @@ class Refresh(Target):
     def plan(self, config: Config) -> Plan:
         units = (REFRESH_SERVICE, REFRESH_TIMER)
         # No timers.target.wants link: off until `systemctl enable --now earlyfw-refresh.timer`.
-        notes = ()
+        notes: tuple[str, ...] = ()
         if any(e.host for e in config.endpoints):
             notes = (f"to keep the endpoint pins fresh: systemctl enable --now {REFRESH_TIMER}",)
         return Plan(self.name, tuple(File(f"{UNIT_DIR}/{u}", linux.render(f"units/{u}.j2")) for u in units), notes)

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.netns
 NAME_1, NAME_2 = "nl-free-01.example-vpn.net", "nl-free-02.example-vpn.net"
 X, X6 = ipaddress.ip_address("203.0.113.7"), ipaddress.ip_address("2001:db8:7::7")
 Y, Z = ipaddress.ip_address("203.0.113.8"), ipaddress.ip_address("203.0.113.9")
+W = ipaddress.ip_address("203.0.113.10")
 PORT = 1194
 TUNNEL_SERVER, TUNNEL_CLIENT = "10.8.0.1", "10.8.0.2"
 CONNECTED = re.compile(r"Peer Connection Initiated with \[AF_INET6?\](\S+)")
@@ -124,7 +125,7 @@ class Provider:
 def provider(tmp_path: Path) -> Iterator[Provider]:
     require("openvpn", "dnsmasq", "ss")
     with netns.Lab() as lab:
-        pair = netns.client_world(lab, [X, X6, Y, Z], tag="eh")
+        pair = netns.client_world(lab, [X, X6, Y, Z, W], tag="eh")
         # What `ip netns exec` mounts over /etc/resolv.conf inside the client.
         etc = Path("/etc/netns") / pair.client.name
         etc.mkdir(parents=True)
@@ -292,9 +293,10 @@ def connected_and_relaxed(provider: Provider) -> Path:
 
 def test_refresh_while_relaxed_asks_only_through_the_tunnel_and_swaps_without_a_gap(provider: Provider) -> None:
     out = connected_and_relaxed(provider)
-    # The provider rotated nl-free-02 from Y to Z; the VPN's resolver knows.
+    # The provider rotated nl-free-01 from X (which the tunnel is using) to W,
+    # and nl-free-02 from Y to Z; the VPN's resolver knows.
     vpn_dns_log = dnsmasq(
-        provider.lab, provider.pair.world, TUNNEL_SERVER, {NAME_1: f"{X},{X6}", NAME_2: str(Z)}, provider.workdir
+        provider.lab, provider.pair.world, TUNNEL_SERVER, {NAME_1: f"{W},{X6}", NAME_2: str(Z)}, provider.workdir
     )
     before = configuration.load(out)
     with provider.pair.capture() as capture:
@@ -313,15 +315,18 @@ def test_refresh_while_relaxed_asks_only_through_the_tunnel_and_swaps_without_a_
 
     after = configuration.load(out)
     assert [(str(e), e.host) for e in after.endpoints] == [
-        (f"{X}:{PORT}/udp", NAME_1),
+        (f"{W}:{PORT}/udp", NAME_1),
         (f"[{X6}]:{PORT}/udp", NAME_1),
+        (f"{X}:{PORT}/udp", NAME_1),  # out of DNS, but the running tunnel's: kept
         (f"{Z}:{PORT}/udp", NAME_2),
     ]
     assert before.endpoints != after.endpoints
+    assert f"earlyfw: added {W}:{PORT}/udp ({NAME_1})" in result.stdout
+    assert f"earlyfw: kept {X}:{PORT}/udp ({NAME_1}): no longer in DNS, but the tunnel is using it" in result.stdout
     assert f"earlyfw: added {Z}:{PORT}/udp ({NAME_2})" in result.stdout
     assert f"earlyfw: removed {Y}:{PORT}/udp ({NAME_2})" in result.stdout
     v4 = live_set(provider, 4)
-    assert str(X) in v4 and str(Z) in v4 and str(Y) not in v4
+    assert all(str(a) in v4 for a in (X, W, Z)) and str(Y) not in v4
     status = provider.earlyfw("--config", str(out), "status")
     assert status.returncode == 0, status.stdout + status.stderr
     assert "state: relaxed (intact)" in status.stdout

@@ -17,7 +17,7 @@ import pytest
 
 from earlyfw import config, importers, resolve
 from earlyfw.config import Config, Endpoint, IPAddress, Protocol
-from earlyfw.endpoints import refreshed
+from earlyfw.endpoints import refreshed, tunnel_flows
 from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner
@@ -229,3 +229,42 @@ def test_refresh_units_verify_clean(tmp_path: Path, unit: str) -> None:
         score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
         assert score is not None, security.stdout + security.stderr
         assert float(score[1]) <= 2.5, security.stdout
+
+
+CONNTRACK = """\
+ipv4     2 udp      17 170 src=192.0.2.2 dst=198.51.100.1 sport=41000 dport=1194 src=198.51.100.1 dst=192.0.2.2 \
+sport=1194 dport=41000 [ASSURED] mark=0 zone=0 use=2
+ipv6     10 udp      17 29 src=2001:0db8:0001:0000:0000:0000:0000:0002 dst=2001:0db8:0000:0000:0000:0000:0000:0001 \
+sport=41001 dport=1194 [UNREPLIED] src=2001:0db8:0000:0000:0000:0000:0000:0001 \
+dst=2001:0db8:0001:0000:0000:0000:0000:0002 sport=1194 dport=41001 mark=0 zone=0 use=2
+ipv4     2 tcp      6 431999 ESTABLISHED src=192.0.2.2 dst=198.51.100.2 sport=40000 dport=1194 src=198.51.100.2 \
+dst=192.0.2.2 sport=1194 dport=40000 [ASSURED] mark=0 zone=0 use=2
+ipv4     2 udp      17 20 src=192.0.2.2 dst=203.0.113.5 sport=41002 dport=53 [UNREPLIED] src=203.0.113.5 \
+dst=192.0.2.2 sport=53 dport=41002 mark=0 zone=0 use=2
+"""
+
+
+def test_the_pin_the_tunnel_uses_stays_until_it_does_not(tmp_path: Path) -> None:
+    table = tmp_path / "nf_conntrack"
+    table.write_text(CONNTRACK)
+    old = pinned(("198.51.100.1", 1194, H1), ("2001:db8::1", 1194, H1), ("198.51.100.2", 1194, H2))
+    lines: list[str] = []
+    flows = tunnel_flows(old, lines.append, table)
+    # udp to .1 and to 2001:db8::1 are pinned flows; tcp to .2 is not (its pin is udp); DNS is not pinned.
+    assert flows == {(A("198.51.100.1"), 1194, Protocol.UDP), (A("2001:db8::1"), 1194, Protocol.UDP)}
+    new = refreshed(old, lookup({H1: ["198.51.100.7"], H2: ["198.51.100.8"]}), lines.append, flows)
+    assert keys(new) == [
+        ("198.51.100.7", 1194, H1),
+        ("198.51.100.1", 1194, H1),
+        ("2001:db8::1", 1194, H1),
+        ("198.51.100.8", 1194, H2),
+    ]
+    assert f"kept 198.51.100.1:1194/udp ({H1}): no longer in DNS, but the tunnel is using it" in lines
+    # The next refresh, once the client has moved on, drops it.
+    assert keys(refreshed(new, lookup({H1: ["198.51.100.7"], H2: ["198.51.100.8"]}), lines.append)) == [
+        ("198.51.100.7", 1194, H1),
+        ("198.51.100.8", 1194, H2),
+    ]
+    missing = tunnel_flows(old, lines.append, tmp_path / "absent")
+    assert missing == set()
+    assert lines[-1].startswith("cannot tell which endpoint the tunnel uses")

@@ -295,9 +295,12 @@ def refresh(ctx: Context) -> None:
             f"earlyfw is {state or 'not loaded'}: refresh resolves only through the tunnel, which is up only relaxed",
             hint="run it while the tunnel is up; the pins stay as they are",
         )
-    new = endpoints_refresh.refreshed(
-        config, resolver.through(config.dns_servers, config.interface), lambda line: click.echo(f"earlyfw: {line}")
-    )
+
+    def log(line: str) -> None:
+        click.echo(f"earlyfw: {line}")
+
+    lookup = resolver.through(config.dns_servers, config.interface)
+    new = endpoints_refresh.refreshed(config, lookup, log, endpoints_refresh.tunnel_flows(config, log))
     if {e.key for e in new.endpoints} == {e.key for e in config.endpoints}:
         click.echo("earlyfw: endpoints unchanged")
         return

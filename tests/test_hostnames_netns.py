@@ -190,6 +190,18 @@ def test_import_resolve_pins_every_address_and_writes_the_companion(provider: Pr
     assert companion.stat().st_mode & 0o777 == 0o600
     assert source.read_bytes() == original, "the original file must never be rewritten"
 
+    wg = provider.write("wg0.conf", f"[Interface]\nDNS = 10.64.0.1\n\n[Peer]\nEndpoint = {NAME_1}:51820\n")
+    wg_out, wg_client = provider.workdir / "wg.toml", provider.workdir / "wg-pinned.conf"
+    result = provider.earlyfw(
+        "--config", str(wg_out), "import", "wg", "--resolve", "--client-out", str(wg_client), str(wg)
+    )
+    assert result.returncode == 0, result.stderr
+    assert [(str(e), e.host) for e in configuration.load(wg_out).endpoints] == [
+        (f"{X}:51820/udp", NAME_1),
+        (f"[{X6}]:51820/udp", NAME_1),
+    ]
+    assert f"Endpoint = {X}:51820\n" in wg_client.read_text()
+
 
 def test_import_resolve_is_refused_while_blocked(provider: Provider) -> None:
     source = provider.write("provider.ovpn", provider_file(provider.tun, random=True))

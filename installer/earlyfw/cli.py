@@ -318,6 +318,14 @@ def refresh(ctx: Context) -> None:
         f"earlyfw: {path} and the live sets now pin {len(new.endpoints)} endpoint(s); "
         "boot rulesets keep the old pins until `earlyfw install` runs again"
     )
+    if ctx.runner.run([nft.NFT, "-t", "list", "table", "inet", nft.GUARD_TABLE], check=False).returncode == 0:
+        # The watcher's owned copy can be changed only by the watcher, which
+        # reads the config when it starts.
+        click.echo(
+            f"earlyfw: warning: earlyfw watch still enforces the old pins in table inet {nft.GUARD_TABLE}: "
+            "the new addresses work once it restarts (systemctl restart earlyfw-watch)",
+            err=True,
+        )
 
 
 cli.add_command(windows_cli.windows)

@@ -85,6 +85,14 @@ BAD = [
     ("endpoint.0.address", "fe80::1%eth0", ["endpoint[0].address", "fe80::1%eth0", "zone"]),
     ("endpoint.0.address", "0.0.0.0", ["endpoint[0].address", "0.0.0.0"]),  # noqa: S104
     ("endpoint.0.address", "999.1.1.1", ["endpoint[0].address", "999.1.1.1"]),
+    ("endpoint.0.address", "::ffff:198.51.100.7", ["endpoint[0].address", "::ffff:198.51.100.7", "IPv4-mapped"]),
+    ("endpoint.0.address", "127.0.0.1", ["endpoint[0].address", "127.0.0.1", "loopback"]),
+    ("endpoint.0.address", "::1", ["endpoint[0].address", "::1", "loopback"]),
+    ("endpoint.0.address", "255.255.255.255", ["endpoint[0].address", "255.255.255.255", "broadcast"]),
+    ("endpoint.0.address", "239.1.2.3", ["endpoint[0].address", "239.1.2.3", "multicast"]),
+    ("endpoint.0.address", "::", ["endpoint[0].address", "'::'"]),
+    ("endpoint.0.host", "bad_host!", ["endpoint[0].host", "bad_host!", "hostname"]),
+    ("endpoint.0.host", 7, ["endpoint[0].host", "7"]),
     ("endpoint.0.protocol", "icmp", ["endpoint[0].protocol", "icmp", "udp | tcp"]),
     ("endpoint.0.weight", 1, ["endpoint[0].weight", "unknown key"]),
     ("dns.servers", ["10.64.0.0/10"], ["dns.servers[0]", "10.64.0.0/10"]),
@@ -127,6 +135,43 @@ def test_hostname_error_hints_how_to_resolve() -> None:
     with pytest.raises(ConfigError) as caught:
         config.Config.from_dict(with_value("endpoint.0.address", "vpn.example.net"))
     assert caught.value.hint is not None and "getent ahosts vpn.example.net" in caught.value.hint
+    assert "--resolve" in caught.value.hint
+
+
+# Every address that can never carry the tunnel, in every spelling: mapped
+# forms of any IPv4 address (the ip6 set never sees them on the wire),
+# loopback, multicast, unspecified and "this network", broadcast.
+unusable = st.one_of(
+    st.ip_addresses(v=4).map(lambda a: ipaddress.IPv6Address(f"::ffff:{a}")),
+    st.ip_addresses(network="127.0.0.0/8"),
+    st.just(ipaddress.IPv6Address("::1")),
+    st.ip_addresses(network="224.0.0.0/4"),
+    st.ip_addresses(network="ff00::/8"),
+    st.ip_addresses(network="0.0.0.0/8"),
+    st.sampled_from([ipaddress.IPv6Address("::"), ipaddress.IPv4Address("255.255.255.255")]),
+)
+
+
+def spellings(address: config.IPAddress) -> st.SearchStrategy[str]:
+    forms = [str(address), address.exploded]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        forms += [f"::ffff:{address.ipv4_mapped}", f"0:0:0:0:0:FFFF:{address.ipv4_mapped}"]
+    return st.sampled_from(forms)
+
+
+@settings(max_examples=300, deadline=None)
+@given(unusable.flatmap(spellings), st.sampled_from(["endpoint.0.address", "initramfs.allow"]))
+def test_addresses_that_cannot_carry_the_tunnel_are_refused(spelled: str, where: str) -> None:
+    if where == "initramfs.allow":
+        data = with_value(where, [{"address": spelled, "port": 2049, "protocol": "tcp"}])
+        key = "initramfs.allow[0].address"
+    else:
+        data, key = with_value(where, spelled), "endpoint[0].address"
+    with pytest.raises(ConfigError) as caught:
+        config.Config.from_dict(data)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{key}: {spelled!r} is ")
 
 
 def test_invalid_toml_is_one_line(tmp_path: Path) -> None:
@@ -144,12 +189,13 @@ def test_invalid_toml_is_one_line(tmp_path: Path) -> None:
 # value happens to be valid, again a ruleset nft accepts. Never anything else.
 
 host_addresses = st.ip_addresses().filter(lambda a: not (a.is_unspecified or a.is_multicast)).map(str)
+endpoint_addresses = st.ip_addresses().filter(lambda a: config.unusable_endpoint(a) is None).map(str)
 valid_ifnames = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}", fullmatch=True).filter(
     lambda n: n not in {".", ".."}
 )
 valid_endpoint = st.fixed_dictionaries(
     {
-        "address": host_addresses,
+        "address": endpoint_addresses,
         "port": st.integers(min_value=1, max_value=65535),
         "protocol": st.sampled_from(["udp", "tcp"]),
     }

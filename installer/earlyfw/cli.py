@@ -13,8 +13,10 @@ import click
 
 from earlyfw import __version__, importers, nft, policy
 from earlyfw import config as configuration
+from earlyfw import endpoints as endpoints_refresh
 from earlyfw import install as installer
-from earlyfw.errors import EarlyfwError
+from earlyfw import resolve as resolver
+from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.policy import State
 from earlyfw.root import Root, describe_mode
 from earlyfw.run import Runner
@@ -217,24 +219,126 @@ def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool) -> N
 
 
 @cli.command("import")
-@click.argument("kind", type=click.Choice(sorted(importers.IMPORTERS)))
+@click.argument("kind", type=click.Choice(sorted(importers.READERS)))
 @click.argument("source", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("-o", "--output", help="Where to write the config ('-' for stdout) [default: --config].")
-@click.option("--force", is_flag=True, help="Overwrite an existing config.")
+@click.option("--force", is_flag=True, help="Overwrite an existing config (and --client-out file).")
+@click.option(
+    "--resolve",
+    is_flag=True,
+    help="Resolve hostnames (every A and AAAA address) and pin them; refused while earlyfw blocks.",
+)
+@click.option(
+    "--client-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a copy of SOURCE with hostnames replaced by the pinned addresses, for the VPN client.",
+)
 @pass_context
-def import_(ctx: Context, kind: str, source: Path, output: str | None, force: bool) -> None:
+def import_(
+    ctx: Context, kind: str, source: Path, *, output: str | None, force: bool, resolve: bool, client_out: Path | None
+) -> None:
     """Write an earlyfw config from a WireGuard or OpenVPN client file."""
-    config = importers.IMPORTERS[kind](source)
+    imported = importers.READERS[kind](source)
+    targets = (
+        [] if output == "-" else [Path(output) if output else (ctx.config_path or configuration.DEFAULT_CONFIG_PATH)]
+    )
+    if client_out is not None:
+        if client_out.exists() and client_out.resolve() == source.resolve():
+            raise ConfigError(f"--client-out {client_out}: is the source file; earlyfw never rewrites it")
+        targets.append(client_out)
+    for target in targets if not force else ():
+        if target.exists():
+            raise EarlyfwError(f"{target}: already exists", hint="pass --force to overwrite, or choose another path")
+    lookup = None
+    if resolve and importers.hostnames(imported):
+        _refuse_dns_while_blocked(ctx.runner)
+        lookup = resolver.system
+    config = importers.build(imported, lookup)
     text = config.to_toml()
+    if client_out is not None:
+        # The client's file may hold its private key: owner-only.
+        _write(client_out, importers.client_file(imported).encode(), 0o600)
+        click.echo(
+            f"wrote {client_out}: the client file with {len(imported.remotes)} remote(s) pinned", err=output == "-"
+        )
     if output == "-":
         click.echo(text, nl=False)
         return
-    target = Path(output) if output else (ctx.config_path or configuration.DEFAULT_CONFIG_PATH)
-    if target.exists() and not force:
-        raise EarlyfwError(f"{target}: already exists", hint="pass --force to overwrite, or -o another path")
+    _write(targets[0], text.encode(), 0o644)
+    click.echo(f"wrote {targets[0]}: {len(config.endpoints)} endpoint(s), interface {config.interface}")
+
+
+def _write(target: Path, data: bytes, mode: int) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    Root().write(str(target.resolve()), text.encode(), mode=0o644, uid=os.geteuid(), gid=os.getegid())
-    click.echo(f"wrote {target}: {len(config.endpoints)} endpoint(s), interface {config.interface}")
+    Root().write(str(target.resolve()), data, mode=mode, uid=os.geteuid(), gid=os.getegid())
+
+
+def _refuse_dns_while_blocked(runner: Runner) -> None:
+    runner.verbose = False
+    state = nft.live_state(runner)
+    if state is not None and not state.allows_tunnel:
+        raise EarlyfwError(
+            f"earlyfw is {state}: DNS is blocked, so hostnames cannot be resolved now",
+            hint="import with --resolve before `earlyfw install`, or while the tunnel is up (relaxed); "
+            "or list the addresses yourself",
+        )
+
+
+@cli.group()
+def endpoints() -> None:
+    """Endpoints pinned from hostnames (`import --resolve`)."""
+
+
+@endpoints.command()
+@pass_context
+def refresh(ctx: Context) -> None:
+    """Re-resolve the endpoints' hostnames through the tunnel only (the VPN's
+    resolvers, while relaxed) and swap the pins in the config and the live
+    sets, new before old. A host that cannot be resolved keeps its pins."""
+    nft.require_root_for("endpoints refresh")
+    path = ctx.config_path or configuration.DEFAULT_CONFIG_PATH
+    config = configuration.load(path)
+    if not any(e.host for e in config.endpoints):
+        click.echo("earlyfw: no endpoint has a host; nothing to refresh")
+        return
+    ctx.runner.verbose = False
+    state = nft.live_state(ctx.runner)
+    if state is not State.RELAXED:
+        raise EarlyfwError(
+            f"earlyfw is {state or 'not loaded'}: refresh resolves only through the tunnel, which is up only relaxed",
+            hint="run it while the tunnel is up; the pins stay as they are",
+        )
+
+    def log(line: str) -> None:
+        click.echo(f"earlyfw: {line}")
+
+    lookup = resolver.through(config.dns_servers, config.interface)
+    new = endpoints_refresh.refreshed(config, lookup, log, endpoints_refresh.tunnel_flows(config, log))
+    if {e.key for e in new.endpoints} == {e.key for e in config.endpoints}:
+        click.echo("earlyfw: endpoints unchanged")
+        return
+    ctx.runner.verbose = True
+    nft.swap_endpoints(ctx.runner, config, new)
+    info = path.stat()
+    try:
+        Root().write(
+            str(path.resolve()), new.to_toml().encode(), mode=info.st_mode & 0o7777, uid=info.st_uid, gid=info.st_gid
+        )
+    except BaseException:
+        nft.swap_endpoints(ctx.runner, new, config)  # the config and the kernel never disagree
+        raise
+    click.echo(
+        f"earlyfw: {path} and the live sets now pin {len(new.endpoints)} endpoint(s); "
+        "boot rulesets keep the old pins until `earlyfw install` runs again"
+    )
+    if ctx.runner.run([nft.NFT, "-t", "list", "table", "inet", nft.GUARD_TABLE], check=False).returncode == 0:
+        # The watcher's owned copy can be changed only by the watcher, which
+        # reads the config when it starts.
+        click.echo(
+            f"earlyfw: warning: earlyfw watch still enforces the old pins in table inet {nft.GUARD_TABLE}: "
+            "the new addresses work once it restarts (systemctl restart earlyfw-watch)",
+            err=True,
+        )
 
 
 cli.add_command(windows_cli.windows)

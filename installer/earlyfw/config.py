@@ -60,10 +60,18 @@ class Endpoint:
     address: IPAddress
     port: int
     protocol: Protocol = Protocol.UDP
+    # The hostname this address was resolved from (`import --resolve`), kept so
+    # the config stays readable and `earlyfw endpoints refresh` can re-resolve.
+    host: str | None = None
 
     @property
     def family(self) -> int:
         return self.address.version
+
+    @property
+    def key(self) -> tuple[IPAddress, int, Protocol]:
+        """What the firewall matches on: one set element."""
+        return (self.address, self.port, self.protocol)
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
@@ -167,14 +175,14 @@ class Config:
         """The TOML document that `from_dict` reads back to an equal Config."""
         data: dict[str, Any] = {
             "tunnel": {"kind": str(self.tunnel_kind), "interface": self.interface},
-            "endpoint": [_endpoint_dict(e) for e in self.endpoints],
+            "endpoint": [endpoint_dict(e) for e in self.endpoints],
             "dns": {"servers": [str(a) for a in self.dns_servers]},
             "lan": {"allow": self.lan_allow},
         }
         if self.egress_interfaces:
             data["egress"] = {"interfaces": list(self.egress_interfaces)}
         if self.initramfs_allow:
-            data["initramfs"] = {"allow": [_endpoint_dict(e) for e in self.initramfs_allow]}
+            data["initramfs"] = {"allow": [endpoint_dict(e) for e in self.initramfs_allow]}
         if self.reject_after_seconds != DEFAULT_REJECT_AFTER_SECONDS:
             data.setdefault("watch", {})["reject_after_seconds"] = self.reject_after_seconds
         if self.openvpn_management is not None:
@@ -214,24 +222,82 @@ _ENDPOINT_HINT = 'add e.g. [[endpoint]] address = "198.51.100.7" port = 51820 pr
 
 
 def _endpoint(doc: _Doc) -> Endpoint:
-    doc.only({"address", "port", "protocol"})
+    doc.only({"address", "port", "protocol", "host"})
+    host = doc.get("host")
     return Endpoint(
-        address=parse_address(doc.key("address"), doc.get("address", required=True)),
+        address=endpoint_address(doc.key("address"), doc.get("address", required=True)),
         port=doc.integer("port", required=True, low=1, high=65535),
         protocol=doc.enum("protocol", Protocol, default=Protocol.UDP),
+        host=None if host is None else hostname(doc.key("host"), host),
     )
 
 
-def _endpoint_dict(e: Endpoint) -> dict[str, Any]:
-    return {"address": str(e.address), "port": e.port, "protocol": str(e.protocol)}
+def endpoint_dict(e: Endpoint) -> dict[str, Any]:
+    data: dict[str, Any] = {"address": str(e.address), "port": e.port, "protocol": str(e.protocol)}
+    if e.host is not None:
+        data["host"] = e.host
+    return data
 
 
-def _no_duplicates(key: str, items: Iterable[object]) -> None:
+def _no_duplicates(key: str, items: Iterable[Endpoint]) -> None:
     seen: set[object] = set()
     for item in items:
-        if item in seen:
+        if item.key in seen:
             raise ConfigError(f"{key}: {item} is listed twice")
-        seen.add(item)
+        seen.add(item.key)
+
+
+def unusable_endpoint(address: IPAddress) -> str | None:
+    """Why a packet to `address` can never leave this host towards a VPN
+    server, or None. An IPv4-mapped IPv6 address never goes on the wire as
+    IPv6 (the kernel sends IPv4 to it, which the ip6 set never matches)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"an IPv4-mapped IPv6 address (write {address.ipv4_mapped} instead)"
+    if address.is_unspecified or address in _THIS_NETWORK:
+        return 'unspecified ("this host"), not a destination'
+    if address.is_loopback:
+        return "a loopback address, which never leaves this host"
+    if address.is_multicast:
+        return "a multicast address"
+    if address == _BROADCAST:
+        return "the broadcast address"
+    return None
+
+
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def endpoint_address(key: str, value: object) -> IPAddress:
+    """A VPN server's address: a host address the tunnel can be carried to."""
+    address = parse_address(key, value)
+    why = unusable_endpoint(address)
+    if why:
+        raise ConfigError(f"{key}: {value!r} is {why}; it can never carry the tunnel")
+    return address
+
+
+# RFC 1123 labels: letters, digits, inner hyphens; at most 63 bytes each, 253 in all.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def is_hostname(value: str) -> bool:
+    """A DNS name (not an address in disguise: the last label is not all digits)."""
+    return (
+        len(value) <= 253
+        and _HOSTNAME.fullmatch(value) is not None
+        and not value.rstrip(".").rsplit(".", 1)[-1].isdigit()
+    )
+
+
+def hostname(key: str, value: object) -> str:
+    if not isinstance(value, str) or not is_hostname(value):
+        raise ConfigError(
+            f"{key}: {_show(value) if not isinstance(value, str) else repr(value)} is not a DNS hostname",
+            hint="letters, digits, '-' and '.', as in vpn.example.net",
+        )
+    return value.rstrip(".").lower()
 
 
 def parse_address(key: str, value: object) -> IPAddress:
@@ -245,17 +311,18 @@ def parse_address(key: str, value: object) -> IPAddress:
         if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
             raise ConfigError(f"{key}: {value!r} carries a zone index", hint="give the address without %zone")
         if address.is_unspecified or address.is_multicast:
-            raise ConfigError(f"{key}: {value!r} is not a host address")
+            raise ConfigError(f"{key}: {value!r} is {unusable_endpoint(address)}, not a host address")
         return address
     if "/" in value:
         raise ConfigError(
             f"{key}: {value!r} is a network (CIDR), not an address",
             hint="give a single host address without /prefix",
         )
-    if re.fullmatch(r"[A-Za-z0-9.-]+", value) and not value.replace(".", "").isdigit():
+    if is_hostname(value):
         raise ConfigError(
             f"{key}: {value!r} is a hostname; earlyfw needs an IP address",
-            hint=f"resolve it first (getent ahosts {value}) and list each address: "
+            hint="import the VPN client's file with `earlyfw import --resolve`, which pins every address, "
+            f"or resolve it yourself (getent ahosts {value}) and list each address: "
             "the firewall must not depend on DNS, which it blocks",
         )
     raise ConfigError(f"{key}: {value!r} is not an IPv4 or IPv6 address")

@@ -163,3 +163,38 @@ def status(runner: Runner, config: Config) -> Status:
 def require_root_for(action: str) -> None:
     if os.geteuid() != 0:
         raise EarlyfwError(f"{action} needs root (CAP_NET_ADMIN)", hint=f"sudo earlyfw {action}")
+
+
+def live_state(runner: Runner) -> State | None:
+    """The state table inet earlyfw claims to be in (its comment), or None
+    when it is not loaded or cannot be read (no nft, no privileges)."""
+    from earlyfw.watch.ruleset import claimed_state  # noqa: PLC0415 (it imports this module)
+
+    try:
+        # -t: without set contents, which can be 100,000 endpoints long.
+        result = runner.run([NFT, "-t", "list", "table", "inet", TABLE], check=False)
+    except CommandError:
+        return None
+    return claimed_state(result.stdout) if result.returncode == 0 else None
+
+
+def swap_endpoints(runner: Runner, old: Config, new: Config) -> None:
+    """Change the live endpoint sets from `old`'s to `new`'s in one
+    transaction, new elements added before the old ones go, so no packet ever
+    sees a set without an address both configs allow. Touches table inet
+    earlyfw and, when loaded, netdev earlyfw_egress; nothing else."""
+    before, after = {e.key for e in old.endpoints}, {e.key for e in new.endpoints}
+    added, removed = sorted(after - before), sorted(before - after)
+    if not added and not removed:
+        return
+    tables = [("inet", TABLE)]
+    if runner.run([NFT, "-t", "list", "table", "netdev", EGRESS_TABLE], check=False).returncode == 0:
+        tables.append(("netdev", EGRESS_TABLE))
+    script = ""
+    for verb, keys in (("add", added), ("delete", removed)):
+        for family, table in tables:
+            for version in (4, 6):
+                elements = [f"{a} . {p} . {port}" for a, port, p in keys if a.version == version]
+                if elements:
+                    script += f"{verb} element {family} {table} endpoints_v{version} {{ {', '.join(elements)} }}\n"
+    load(runner, script)

@@ -1,0 +1,34 @@
+"""The refresh target (every Linux system with systemd): earlyfw-refresh.timer
+runs `earlyfw endpoints refresh`, which re-pins endpoints from their hostnames
+through the tunnel. Installed but not enabled: the user turns it on.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from earlyfw.config import Config
+from earlyfw.root import Root
+from earlyfw.targets import File, Plan, System, Target, linux
+from earlyfw.targets.systemd import UNIT_DIR
+
+REFRESH_SERVICE = "earlyfw-refresh.service"
+REFRESH_TIMER = "earlyfw-refresh.timer"
+
+
+class Refresh(Target):
+    name: ClassVar[str] = "refresh"
+    system: ClassVar[System] = System.LINUX
+    order: ClassVar[int] = 26  # beside the watcher, whose service it runs after
+
+    @classmethod
+    def detect(cls, root: Root) -> bool:
+        return linux.has_systemd(root)
+
+    def plan(self, config: Config) -> Plan:
+        units = (REFRESH_SERVICE, REFRESH_TIMER)
+        # No timers.target.wants link: off until `systemctl enable --now earlyfw-refresh.timer`.
+        notes: tuple[str, ...] = ()
+        if any(e.host for e in config.endpoints):
+            notes = (f"to keep the endpoint pins fresh: systemctl enable --now {REFRESH_TIMER}",)
+        return Plan(self.name, tuple(File(f"{UNIT_DIR}/{u}", linux.render(f"units/{u}.j2")) for u in units), notes)

@@ -234,7 +234,8 @@ def test_everything_happens_inside_one_transaction(bfe: RecordingBfe) -> None:
 
 SYSTEM = security.SYSTEM
 USER = recording.USER_SID  # a standard user's program
-DHCP = rules.DHCP_CLIENT
+DHCP = security.service_sid("Dhcp")  # NT SERVICE\Dhcp
+ALE = [layer for layer in Layer if "ALE" in layer.value]
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,7 @@ def packets(config: Config) -> st.SearchStrategy[Packet]:
             st.sampled_from([USER, SYSTEM, DHCP]),
         )
 
-    return st.sampled_from(rules.ALE).flatmap(for_layer)
+    return st.sampled_from(ALE).flatmap(for_layer)
 
 
 def grid(config: Config) -> list[Packet]:
@@ -385,7 +386,7 @@ def grid(config: Config) -> list[Packet]:
     combos = [(58, icmp, 0) for icmp in range(128, 144)] + [(1, 8, 0)]
     combos += [(proto, lp, rp) for proto in (6, 17) for lp, rp in pairs]
     packets = []
-    for layer in rules.ALE:
+    for layer in ALE:
         known = INTERESTING_V4 if layer.version == 4 else INTERESTING_V6
         addresses = {ipaddress.ip_address(a) for a in known} | {
             a for a in (*(e.address for e in config.endpoints), *config.dns_servers) if a.version == layer.version
@@ -499,7 +500,7 @@ def test_the_endpoint_hole_is_only_for_the_tunnel_and_only_outbound() -> None:
 
 def test_dhcp_is_broadcast_or_the_dhcp_client_service() -> None:
     """Any program could otherwise talk to any host over UDP 68->67."""
-    assert rules.DHCP_CLIENT == "S-1-5-80-2940520708-3855866260-481812779-327648279-1710889582"  # sc showsid dhcp
+    assert DHCP == "S-1-5-80-2940520708-3855866260-481812779-327648279-1710889582"  # `sc showsid dhcp`
     for state in ("blocked", "relaxed"):
         _config, filters = enforced("example", state)
         exfiltrate = Packet(Layer.CONNECT_V4, V4("203.0.113.9"), 17, 68, 67, OTHER_LUID, user=USER)

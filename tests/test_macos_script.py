@@ -331,8 +331,9 @@ def make_mac(tmp_path: Path, shell: list[str], cfg: config.Config = EXAMPLE_CONF
         (bin_dir / name).chmod(0o755)
     # The real `wg` stand-in where install copies wireguard-tools' binary.
     wg = STUB_WG.replace("__STUB_DIR__", shlex.quote(str(mac.stub_dir))).replace("__IFACE__", cfg.interface)
-    Path(layout.wg).write_text(wg)
-    Path(layout.wg).chmod(0o755)
+    installed_wg = Path(layout.support_dir, "wg")  # layout.wg, spelt out so old code can be tested too
+    installed_wg.write_text(wg)
+    installed_wg.chmod(0o755)
     (mac.stub_dir / "now").write_text(f"{NOW}\n")
     mac.set_model(
         enabled=False,
@@ -774,13 +775,14 @@ def test_pf_disabled_behind_the_watchdog_is_back_within_a_quarter_second(mac: Ma
     (mac.stub_dir / "event_at").write_text("1\n")  # during the first sleep after the boot pass
     mac.run("watch", expect=None)
     window = int((mac.stub_dir / "window").read_text())
+    print(f"pf open for {window} ms of virtual time after pfctl -d")
     assert mac.model()["enabled"]
-    assert window <= macos.FAST_INTERVAL * 1000, f"pf stayed open for {window} ms"
+    assert window <= 250, f"pf stayed open for {window} ms"  # macos.FAST_INTERVAL
 
 
 def test_a_stale_lock_is_taken_over_and_a_held_one_waited_for(booted: Mac) -> None:
     """relax, lock, the watchdog and the OpenVPN hooks run one at a time."""
-    lock_dir = Path(booted.layout.lock_dir)
+    lock_dir = Path(booted.layout.run_dir, "lock")  # layout.lock_dir
     lock_dir.mkdir()
     (lock_dir / "pid").write_text("999999\n")  # a holder that died
     booted.run("relax")

@@ -10,8 +10,10 @@ directory's security descriptors (SDDL in, SDDL out). On Windows, check the task
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from earlyfw.root import Root
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.targets import System, windows
 from earlyfw.targets.windows import Windows
-from earlyfw.wfp import backend, rules, security
+from earlyfw.wfp import backend, engine, rules, security
 from earlyfw.wfp import cli as windows_cli
 from earlyfw.wfp import structs as s
 from earlyfw.wfp.recording import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
@@ -256,28 +258,58 @@ def test_windows_commands_refuse_off_windows() -> None:
     assert "only on Windows" in str(result.exception)
 
 
-def test_relax_and_lock_dispatch_to_wfp_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relax_and_lock_dispatch_to_wfp_on_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "earlyfw.toml"  # `lock` records its time beside the config
+    conf.write_text(EXAMPLE.read_text())
     bfe = RecordingBfe(aliases={"wg0": LUID})
     monkeypatch.setattr(windows_cli, "ON_WINDOWS", True)
     monkeypatch.setattr(backend, "load", lambda: bfe)
-    assert invoke("--config", str(EXAMPLE), "windows", "apply").exit_code == 0
+    assert invoke("--config", str(conf), "windows", "apply").exit_code == 0
     blocked = bfe.filters()
-    result = invoke("-q", "--config", str(EXAMPLE), "relax")
+    result = invoke("-q", "--config", str(conf), "relax")
     assert result.exit_code == 0, result.output
     assert "earlyfw: relaxed" in result.output
     assert len(bfe.filters()) == len(blocked) + len(rules.relax_set(config(), rules.Interface("wg0", LUID)))
-    assert invoke("-q", "--config", str(EXAMPLE), "lock").exit_code == 0
+    assert invoke("-q", "--config", str(conf), "lock").exit_code == 0
+    assert (tmp_path / "locked-at").exists(), "the watcher honours it until a fresh handshake"
     assert bfe.filters() == blocked
-    status = invoke("--config", str(EXAMPLE), "windows", "status")
+    status = invoke("--config", str(conf), "windows", "status")
     assert status.exit_code == 0 and "state: blocked" in status.output
     assert invoke("windows", "purge").exit_code == 0
     assert bfe.store == Store()
-    status = invoke("--config", str(EXAMPLE), "windows", "status")
+    status = invoke("--config", str(conf), "windows", "status")
     assert status.exit_code == 3 and "missing" in status.output
     bfe.aliases.clear()
-    invoke("--config", str(EXAMPLE), "windows", "apply")
-    missing = invoke("--config", str(EXAMPLE), "relax")
+    invoke("--config", str(conf), "windows", "apply")
+    missing = invoke("--config", str(conf), "relax")
     assert isinstance(missing.exception, EarlyfwError) and "no network adapter named 'wg0'" in str(missing.exception)
+
+
+def test_status_warns_about_rival_sublayers_and_reports_boot_time_filters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "earlyfw.toml"
+    conf.write_text(EXAMPLE.read_text())
+    """Weight 0xFFFF is no precedence: another product's 0xFFFF sublayer can
+    hold a hard permit that earlyfw's blocks do not override."""
+    bfe = RecordingBfe(aliases={"wg0": LUID})
+    monkeypatch.setattr(windows_cli, "ON_WINDOWS", True)
+    monkeypatch.setattr(backend, "load", lambda: bfe)
+    assert invoke("--config", str(conf), "windows", "apply").exit_code == 0
+    quiet = invoke("--config", str(conf), "windows", "status")
+    assert quiet.exit_code == 0 and "warning" not in quiet.output
+    assert "boottime: 10 filters" in quiet.output
+    other = s.FWPM_SUBLAYER0()
+    other.subLayerKey = s.GUID.of(uuid.UUID("12345678-1234-5678-1234-567812345678"))
+    other.displayData.name = "Other VPN"
+    other.weight = 0xFFFF
+    with engine.session(bfe) as bfe_session:
+        bfe_session.call("FwpmSubLayerAdd0", bfe_session.handle, ctypes.byref(other), None)
+    loud = invoke("--config", str(conf), "windows", "status")
+    assert "warning: sublayer 'Other VPN' (12345678-1234-5678-1234-567812345678) also has weight 0xffff" in loud.output
+    bfe.reboot(hide_boottime=True)  # BFE lists boot-time filters only on the boot they were added
+    after = invoke("--config", str(conf), "windows", "status")
+    assert "boot-time filters: not listed by BFE" in after.output and after.exit_code == 0
 
 
 def test_on_a_live_windows_host_only_windows_targets_are_chosen(

@@ -127,7 +127,8 @@ def lock(obj: CliContext) -> None:
 @click.pass_obj
 def status(obj: CliContext) -> None:
     """Show which earlyfw filters BFE has; exit 3 if the block is missing."""
-    found = engine.installed(backend.load())
+    wfp = backend.load()
+    found = engine.installed(wfp)
     keys = {f.key for f in found}
     config = load_config(obj)
     wanted = {f.key for f in rules.install_set(config) if f.lifetime is rules.Lifetime.PERSISTENT}
@@ -136,6 +137,11 @@ def status(obj: CliContext) -> None:
     for lifetime in rules.Lifetime:
         click.echo(f"{lifetime}: {sum(1 for f in found if f.lifetime is lifetime)} filters")
     click.echo(f"state: {'relaxed' if relaxed else 'blocked'}")
+    for key, name, weight in engine.rival_sublayers(wfp):
+        click.echo(
+            f"warning: sublayer {name!r} ({key}) also has weight {weight:#x}: "
+            "a hard permit there is not overridden by earlyfw's blocks"
+        )
     missing = wanted - keys
     boot_missing = boot - keys
     if boot_missing == boot:

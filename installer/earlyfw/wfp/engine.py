@@ -225,6 +225,28 @@ class Session:
         ok = [s.FWP_E_PROVIDER_NOT_FOUND] if missing_ok else []
         return self.call("FwpmProviderDeleteByKey0", self.handle, byref(s.GUID.of(s.PROVIDER_KEY)), ok=ok) == 0
 
+    def sublayers(self) -> list[tuple[uuid.UUID, str, int]]:
+        """Every sublayer BFE has: key, name, weight."""
+        enum = c_void_p()
+        self.call("FwpmSubLayerCreateEnumHandle0", self.handle, None, byref(enum))
+        found: list[tuple[uuid.UUID, str, int]] = []
+        try:
+            while True:
+                entries = POINTER(POINTER(s.FWPM_SUBLAYER0))()
+                count = c_uint32()
+                self.call("FwpmSubLayerEnum0", self.handle, enum, ENUM_BATCH, byref(entries), byref(count))
+                try:
+                    for i in range(count.value):
+                        sl = entries[i].contents
+                        found.append((sl.subLayerKey.to_uuid(), sl.displayData.name or "", int(sl.weight)))
+                finally:
+                    memory = ctypes.cast(entries, c_void_p)
+                    self.fn["FwpmFreeMemory0"](byref(memory))
+                if count.value < ENUM_BATCH:
+                    return found
+        finally:
+            self.fn["FwpmSubLayerDestroyEnumHandle0"](self.handle, enum)
+
     def filters(self) -> list[Found]:
         """Every filter of earlyfw's provider, boot-time ones included."""
         found: list[Found] = []
@@ -394,6 +416,13 @@ def lock(backend: Backend) -> None:
 def relax_keys_in(bfe: Session) -> frozenset[uuid.UUID]:
     """Which relax permits BFE holds right now."""
     return frozenset(f.key for f in bfe.filters()) & rules.relax_keys()
+
+
+def rival_sublayers(backend: Backend) -> list[tuple[uuid.UUID, str, int]]:
+    """Other sublayers as heavy as earlyfw's: a hard permit in one of them
+    is not overridden by earlyfw's blocks (`windows status` warns)."""
+    with session(backend) as bfe:
+        return [sl for sl in bfe.sublayers() if sl[2] >= s.SUBLAYER_WEIGHT and sl[0] != s.SUBLAYER_KEY]
 
 
 def installed(backend: Backend) -> list[Found]:

@@ -284,7 +284,7 @@ class RecordingBfe:
         self.failures: dict[str, list[tuple[int, int]]] = {}
         self.counts: dict[str, int] = {}
         self.handles: set[int] = set()
-        self.enums: dict[int, list[DecodedFilter]] = {}
+        self.enums: dict[int, list[Any]] = {}
         self.allocations: dict[int, object] = {}
         self._ids = itertools.count(0x10000)
         self._handles = itertools.count(0xB0E0)
@@ -587,6 +587,46 @@ class RecordingBfe:
     def _FwpmFilterDestroyEnumHandle0(self, handle: int | None, enum: int | None) -> int:
         self._session(handle)
         self.calls.append(("FwpmFilterDestroyEnumHandle0", None))
+        if self.enums.pop(enum or 0, None) is None:
+            raise _Failed(ERROR_INVALID_HANDLE)
+        return 0
+
+    def _FwpmSubLayerCreateEnumHandle0(self, handle: int | None, template: Any, out: Any) -> int:
+        self._session(handle)
+        self.calls.append(("FwpmSubLayerCreateEnumHandle0", None))
+        if template and template.contents.providerKey:
+            raise _Failed(s.FWP_E_INVALID_PARAMETER)  # the model lists every sublayer only
+        enum = next(self._handles)
+        self.enums[enum] = sorted(self._state.sublayers.values(), key=lambda sl: str(sl.key))
+        out[0] = enum
+        return 0
+
+    def _FwpmSubLayerEnum0(self, handle: int | None, enum: int | None, wanted: int, entries: Any, count: Any) -> int:
+        self._session(handle)
+        if enum not in self.enums:
+            raise _Failed(ERROR_INVALID_HANDLE)
+        batch, self.enums[enum] = self.enums[enum][:wanted], self.enums[enum][wanted:]
+        self.calls.append(("FwpmSubLayerEnum0", len(batch)))
+        structures = (s.FWPM_SUBLAYER0 * max(len(batch), 1))()
+        keep: list[object] = [structures]
+        for structure, sl in zip(structures, batch, strict=False):
+            assert isinstance(sl, Sublayer)
+            structure.subLayerKey = s.GUID.of(sl.key)
+            structure.displayData.name = sl.name
+            structure.flags = sl.flags
+            structure.weight = sl.weight
+        pointers = (POINTER(s.FWPM_SUBLAYER0) * max(len(batch), 1))()
+        for i in range(len(batch)):
+            pointers[i] = ctypes.pointer(structures[i])
+        keep.append(pointers)
+        self.allocations[ctypes.addressof(pointers)] = keep
+        entries[0] = ctypes.cast(pointers, POINTER(POINTER(s.FWPM_SUBLAYER0)))
+        count[0] = len(batch)
+        return 0
+
+    def _FwpmSubLayerDestroyEnumHandle0(self, handle: int | None, enum: int | None) -> int:
+        self._session(handle)
+        self.calls.append(("FwpmSubLayerDestroyEnumHandle0", None))
         if self.enums.pop(enum or 0, None) is None:
             raise _Failed(ERROR_INVALID_HANDLE)
         return 0

@@ -212,6 +212,10 @@ class FWPM_PROVIDER_CONTEXT_ENUM_TEMPLATE0(Structure):
     _fields_ = [("providerKey", POINTER(GUID)), ("providerContextType", c_int32)]
 
 
+class FWPM_SUBLAYER_ENUM_TEMPLATE0(Structure):
+    _fields_ = [("providerKey", POINTER(GUID))]
+
+
 class FWPM_FILTER_ENUM_TEMPLATE0(Structure):
     _fields_ = [
         ("providerKey", POINTER(GUID)),
@@ -321,6 +325,7 @@ STRUCTURES: tuple[type[Structure], ...] = (
     FWPM_SESSION0,
     FWPM_PROVIDER_CONTEXT_ENUM_TEMPLATE0,
     FWPM_FILTER_ENUM_TEMPLATE0,
+    FWPM_SUBLAYER_ENUM_TEMPLATE0,
     MIB_IF_ROW2,
     ACL,
 )
@@ -459,6 +464,12 @@ FWPUCLNT: dict[str, tuple[Any, tuple[Any, ...]]] = {
         (c_void_p, c_void_p, c_uint32, POINTER(POINTER(POINTER(FWPM_FILTER0))), POINTER(c_uint32)),
     ),
     "FwpmFilterDestroyEnumHandle0": (c_uint32, (c_void_p, c_void_p)),
+    "FwpmSubLayerCreateEnumHandle0": (c_uint32, (c_void_p, POINTER(FWPM_SUBLAYER_ENUM_TEMPLATE0), PHANDLE)),
+    "FwpmSubLayerEnum0": (
+        c_uint32,
+        (c_void_p, c_void_p, c_uint32, POINTER(POINTER(POINTER(FWPM_SUBLAYER0))), POINTER(c_uint32)),
+    ),
+    "FwpmSubLayerDestroyEnumHandle0": (c_uint32, (c_void_p, c_void_p)),
     "FwpmFreeMemory0": (None, (POINTER(c_void_p),)),
 }
 IPHLPAPI: dict[str, tuple[Any, tuple[Any, ...]]] = {

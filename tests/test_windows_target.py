@@ -321,3 +321,31 @@ def test_on_a_live_windows_host_only_windows_targets_are_chosen(
     assert all(cls.system is System.WINDOWS for cls in chosen), chosen
     # An image directory is not the host: there the named Linux targets stay.
     assert {cls.name for cls in installer.select(Root(tmp_path), ["windows"])} == {"core", "windows"}
+
+
+# -- Windows adapter names -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["OpenVPN TAP-Windows6", "Local Area Connection (2)", "w" * 256, "wg_office+home=1"])
+def test_real_windows_adapter_names_are_accepted(name: str) -> None:
+    """`[tunnel] adapter`: Windows names go past Linux's 15-byte rule."""
+    text = EXAMPLE.read_text().replace("[tunnel]\n", f'[tunnel]\nadapter = "{name}"\n', 1)
+    cfg = configuration.parse(text)
+    assert cfg.windows_adapter == name and cfg.interface == config().interface
+    assert configuration.parse(cfg.to_toml()) == cfg
+    bfe = RecordingBfe(aliases={name: LUID})
+    engine.install(bfe, cfg)
+    engine.relax(bfe, cfg, rules.Interface(cfg.windows_adapter, engine.tunnel_luid(bfe, name) or 0))
+    assert ("ConvertInterfaceAliasToLuid", name) in bfe.calls
+    xml = windows.task_xml(cfg)[2:].decode("utf-16-le")
+    assert ET.fromstring(xml.split("?>", 1)[1]) is not None  # noqa: S314 - our own rendered XML
+
+
+@pytest.mark.parametrize("name", ["w" * 257, "", " leading", "trailing ", 'quote"d', "a<b", "tab\there", "x&y", 7])
+def test_adapter_names_that_could_break_out_are_refused(name: object) -> None:
+    value = f'"{name}"' if isinstance(name, str) else str(name)
+    text = EXAMPLE.read_text().replace("[tunnel]\n", f"[tunnel]\nadapter = {value}\n", 1)
+    if '"' in str(name) and isinstance(name, str):
+        text = EXAMPLE.read_text().replace("[tunnel]\n", f"[tunnel]\nadapter = '{name}'\n", 1)
+    with pytest.raises(configuration.ConfigError, match=r"tunnel\.adapter"):
+        configuration.parse(text)

@@ -79,7 +79,7 @@ def task_xml(config: Config) -> bytes:
 
 
 def breakglass_script(config: Config) -> bytes:
-    placeholder = rules.Interface(config.interface, 0)
+    placeholder = rules.Interface(config.windows_adapter, 0)
     blocking = [
         f for f in (*rules.install_set(config), *rules.relax_set(config, placeholder)) if f.action is rules.Action.BLOCK
     ]
@@ -120,7 +120,7 @@ class Windows(Target):
             # Refused before anything is written: an adapter that exists now
             # must be a tunnel (tunnel_luid raises for a NIC); one that does
             # not exist yet is checked again at every relax.
-            engine.tunnel_luid(self.load_backend(), config.interface)
+            engine.tunnel_luid(self.load_backend(), config.windows_adapter)
         files = [
             File(CONFIG_PATH, _windows_text(config.to_toml()), 0o644),
             File(FILTERS_PATH, _windows_text(json.dumps(rules.describe(config), indent=2) + "\n"), 0o644),

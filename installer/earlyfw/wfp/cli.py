@@ -53,13 +53,13 @@ def put_state(obj: CliContext, state: State) -> None:
     wfp = backend.load()
     record = watch.lock_record(config_path(obj))
     if state is State.RELAXED:
-        luid = engine.tunnel_luid(wfp, config.interface)
+        luid = engine.tunnel_luid(wfp, config.windows_adapter)
         if luid is None:
             raise EarlyfwError(
-                f"no network adapter named {config.interface!r}: nothing to relax onto",
+                f"no network adapter named {config.windows_adapter!r}: nothing to relax onto",
                 hint="start the tunnel first; [tunnel] interface must be the adapter's name (Get-NetAdapter)",
             )
-        engine.relax(wfp, config, rules.Interface(config.interface, luid))
+        engine.relax(wfp, config, rules.Interface(config.windows_adapter, luid))
         record.unlink(missing_ok=True)
     elif state is State.BLOCKED:
         # Recorded first: the watcher must not relax again between the two.
@@ -94,8 +94,8 @@ def show(obj: CliContext, as_json: bool) -> None:
     click.echo("blocked state (earlyfw install):")
     for f in rules.install_set(config):
         click.echo("  " + _describe(f))
-    click.echo(f"relaxed adds (earlyfw relax; LUID of {config.interface}):")
-    for f in rules.relax_set(config, rules.Interface(config.interface, 0)):
+    click.echo(f"relaxed adds (earlyfw relax; LUID of {config.windows_adapter}):")
+    for f in rules.relax_set(config, rules.Interface(config.windows_adapter, 0)):
         click.echo("  " + _describe(f))
 
 

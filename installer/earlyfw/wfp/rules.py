@@ -476,7 +476,7 @@ def fixed_keys() -> frozenset[uuid.UUID]:
 def describe(config: Config) -> dict[str, Any]:
     """The filter set as JSON: what the windows target writes next to the
     config, and what `earlyfw windows show` prints."""
-    placeholder = Interface(config.interface, 0)
+    placeholder = Interface(config.windows_adapter, 0)
     return {
         "provider": {"key": str(s.PROVIDER_KEY), "flags": s.FWPM_PROVIDER_FLAG_PERSISTENT},
         "sublayer": {

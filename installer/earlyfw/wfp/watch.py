@@ -135,9 +135,9 @@ class Watcher:
         try:
             if self.config.tunnel_kind is TunnelKind.MANUAL:
                 return State.BLOCKED, None  # manual: `earlyfw relax` and `earlyfw lock` by hand
-            luid = engine.tunnel_luid(self.backend, self.config.interface)
+            luid = engine.tunnel_luid(self.backend, self.config.windows_adapter)
             if self.config.tunnel_kind is TunnelKind.WIREGUARD:
-                result = self.runner.run([wg_exe(), "show", self.config.interface, "dump"], check=False)
+                result = self.runner.run([wg_exe(), "show", self.config.windows_adapter, "dump"], check=False)
                 live = result.returncode == 0 and wireguard_live(self.config, result.stdout, self.clock(), locked_at)
             else:
                 up = luid is not None and engine.adapter_up(self.backend, luid)
@@ -152,7 +152,7 @@ class Watcher:
         if not live:
             return State.BLOCKED, None
         if luid is None:
-            self.log(f"no adapter named {self.config.interface!r}; staying blocked")
+            self.log(f"no adapter named {self.config.windows_adapter!r}; staying blocked")
             return State.BLOCKED, None
         return State.RELAXED, luid
 
@@ -180,7 +180,7 @@ class Watcher:
         bfe = self._bfe()
         present = engine.relax_keys_in(bfe)
         if state is State.RELAXED and luid is not None:
-            tunnel = Interface(self.config.interface, luid)
+            tunnel = Interface(self.config.windows_adapter, luid)
             if present == {f.key for f in rules.relax_set(self.config, tunnel)} and self.applied == luid:
                 return False
             engine.relax_in(bfe, self.config, tunnel)

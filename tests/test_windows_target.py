@@ -24,7 +24,7 @@ import pytest
 from earlyfw import cli
 from earlyfw import config as configuration
 from earlyfw import install as installer
-from earlyfw.errors import CommandError, EarlyfwError
+from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.targets import System, windows
@@ -347,5 +347,5 @@ def test_adapter_names_that_could_break_out_are_refused(name: object) -> None:
     text = EXAMPLE.read_text().replace("[tunnel]\n", f"[tunnel]\nadapter = {value}\n", 1)
     if '"' in str(name) and isinstance(name, str):
         text = EXAMPLE.read_text().replace("[tunnel]\n", f"[tunnel]\nadapter = '{name}'\n", 1)
-    with pytest.raises(configuration.ConfigError, match=r"tunnel\.adapter"):
+    with pytest.raises(ConfigError, match=r"tunnel\.adapter"):
         configuration.parse(text)

@@ -127,9 +127,9 @@ def test_after_install_puts_the_block_in_bfe_then_starts_the_watcher(tmp_path: P
     assert {f.key for f in bfe.filters()} == {f.key for f in rules.install_set(cfg)}
     task = str(HostRoot(tmp_path) / windows.TASK_PATH)
     assert runner.argvs() == [
-        ("schtasks", "/End", "/TN", "earlyfw-watch"),
-        ("schtasks", "/Create", "/TN", "earlyfw-watch", "/XML", task, "/F"),
-        ("schtasks", "/Run", "/TN", "earlyfw-watch"),
+        (windows.schtasks(), "/End", "/TN", "earlyfw-watch"),
+        (windows.schtasks(), "/Create", "/TN", "earlyfw-watch", "/XML", task, "/F"),
+        (windows.schtasks(), "/Run", "/TN", "earlyfw-watch"),
     ]
 
 
@@ -141,7 +141,7 @@ def test_a_failing_task_leaves_the_host_blocked_and_uninstall_still_works(tmp_pa
     assert bfe.filters(), "the block went in first and stays"
     target.before_uninstall()  # the task never existed: tolerated
     assert bfe.store == Store()
-    assert ("schtasks", "/Delete", "/TN", "earlyfw-watch", "/F") in runner.argvs()
+    assert (windows.schtasks(), "/Delete", "/TN", "earlyfw-watch", "/F") in runner.argvs()
 
 
 def windows_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bfe: RecordingBfe) -> HostRoot:
@@ -189,7 +189,7 @@ def test_a_user_planted_directory_and_config_end_up_admin_only(tmp_path: Path, m
         assert security.admin_only_problems(bfe.descriptor(path)) == [], path
     assert bfe.descriptor(str(data)).to_sddl() == security.Descriptor.from_sddl(windows.DATA_DIR_SDDL).to_sddl()
     assert not [argv for argv in runner.argvs() if argv[0] == "icacls"]
-    assert ("schtasks", "/Run", "/TN", "earlyfw-watch") in runner.argvs()
+    assert (windows.schtasks(), "/Run", "/TN", "earlyfw-watch") in runner.argvs()
     assert bfe.errors == [] and bfe.local == {}, "every LocalAlloc'd buffer freed"
 
 

@@ -51,6 +51,12 @@ def on_windows() -> bool:
     return sys.platform == "win32"
 
 
+def schtasks() -> str:
+    """By its System32 path: an elevated install must not run whatever
+    schtasks.exe comes first on PATH or in the working directory."""
+    return os.path.join(os.environ.get("SYSTEMROOT", r"C:\Windows"), "System32", "schtasks.exe")
+
+
 def windows_path(system_path: str) -> str:
     """How a user finds a system path on the usual system drive."""
     return "C:" + system_path.replace("/", "\\")
@@ -216,18 +222,18 @@ class Windows(Target):
         engine.install(self.load_backend(), config)
         # Then nothing a standard user can write, before the SYSTEM task trusts it.
         self.secure_data()
-        self.runner.run(["schtasks", "/End", "/TN", TASK_NAME], check=False)
+        self.runner.run([schtasks(), "/End", "/TN", TASK_NAME], check=False)
         if not watches(config):
-            self.runner.run(["schtasks", "/Delete", "/TN", TASK_NAME, "/F"], check=False)
+            self.runner.run([schtasks(), "/Delete", "/TN", TASK_NAME, "/F"], check=False)
             return
-        self.runner.run(["schtasks", "/Create", "/TN", TASK_NAME, "/XML", str(self.root / TASK_PATH), "/F"])
-        self.runner.run(["schtasks", "/Run", "/TN", TASK_NAME])
+        self.runner.run([schtasks(), "/Create", "/TN", TASK_NAME, "/XML", str(self.root / TASK_PATH), "/F"])
+        self.runner.run([schtasks(), "/Run", "/TN", TASK_NAME])
 
     def before_uninstall(self) -> None:
         """Before any file goes: if the WFP transaction fails, the manifest,
         the config and the break-glass script are all still there, and a
         second `earlyfw uninstall` can finish the job."""
         # Stop the watcher before the policy goes, so it cannot relax into it.
-        self.runner.run(["schtasks", "/End", "/TN", TASK_NAME], check=False)
-        self.runner.run(["schtasks", "/Delete", "/TN", TASK_NAME, "/F"], check=False)
+        self.runner.run([schtasks(), "/End", "/TN", TASK_NAME], check=False)
+        self.runner.run([schtasks(), "/Delete", "/TN", TASK_NAME, "/F"], check=False)
         engine.uninstall(self.load_backend())

@@ -299,3 +299,28 @@ def test_the_log_file_is_bounded(tmp_path: Path) -> None:
     log("blocked")
     assert (tmp_path / "watch.log.1").stat().st_size == watch.LOG_LIMIT + 1
     assert (tmp_path / "watch.log").read_text().endswith(" blocked\n")
+
+
+def test_a_lock_that_lands_between_decision_and_relax_wins(tmp_path: Path) -> None:
+    """`earlyfw lock` between the watcher's decision and its relax: the lock
+    record is re-read once the relax transaction holds BFE (transactions run
+    one at a time), so the lock is not undone, not even until the next poll."""
+    cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
+    record = watch.lock_record(tmp_path / "earlyfw.toml")
+    engine.install(bfe, cfg)
+    w, logs = watcher(cfg, world, bfe, lock_path=record)
+    fresh(world, NOW - 3)
+    decide = w.wanted
+
+    def racing() -> tuple[State, int | None]:
+        wanted = decide()
+        record.write_text(f"{NOW - 1}\n")  # what `earlyfw lock` does first...
+        engine.lock(bfe)  # ...then its transaction
+        return wanted
+
+    w.wanted = racing  # type: ignore[method-assign]
+    assert w.step() is State.BLOCKED and not relaxed(bfe)
+    assert "an explicit lock came in meanwhile" in logs[-2]
+    w.wanted = decide  # type: ignore[method-assign]
+    assert w.step() is State.BLOCKED and not relaxed(bfe), "and it holds"
+    w.close()

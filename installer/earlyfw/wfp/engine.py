@@ -384,15 +384,19 @@ def adapter_up(backend: Backend, luid: int) -> bool:
     return row is not None and row.OperStatus == s.IF_OPER_STATUS_UP
 
 
-def relax_in(bfe: Session, config: Config, tunnel: Interface) -> None:
+def relax_in(bfe: Session, config: Config, tunnel: Interface, *, unless: Callable[[], bool] = lambda: False) -> bool:
     """Permit the tunnel (replacing an earlier relax, e.g. for an adapter
     that came back with a new LUID) in one transaction of `bfe`. Fails,
-    changing nothing, if earlyfw's policy is not installed."""
+    changing nothing, if earlyfw's policy is not installed. `unless` is
+    asked once the transaction holds BFE; if true nothing changes (False)."""
     with bfe.transaction():
+        if unless():
+            return False
         for key in sorted(rules.relax_keys()):
             bfe.delete_filter(key, missing_ok=True)
         for f in rules.relax_set(config, tunnel):
             bfe.add_filter(f)
+    return True
 
 
 def lock_in(bfe: Session) -> None:

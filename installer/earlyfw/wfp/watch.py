@@ -115,6 +115,9 @@ class Watcher:
         # adapter has been seen down (the connection restarted).
         self.lock_seen = 0.0
         self.hold = False
+        # The lock record the last decision read: a relax goes in only if it
+        # is unchanged once the relax transaction holds BFE.
+        self.decided_on = 0.0
 
     def _bfe(self) -> engine.Session:
         if self.session is None:
@@ -130,8 +133,11 @@ class Watcher:
             self.session = None
         self.applied = None
 
+    def _read_lock(self) -> float:
+        return read_lock(self.lock_path) if self.lock_path else 0.0
+
     def wanted(self) -> tuple[State, int | None]:
-        locked_at = read_lock(self.lock_path) if self.lock_path else 0.0
+        locked_at = self.decided_on = self._read_lock()
         try:
             if self.config.tunnel_kind is TunnelKind.MANUAL:
                 return State.BLOCKED, None  # manual: `earlyfw relax` and `earlyfw lock` by hand
@@ -160,8 +166,10 @@ class Watcher:
         state, luid = self.wanted()
         for attempt in (1, 2):
             try:
-                if not self._put(state, luid):
+                put = self._put(state, luid)
+                if put is None:
                     return state
+                state, luid = put
                 break
             except EarlyfwError as e:
                 # BFE restarted (the handle is gone) or refused: end this
@@ -175,20 +183,26 @@ class Watcher:
         self.log(f"{state}" + (f" (tunnel LUID {luid:#x})" if luid is not None else ""))
         return state
 
-    def _put(self, state: State, luid: int | None) -> bool:
-        """Make BFE hold what `state` needs; False if it already did."""
+    def _put(self, state: State, luid: int | None) -> tuple[State, int | None] | None:
+        """Make BFE hold what `state` needs; what it then holds, or None if it
+        already did."""
         bfe = self._bfe()
         present = engine.relax_keys_in(bfe)
         if state is State.RELAXED and luid is not None:
             tunnel = Interface(self.config.windows_adapter, luid)
             if present == {f.key for f in rules.relax_set(self.config, tunnel)} and self.applied == luid:
-                return False
-            engine.relax_in(bfe, self.config, tunnel)
-            return True
+                return None
+            # `earlyfw lock` records the lock before its own transaction, and
+            # BFE runs one transaction at a time: a lock that landed after
+            # this decision is seen here, or its transaction follows ours.
+            if engine.relax_in(bfe, self.config, tunnel, unless=lambda: self._read_lock() != self.decided_on):
+                return state, luid
+            self.log("an explicit lock came in meanwhile; staying blocked")
+            return State.BLOCKED, None
         if not present and self.applied is None:
-            return False
+            return None
         engine.lock_in(bfe)
-        return True
+        return State.BLOCKED, None
 
     def run(
         self,

@@ -10,12 +10,15 @@ nothing is permitted that the policy does not permit.
 
 What cannot be checked off Windows is enforcement itself. On a Windows host,
 after `earlyfw.exe install`:
-  netsh wfp show boottimepolicy   lists the 8 boot-time filters (block all and
-                                  loopback at the four ALE layers)
+  netsh wfp show boottimepolicy   lists the 10 boot-time filters (block all at
+                                  the four ALE and two IPFORWARD layers,
+                                  loopback at the ALE ones)
   netsh wfp show filters          writes filters.xml with the persistent ones,
                                   provider d4e61f5f-1d35-4e05-acc2-7616d5802bf3
 and `Test-NetConnection 203.0.113.1 -Port 443` fails while the tunnel is down,
-also right after a reboot before anyone logs on.
+also right after a reboot before anyone logs on; as a standard user the
+WireGuard endpoint is unreachable while the tunnel still connects. The README's
+Windows section lists every check.
 """
 
 from __future__ import annotations

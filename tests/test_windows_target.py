@@ -1,7 +1,7 @@
 """The windows target and `earlyfw windows …`, on Linux.
 
 Files are written for real under a temporary --root; the WFP side runs against
-the recording BFE model and commands (schtasks, icacls) against the
+the recording BFE model and commands (schtasks) against the
 RecordingRunner, since neither exists here; the model also keeps the data
 directory's security descriptors (SDDL in, SDDL out). On Windows, check the task with
 `schtasks /Query /TN earlyfw-watch /V /FO LIST` and the filters with

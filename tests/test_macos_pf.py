@@ -21,6 +21,7 @@ Set EARLYFW_UPDATE_GOLDEN=1 to rewrite the golden files after an intended change
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from pathlib import Path
@@ -208,7 +209,7 @@ def test_rule_order_and_families() -> None:
 
 def test_rule_count_in_script_matches_anchor() -> None:
     rendered = macos.render(EXAMPLE_CONFIG)
-    count = len(pf.parse(rendered.rules).rules)
+    count = len(pf.parse(rendered.rules))  # what `pfctl -s rules` lists: scrub and filter rules
     assert f"\nRULE_COUNT={count}\n" in rendered.script
 
 
@@ -276,8 +277,10 @@ def test_dhcp_and_neighbour_discovery_pass() -> None:
     unspecified = ip("0.0.0.0")  # noqa: S104 - a DHCP DISCOVER's source address, not a bind
     dhcp = Packet(Direction.OUT, "en0", unspecified, ip("255.255.255.255"), "udp", 68, 67)
     assert anchor.verdict(dhcp) == "pass"
-    offer = Packet(Direction.IN, "en0", ip("192.0.2.1"), ip("255.255.255.255"), "udp", 67, 68)
+    offer = Packet(Direction.IN, "en0", ip("192.0.2.1"), ip("255.255.255.255"), "udp", 67, 68, uid=0)
     assert anchor.verdict(offer) == "pass"
+    renew = Packet(Direction.OUT, "en0", ip("192.0.2.2"), ip("192.0.2.1"), "udp", 68, 67, uid=0)
+    assert anchor.verdict(renew) == "pass"
     solicit = Packet(Direction.OUT, "en0", ip("fe80::2"), ip("ff02::1:2"), "udp", 546, 547)
     assert anchor.verdict(solicit) == "pass"
     ns = Packet(Direction.OUT, "en0", ip("fe80::2"), ip("ff02::1:ff00:1"), "ipv6-icmp", icmp_type=135)
@@ -291,6 +294,22 @@ def test_dhcp_and_neighbour_discovery_pass() -> None:
     assert anchor.verdict(ns_global) == "return"
     echo = Packet(Direction.OUT, "en0", ip("fe80::2"), ip("fe80::1"), "ipv6-icmp", icmp_type=128)
     assert anchor.verdict(echo) == "return"
+
+
+def test_dhcp_unicast_and_replies_are_for_root_only() -> None:
+    """Issue 15, item 5: macOS has no privileged ports, so any program could
+    bind port 68 and talk to any host over UDP 68->67. Broadcast requests
+    pass for anyone (they stay on the link); unicast and replies for root's
+    sockets (configd) only."""
+    anchor = Anchor(EXAMPLE_CONFIG)
+    user = 501
+    exfiltrate = Packet(Direction.OUT, "en0", ip("192.0.2.2"), ip("203.0.113.9"), "udp", 68, 67, uid=user)
+    inbound = Packet(Direction.IN, "en0", ip("203.0.113.9"), ip("192.0.2.2"), "udp", 67, 68, uid=user)
+    broadcast = Packet(Direction.OUT, "en0", ip("0.0.0.0"), ip("255.255.255.255"), "udp", 68, 67, uid=user)  # noqa: S104
+    assert anchor.verdict(exfiltrate) == "return"
+    assert anchor.verdict(inbound) == "drop"
+    assert anchor.verdict(broadcast) == "pass"
+    assert anchor.verdict(dataclasses.replace(exfiltrate, uid=0)) == "pass"  # control: configd renews
 
 
 def test_loopback_passes() -> None:
@@ -365,7 +384,10 @@ TABLE = "table <t> const persist { 198.51.100.7, 2001:db8::7 }\n"
         ("pass out quick inet proto ipv6-icmp all no state", "needs inet6"),
         ("pass in quick inet6 proto udp all icmp6-type toobig no state", "needs proto ipv6-icmp"),
         ("rdr pass on en0 proto tcp to port 80 -> 127.0.0.1", "not a statement"),
-        ('anchor "../main" all', "relative anchor name"),
+        ('anchor "../main" all', "anchor name or path"),
+        ("pass out quick inet proto udp from any to any port 67 user nobody no state", "not one earlyfw uses"),
+        ("pass out quick inet all user root no state", "user needs proto"),
+        ("pass quick inet all no state\nscrub in all fragment reassemble", "before the filter rules"),
         ("pass quick inet all no state\n" + TABLE, "before the rules"),
         (TABLE + TABLE, "defined twice"),
         ("table <t> persist { 198.51.100.0/16 }", "host bits"),

@@ -22,6 +22,7 @@ log's first line is the boot-time load.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 import subprocess
@@ -56,10 +57,11 @@ if [ -s "$D/fail" ] && printf '%s\n' "$*" | grep -E -q -f "$D/fail"; then
 	echo "pfctl: stub failure for '$*'" >&2
 	exit 1
 fi
-a= f= F= s= X= E= d=
+a= f= F= s= X= E= d= i=
 while [ $# -gt 0 ]; do
 	case $1 in
 	-a) a=$2; shift 2 ;;
+	-i) i=$2; shift 2 ;;
 	-f) f=$2; shift 2 ;;
 	-F) F=$2; shift 2 ;;
 	-s) s=$2; shift 2 ;;
@@ -89,7 +91,14 @@ if [ -n "$f" ]; then
 	fi
 elif [ -n "$F" ]; then
 	case $F in rules | all) : >"$target" ;; esac
-	case $F in states | all) echo $(($(cat "$P/state_flushes") + 1)) >"$P/state_flushes" ;; esac
+	case $F in states | all)
+		if [ -n "$i" ]; then
+			echo "$i" >>"$P/interface_flushes"
+		else
+			echo $(($(cat "$P/state_flushes") + 1)) >"$P/state_flushes"
+		fi
+		;;
+	esac
 elif [ "$s" = rules ]; then
 	if [ ! -e "$target" ]; then
 		echo "pfctl: DIOCGETRULES: Invalid argument" >&2
@@ -154,6 +163,13 @@ fi
 cat "$D/wg.dump"
 """
 
+# A `wg` a user could plant in a directory on the daemon's PATH: it must never run.
+STUB_TROJAN = r"""#!/bin/sh
+D=__STUB_DIR__
+{ printf 'trojan'; printf '\037%s' "$@"; printf '\n'; } >>"$D/calls"
+exit 1
+"""
+
 STUB_DATE = r"""#!/bin/sh
 D=__STUB_DIR__
 if [ "$*" = "+%s" ]; then
@@ -211,6 +227,10 @@ class Mac:
         for name, text in data["anchors"].items():
             (pf_dir / "anchors" / name.replace("/", "%")).write_text(text)
 
+    def interface_flushes(self) -> list[str]:
+        path = self.stub_dir / "pf" / "interface_flushes"
+        return path.read_text().split() if path.exists() else []
+
     def calls(self) -> list[list[str]]:
         path = self.stub_dir / "calls"
         return [line.split("\x1f") for line in path.read_text().splitlines()] if path.exists() else []
@@ -257,18 +277,14 @@ class Mac:
     # --- Reading the model -----------------------------------------------------
 
     def verdict(self, packet: Packet) -> str:
-        """What pf would do with `packet`: 'open' (pf disabled), 'pass', or 'block'."""
+        """What pf would do with `packet`: 'open' (pf disabled), 'pass', or
+        'block', evaluating the main ruleset and every anchor it calls, as pf
+        does: scrub first, then the first quick match in call order."""
         model = self.model()
         if not model["enabled"]:
             return "open"
-        hooks = ('anchor "com.apple/*"', f'anchor "{macos.ANCHOR}"')
-        main_rules = [line.strip() for line in model["main"].splitlines()]
-        if not any(line.startswith(hooks) for line in main_rules):
-            return "pass"
-        text = model["anchors"].get(macos.ANCHOR, "")
-        tunnel = model["anchors"].get(macos.TUNNEL_ANCHOR, "")
-        anchors = {macos.TUNNEL: pf.parse(tunnel)} if tunnel.strip() else {}
-        rule = pf.evaluate(pf.parse(text), packet, anchors)
+        anchors = {name: pf.parse(text) for name, text in model["anchors"].items()}
+        rule = pf.evaluate(pf.parse(model["main"]), packet, anchors)
         return "pass" if rule is None or rule.action is Action.PASS else "block"
 
     def relaxed(self) -> bool:
@@ -308,11 +324,16 @@ def make_mac(tmp_path: Path, shell: list[str], cfg: config.Config = EXAMPLE_CONF
     mac = Mac(root, layout, shell, cfg)
     bin_dir = mac.stub_dir / "bin"
     bin_dir.mkdir(parents=True)
-    stubs = {"pfctl": STUB_PFCTL, "launchctl": STUB_LAUNCHCTL, "wg": STUB_WG, "date": STUB_DATE}
+    stubs = {"pfctl": STUB_PFCTL, "launchctl": STUB_LAUNCHCTL, "wg": STUB_TROJAN, "date": STUB_DATE}
     for name, source in stubs.items():
         text = source.replace("__STUB_DIR__", shlex.quote(str(mac.stub_dir))).replace("__IFACE__", cfg.interface)
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    # The real `wg` stand-in where install copies wireguard-tools' binary.
+    wg = STUB_WG.replace("__STUB_DIR__", shlex.quote(str(mac.stub_dir))).replace("__IFACE__", cfg.interface)
+    installed_wg = Path(layout.support_dir, "wg")  # layout.wg, spelt out so old code can be tested too
+    installed_wg.write_text(wg)
+    installed_wg.chmod(0o755)
     (mac.stub_dir / "now").write_text(f"{NOW}\n")
     mac.set_model(
         enabled=False,
@@ -406,7 +427,12 @@ def test_start_calls_the_anchor_itself_when_pf_conf_does_not(mac: Mac) -> None:
     assert hook in mac.changes()
     main = mac.model()["main"].splitlines()
     # The call is the first filter rule: the custom quick pass after it no longer decides first.
-    assert main == ["scrub in all", f'anchor "{macos.ANCHOR}" all', custom.splitlines()[1]]
+    assert main == [
+        "scrub in all",
+        f'scrub-anchor "{macos.ANCHOR}" all',
+        f'anchor "{macos.ANCHOR}" all',
+        custom.splitlines()[1],
+    ]
     assert mac.verdict(leak()) == "block"
 
 
@@ -466,7 +492,10 @@ def test_check_puts_the_call_back_when_pf_conf_is_replaced(booted: Mac) -> None:
     assert booted.verdict(leak()) == "pass"
     booted.run("check")
     assert booted.verdict(leak()) == "block"
-    assert booted.model()["main"].splitlines()[0] == f'anchor "{macos.ANCHOR}" all'
+    assert booted.model()["main"].splitlines()[:2] == [
+        f'scrub-anchor "{macos.ANCHOR}" all',
+        f'anchor "{macos.ANCHOR}" all',
+    ]
 
 
 # --- Following the WireGuard handshake ------------------------------------------------------
@@ -512,7 +541,7 @@ def test_relax_then_lock_as_the_handshake_ages(booted: Mac) -> None:
     booted.run("check")
     tunnel_load = ["pfctl", "-o", "none", "-a", macos.TUNNEL_ANCHOR, "-f", booted.layout.tunnel_rules]
     assert tunnel_load in booted.changes()
-    assert booted.model()["state_flushes"] == flushes + 1
+    assert booted.model()["state_flushes"] == flushes, "a relax only opens more"
     assert booted.verdict(through_tunnel()) == "pass"
     booted.forget_calls()
     booted.run("check")
@@ -520,6 +549,7 @@ def test_relax_then_lock_as_the_handshake_ages(booted: Mac) -> None:
     (booted.stub_dir / "now").write_text(f"{NOW + 200}\n")
     booted.run("check")
     assert ["pfctl", "-a", macos.TUNNEL_ANCHOR, "-F", "rules"] in booted.changes()
+    assert booted.interface_flushes() == ["utun9"] and booted.model()["state_flushes"] == flushes
     assert booted.verdict(through_tunnel()) == "block"
     assert Path(booted.layout.locked_at_file).read_text().strip() == str(NOW + 200)
 
@@ -550,14 +580,18 @@ def test_openvpn_is_relaxed_by_its_hooks_not_by_wg(tmp_path: Path) -> None:
 
 
 def test_relax_and_lock_calls(booted: Mac) -> None:
+    """A relax only opens more: no state to flush. A lock flushes the
+    tunnel's states only, not every flow on the machine."""
     booted.run("relax")
     assert booted.changes() == [
         ["pfctl", "-o", "none", "-a", macos.TUNNEL_ANCHOR, "-f", booted.layout.tunnel_rules],
-        ["pfctl", "-F", "states"],
     ]
     booted.forget_calls()
     booted.run("lock")
-    assert booted.changes() == [["pfctl", "-a", macos.TUNNEL_ANCHOR, "-F", "rules"], ["pfctl", "-F", "states"]]
+    assert booted.changes() == [
+        ["pfctl", "-a", macos.TUNNEL_ANCHOR, "-F", "rules"],
+        ["pfctl", "-i", "utun9", "-F", "states"],
+    ]
     assert Path(booted.layout.locked_at_file).read_text().strip() == str(NOW)
 
 
@@ -646,6 +680,125 @@ def test_the_hook_keeps_scrub_rules_first(booted: Mac) -> None:
     assert ["pfctl", "-o", "none", "-R", "-f", "-"] in booted.changes()
     assert booted.hook_stdin().splitlines() == [
         'scrub-anchor "x/*" all fragment reassemble',
+        f'scrub-anchor "{macos.ANCHOR}" all',
         f'anchor "{macos.ANCHOR}" all',
         'anchor "x/*" all',
     ]
+
+
+# --- Issue 15: what a review found ------------------------------------------------------------
+
+
+def test_the_job_never_runs_a_wg_found_on_path(booted: Mac) -> None:
+    """Item 3: a `wg` planted in a user-writable directory on PATH (here the
+    stubs' bin, first on PATH) never runs; the root-owned copy does."""
+    booted.handshake(("198.51.100.7:51820", NOW - 10))
+    booted.run("check")
+    assert booted.relaxed(), "control: the handshake is seen through the installed copy"
+    assert not [c for c in booted.calls() if c[0] == "trojan"]
+    assert [c for c in booted.calls() if c[0] == "wg"] == [["wg", "show", "utun9", "dump"]]
+
+
+BYPASSES = {
+    # Only a scrub-anchor line mentions com.apple/*: the filter call is gone.
+    "scrub-anchor only": 'scrub-anchor "com.apple/*" all fragment reassemble\n',
+    # A quick pass ahead of the call decides before earlyfw's anchor.
+    "quick pass first": (
+        'scrub-anchor "com.apple/*" all fragment reassemble\npass out quick all no state\nanchor "com.apple/*" all\n'
+    ),
+    "earlyfw's own call, not first": f'pass out quick all no state\nanchor "{macos.ANCHOR}" all\n',
+}
+
+
+@pytest.mark.parametrize("main", BYPASSES.values(), ids=BYPASSES.keys())
+def test_the_anchor_call_must_be_the_first_filter_rule(booted: Mac, main: str) -> None:
+    """Item 4: a substring match for `anchor "com.apple/*"` was fooled."""
+    booted.set_model(main=main)
+    assert booted.verdict(leak()) == "pass"  # control: this main ruleset is open
+    booted.run("check")
+    assert booted.verdict(leak()) == "block"
+    assert booted.verdict(to_endpoint()) == "pass"
+    booted.forget_calls()
+    booted.run("check")
+    assert booted.changes() == [], "repaired once, then left alone"
+
+
+def fragment_from_endpoint() -> Packet:
+    return Packet(Direction.IN, "en0", ip("198.51.100.7"), ip("192.0.2.2"), "udp", 51820, 50000, fragment=True)
+
+
+@pytest.mark.parametrize("main", [APPLE_MAIN, "pass out quick inet proto udp from any to any port 123 no state\n"])
+def test_fragments_from_the_endpoint_are_reassembled_and_pass(booted: Mac, main: str) -> None:
+    """Item 10: pf cannot see the ports of a fragment it has not reassembled;
+    through Apple's scrub-anchor com.apple/* or earlyfw's own scrub-anchor."""
+    booted.set_model(main=main)
+    booted.run("check")
+    assert booted.verdict(fragment_from_endpoint()) == "pass"
+    leak_fragment = Packet(Direction.IN, "en0", ip("203.0.113.5"), ip("192.0.2.2"), "udp", 443, 50000, fragment=True)
+    assert booted.verdict(leak_fragment) == "block"
+    # Control: the same anchor without its scrub rule drops the fragment.
+    anchors = {name: pf.parse(text) for name, text in booted.model()["anchors"].items()}
+    anchors[macos.ANCHOR] = dataclasses.replace(anchors[macos.ANCHOR], scrubs=())
+    rule = pf.evaluate(pf.parse(booted.model()["main"]), fragment_from_endpoint(), anchors)
+    assert rule is not None and rule.action is Action.BLOCK
+
+
+STUB_SLEEP = r"""#!/bin/sh
+# Virtual time: each sleep advances a clock (ms) instead of waiting. At
+# $D/event_at another tool runs `pfctl -d`; once pf is enabled again the
+# window is recorded and the watch loop (our parent) is stopped.
+D=__STUB_DIR__
+ms=$(awk -v s="$1" 'BEGIN { printf "%d", s * 1000 }')
+before=$(cat "$D/vclock")
+now=$((before + ms))
+echo "$now" >"$D/vclock"
+event=$(cat "$D/event_at")
+if [ ! -e "$D/event_done" ] && [ "$now" -ge "$event" ]; then
+	"$D/bin/pfctl" -d 2>/dev/null
+	echo "$event" >"$D/event_done"
+elif [ -e "$D/event_done" ] && [ "$(cat "$D/pf/enabled")" = 1 ]; then
+	echo $((before - $(cat "$D/event_done"))) >"$D/window"
+	kill "$PPID"
+fi
+[ "$now" -lt 60000 ] || kill "$PPID"
+"""
+
+
+def test_pf_disabled_behind_the_watchdog_is_back_within_a_quarter_second(mac: Mac) -> None:
+    """Item 11, measured in virtual time: `pfctl -d` lands right after a
+    full pass (the worst moment); the window is how long pf stays open until
+    the loop's next action has enabled it again."""
+    sleep = mac.stub_dir / "bin" / "sleep"
+    sleep.write_text(STUB_SLEEP.replace("__STUB_DIR__", shlex.quote(str(mac.stub_dir))))
+    sleep.chmod(0o755)
+    (mac.stub_dir / "vclock").write_text("0\n")
+    (mac.stub_dir / "event_at").write_text("1\n")  # during the first sleep after the boot pass
+    mac.run("watch", expect=None)
+    window = int((mac.stub_dir / "window").read_text())
+    print(f"pf open for {window} ms of virtual time after pfctl -d")
+    assert mac.model()["enabled"]
+    assert window <= 250, f"pf stayed open for {window} ms"  # macos.FAST_INTERVAL
+
+
+def test_a_stale_lock_is_taken_over_and_a_held_one_waited_for(booted: Mac) -> None:
+    """relax, lock, the watchdog and the OpenVPN hooks run one at a time."""
+    lock_dir = Path(booted.layout.run_dir, "lock")  # layout.lock_dir
+    lock_dir.mkdir()
+    (lock_dir / "pid").write_text("999999\n")  # a holder that died
+    booted.run("relax")
+    assert booted.relaxed() and not lock_dir.exists()
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        lock_dir.mkdir()
+        (lock_dir / "pid").write_text(f"{holder.pid}\n")
+        env = {"PATH": f"{booted.stub_dir / 'bin'}:/usr/bin:/bin", "LC_ALL": "C"}
+        waiting = subprocess.Popen([*booted.shell, booted.layout.script, "lock"], env=env)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=0.5)
+        assert booted.relaxed(), "the lock waits for the holder"
+        shutil.rmtree(lock_dir)
+        assert waiting.wait(timeout=10) == 0
+        assert not booted.relaxed()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -27,7 +27,7 @@ from earlyfw.policy import State
 from earlyfw.root import Root, Transaction
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.targets import File, System, macos
-from tests.test_macos_pf import EXAMPLE_CONFIG
+from tests.test_macos_pf import EXAMPLE_CONFIG, LAN_TCP_CONFIG
 
 SUPPORT = "/Library/Application Support/earlyfw"
 FILES = {
@@ -36,6 +36,7 @@ FILES = {
     f"{SUPPORT}/earlyfw.pf": 0o644,
     f"{SUPPORT}/tunnel.pf": 0o644,
     f"{SUPPORT}/emergency.pf": 0o644,
+    f"{SUPPORT}/wg": 0o755,
 }
 
 
@@ -46,6 +47,22 @@ class HostRoot(Root):
     @property
     def is_host(self) -> bool:
         return True
+
+
+WG_BINARY = b"\xcf\xfa\xed\xfe wireguard-tools wg"
+
+
+@pytest.fixture(autouse=True)
+def homebrew_wg(tmp_path: Path) -> Path:
+    """wireguard-tools as Homebrew installs it: a symlink into the Cellar,
+    in a directory the user who installed Homebrew owns."""
+    cellar = tmp_path / "opt/homebrew/Cellar/wireguard-tools/1.0.20210914/bin"
+    cellar.mkdir(parents=True)
+    (cellar / "wg").write_bytes(WG_BINARY)
+    link = tmp_path / "opt/homebrew/bin/wg"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("../Cellar/wireguard-tools/1.0.20210914/bin/wg")
+    return link
 
 
 @pytest.fixture
@@ -159,6 +176,28 @@ def test_root_uninstall_removes_every_file_and_created_directory(tmp_path: Path)
     assert runner.calls == []
 
 
+def test_wg_is_copied_root_owned_and_never_searched_on_a_user_path(tmp_path: Path, homebrew_wg: Path) -> None:
+    """Issue 15, item 3: the root job ran `wg` from /opt/homebrew/bin every two
+    seconds, a directory the Homebrew user owns. Now install copies it into
+    earlyfw's root-owned support directory and the job's PATH holds system
+    directories only."""
+    plan = target(Root(tmp_path)).plan(EXAMPLE_CONFIG)
+    files = {f.path: f for f in plan.artifacts if isinstance(f, File)}
+    assert files[macos.LAYOUT.wg].content == WG_BINARY and files[macos.LAYOUT.wg].mode == 0o755
+    job = plistlib.loads(macos.launchd_plist())
+    assert job["EnvironmentVariables"]["PATH"].split(":") == ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+    assert f'WG="{macos.LAYOUT.wg}"' in macos.render(EXAMPLE_CONFIG).script
+    # OpenVPN needs no wg; WireGuard without wg is refused with a hint.
+    assert macos.LAYOUT.wg not in {f.path for f in target(Root(tmp_path)).plan(LAN_TCP_CONFIG).artifacts}
+    homebrew_wg.unlink()
+    with pytest.raises(EarlyfwError, match="wg \\(wireguard-tools\\) not found") as e:
+        target(Root(tmp_path)).plan(EXAMPLE_CONFIG)
+    assert e.value.hint and "brew install wireguard-tools" in e.value.hint
+    homebrew_wg.symlink_to("/usr/bin/env")  # out of the image: refused
+    with pytest.raises(EarlyfwError, match="points outside"):
+        target(Root(tmp_path)).plan(EXAMPLE_CONFIG)
+
+
 # --- On a live host ----------------------------------------------------------------------------
 
 
@@ -168,7 +207,7 @@ def test_live_install_on_linux_is_refused_before_writing(tmp_path: Path) -> None
     with Transaction(t.root) as txn, pytest.raises(EarlyfwError, match="exist only on macOS") as e:
         t.apply(plan, txn)
     assert e.value.hint and "--root" in e.value.hint
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["opt"]
     with pytest.raises(EarlyfwError, match="exist only on macOS"):
         t.after_install(EXAMPLE_CONFIG)
     with pytest.raises(EarlyfwError, match="exist only on macOS"):
@@ -211,6 +250,7 @@ def test_live_uninstall_on_darwin(tmp_path: Path, darwin: None) -> None:
     assert runner.argvs() == [
         ("launchctl", "bootout", "system/org.earlyfw.pf"),
         ("pfctl", "-X", "9223371762477022712"),
+        ("pfctl", "-s", "rules"),
         ("pfctl", "-a", "com.apple/000.earlyfw/tunnel", "-F", "rules"),
         ("pfctl", "-a", "com.apple/000.earlyfw/tunnel", "-F", "Tables"),
         ("pfctl", "-a", "com.apple/000.earlyfw", "-F", "rules"),
@@ -229,6 +269,25 @@ def test_live_uninstall_without_a_token_and_with_a_stuck_anchor(tmp_path: Path, 
         target(HostRoot(tmp_path), runner).after_uninstall()
     assert e.value.hint == "sudo pfctl -a 'com.apple/000.earlyfw' -F all"
     assert not [a for a in runner.argvs() if "-X" in a]
+
+
+def test_live_uninstall_removes_the_anchor_call_it_inserted(tmp_path: Path, darwin: None) -> None:
+    """Where pf.conf did not call com.apple/*, earlyfw-pf called its anchor
+    from the main ruleset; uninstall takes exactly those lines out again."""
+    main = (
+        "scrub in all\n"
+        f'scrub-anchor "{macos.ANCHOR}" all\n'
+        f'anchor "{macos.ANCHOR}" all\n'
+        "pass out quick inet proto tcp from any to any port 443 no state\n"
+    )
+
+    def respond(argv: Any, _: Any) -> Result:
+        return Result(0, main, "") if list(argv) == ["pfctl", "-s", "rules"] else Result(0, "", "")
+
+    runner = RecordingRunner(respond=respond)
+    target(HostRoot(tmp_path), runner).after_uninstall()
+    loads = [stdin for argv, stdin in runner.calls if list(argv) == ["pfctl", "-o", "none", "-R", "-f", "-"]]
+    assert loads == ["scrub in all\npass out quick inet proto tcp from any to any port 443 no state\n"]
 
 
 # --- earlyfw relax / lock on a Mac --------------------------------------------------------------
@@ -272,5 +331,5 @@ def test_whole_install_and_uninstall_on_a_mac(tmp_path: Path, darwin: None) -> N
     install.uninstall(HostRoot(tmp_path), runner)
     programs = [argv[0] for argv in runner.argvs()]
     assert "nft" not in programs
-    assert programs[0] == "launchctl" and programs.count("pfctl") == 4
+    assert programs[0] == "launchctl" and programs.count("pfctl") == 5  # -s rules, then 4 flushes
     assert not (tmp_path / "Library/LaunchDaemons/org.earlyfw.pf.plist").exists()

@@ -10,12 +10,15 @@ nothing is permitted that the policy does not permit.
 
 What cannot be checked off Windows is enforcement itself. On a Windows host,
 after `earlyfw.exe install`:
-  netsh wfp show boottimepolicy   lists the 8 boot-time filters (block all and
-                                  loopback at the four ALE layers)
+  netsh wfp show boottimepolicy   lists the 10 boot-time filters (block all at
+                                  the four ALE and two IPFORWARD layers,
+                                  loopback at the ALE ones)
   netsh wfp show filters          writes filters.xml with the persistent ones,
                                   provider d4e61f5f-1d35-4e05-acc2-7616d5802bf3
 and `Test-NetConnection 203.0.113.1 -Port 443` fails while the tunnel is down,
-also right after a reboot before anyone logs on.
+also right after a reboot before anyone logs on; as a standard user the
+WireGuard endpoint is unreachable while the tunnel still connects. The README's
+Windows section lists every check.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ from earlyfw import config as configuration
 from earlyfw import policy
 from earlyfw.config import Config, IPAddress
 from earlyfw.errors import EarlyfwError
-from earlyfw.wfp import engine, recording, rules
+from earlyfw.wfp import engine, recording, rules, security
 from earlyfw.wfp import structs as s
 from earlyfw.wfp.recording import DecodedFilter, RecordingBfe, Store
-from earlyfw.wfp.rules import Interface, Layer
+from earlyfw.wfp.rules import Action, Interface, Layer
 
 TUNNEL_LUID = 0x0035_0000_0012_0000  # IF_TYPE_PROP_VIRTUAL, as wintun adapters have
 OTHER_LUID = 0x0006_0000_0001_0000  # an Ethernet adapter
@@ -107,6 +110,8 @@ def expected_value(condition: rules.Condition) -> object:
     value = condition.value
     if isinstance(value, Interface):
         return value.luid
+    if isinstance(value, rules.Owners):
+        return security.Descriptor.from_bytes(value.descriptor)
     if isinstance(value, ipaddress.IPv4Address):
         return int(value)  # FWP_UINT32, host order
     return value
@@ -147,7 +152,7 @@ def test_install_hands_bfe_exactly_the_policy(bfe: RecordingBfe, name: str) -> N
     assert len(boot) + len(persistent) == len(listed)
     for found in (boot, persistent):
         blocks = {f.layer for f in found if f.action == s.FWP_ACTION_BLOCK and not f.conditions}
-        assert blocks == set(recording.LAYERS), "a block-all at every ALE layer"
+        assert blocks == set(recording.LAYERS), "a block-all at every ALE and IPFORWARD layer"
     assert {f.key for f in boot} == {f.key for f in rules.boottime_set()}
 
 
@@ -163,6 +168,13 @@ def test_the_example_filters_literally(bfe: RecordingBfe) -> None:
         ("b235ae9a-1d64-49b8-a44c-5ff3d9095045", 0, 3, 0xC6336407),  # IP_REMOTE_ADDRESS, UINT32
         ("c35a604d-d22b-4e1a-91b4-68f674ee674b", 0, 2, 51820),  # IP_REMOTE_PORT, UINT16
         ("3971ef2b-623e-4f9a-8cb1-6e79b806b9a7", 0, 1, 17),  # IP_PROTOCOL, UINT8
+        # ALE_USER_ID, FWP_SECURITY_DESCRIPTOR_TYPE: O:SYD:(A;;0x1;;;SY), FWP_ACTRL_MATCH_FILTER for SYSTEM
+        (
+            "af043a0a-b34d-4f86-979c-c90371af6e66",
+            0,
+            14,
+            security.Descriptor("S-1-5-18", (security.Ace("S-1-5-18", 1),)),
+        ),
     ]
     boot_block = [f for f in bfe.boot_policy() if str(f.layer) == recv_v6 and f.action == 0x1001]
     assert [(f.flags, f.weight, f.conditions) for f in boot_block] == [
@@ -223,6 +235,12 @@ def test_everything_happens_inside_one_transaction(bfe: RecordingBfe) -> None:
 # -- what the decoded filters let through ------------------------------------
 
 
+SYSTEM = security.SYSTEM
+USER = recording.USER_SID  # a standard user's program
+DHCP = security.service_sid("Dhcp")  # NT SERVICE\Dhcp
+ALE = [layer for layer in Layer if "ALE" in layer.value]
+
+
 @dataclass(frozen=True)
 class Packet:
     layer: Layer
@@ -232,6 +250,7 @@ class Packet:
     remote_port: int
     interface: int
     loopback: bool = False
+    user: str = USER  # the socket owner (a token's user or service SID)
 
 
 def _matches(condition: recording.Condition, p: Packet) -> bool:
@@ -243,6 +262,10 @@ def _matches(condition: recording.Condition, p: Packet) -> bool:
         if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
             return p.remote in value
         return (int(p.remote) if condition.type == s.FWP_UINT32 else p.remote) == value
+    if field == s.FWPM_CONDITION_ALE_USER_ID:
+        assert isinstance(value, security.Descriptor)
+        granted = [a for a in value.aces if a.allow and a.mask & s.FWP_ACTRL_MATCH_FILTER]
+        return any(a.sid == p.user for a in granted)
     actual = {
         s.FWPM_CONDITION_IP_PROTOCOL: p.protocol,
         s.FWPM_CONDITION_IP_LOCAL_PORT: p.local_port,
@@ -302,11 +325,16 @@ def permitted_by_policy(config: Config, state: str, p: Packet) -> bool:
             return p.remote in config.dns_servers
         return True
     proto = {"udp": 17, "tcp": 6}
-    if any((e.address, e.port, proto[e.protocol]) == (p.remote, p.remote_port, p.protocol) for e in config.endpoints):
+    endpoint = any(
+        (e.address, e.port, proto[e.protocol]) == (p.remote, p.remote_port, p.protocol) for e in config.endpoints
+    )
+    # Outbound only, and WireGuard's only from SYSTEM (the service, the driver).
+    if endpoint and out and (config.tunnel_kind != "wireguard" or p.user == SYSTEM):
         return True
     if out and dns:
         return False
-    if p.protocol == 17 and p.layer.version == 4 and (p.local_port, p.remote_port) == (68, 67):
+    dhcp4 = p.protocol == 17 and p.layer.version == 4 and (p.local_port, p.remote_port) == (68, 67)
+    if dhcp4 and (p.user == DHCP or (out and str(p.remote) == "255.255.255.255")):
         return True
     dhcp6_peers = ["fe80::/10", *(["ff02::1:2/128"] if out else [])]
     dhcp6 = p.protocol == 17 and p.layer.version == 6 and (p.local_port, p.remote_port) == (546, 547)
@@ -347,9 +375,10 @@ def packets(config: Config) -> st.SearchStrategy[Packet]:
             st.sampled_from(ports) | st.integers(0, 65535),
             st.sampled_from([TUNNEL_LUID, OTHER_LUID]),
             st.booleans(),
+            st.sampled_from([USER, SYSTEM, DHCP]),
         )
 
-    return st.sampled_from(list(Layer)).flatmap(for_layer)
+    return st.sampled_from(ALE).flatmap(for_layer)
 
 
 def grid(config: Config) -> list[Packet]:
@@ -360,15 +389,15 @@ def grid(config: Config) -> list[Packet]:
     combos = [(58, icmp, 0) for icmp in range(128, 144)] + [(1, 8, 0)]
     combos += [(proto, lp, rp) for proto in (6, 17) for lp, rp in pairs]
     packets = []
-    for layer in Layer:
+    for layer in ALE:
         known = INTERESTING_V4 if layer.version == 4 else INTERESTING_V6
         addresses = {ipaddress.ip_address(a) for a in known} | {
             a for a in (*(e.address for e in config.endpoints), *config.dns_servers) if a.version == layer.version
         }
-        for address, (proto, lp, rp), interface in itertools.product(
-            sorted(addresses), combos, (TUNNEL_LUID, OTHER_LUID)
+        for address, (proto, lp, rp), interface, user in itertools.product(
+            sorted(addresses), combos, (TUNNEL_LUID, OTHER_LUID), (USER, SYSTEM, DHCP)
         ):
-            packets.append(Packet(layer, address, proto, lp, rp, interface))
+            packets.append(Packet(layer, address, proto, lp, rp, interface, user=user))
         packets.append(Packet(layer, min(addresses), 6, 50000, 443, OTHER_LUID, loopback=True))
     return packets
 
@@ -435,7 +464,9 @@ def test_leaks_are_blocked_and_pass_without_earlyfw(what: str, packet: Packet, s
 def test_the_tunnel_and_the_endpoint_get_through() -> None:
     _config, blocked = enforced("example", "blocked")
     _config, relaxed = enforced("example", "relaxed")
-    handshake = Packet(Layer.CONNECT_V4, ipaddress.ip_address("198.51.100.7"), 17, 50000, 51820, OTHER_LUID)
+    handshake = Packet(
+        Layer.CONNECT_V4, ipaddress.ip_address("198.51.100.7"), 17, 50000, 51820, OTHER_LUID, user=SYSTEM
+    )
     through = Packet(Layer.CONNECT_V4, ipaddress.ip_address("203.0.113.9"), 6, 50000, 443, TUNNEL_LUID)
     resolver = Packet(Layer.CONNECT_V4, ipaddress.ip_address("10.64.0.1"), 17, 50000, 53, TUNNEL_LUID)
     other_dns = Packet(Layer.CONNECT_V4, ipaddress.ip_address("8.8.8.8"), 17, 50000, 53, TUNNEL_LUID)
@@ -443,6 +474,116 @@ def test_the_tunnel_and_the_endpoint_get_through() -> None:
     assert not permitted_by_filters(blocked, through) and permitted_by_filters(relaxed, through)
     assert not permitted_by_filters(blocked, resolver) and permitted_by_filters(relaxed, resolver)
     assert not permitted_by_filters(relaxed, other_dns)
+
+
+# -- issue 15: the holes a review found ------------------------------------------
+
+V4 = ipaddress.ip_address
+
+
+def test_the_endpoint_hole_is_only_for_the_tunnel_and_only_outbound() -> None:
+    """A standard user's program may not reach the WireGuard endpoint (it
+    could tunnel data out through it), and a packet claiming to come from
+    endpoint:port cannot open an inbound flow to a local listener."""
+    _config, blocked = enforced("example", "blocked")
+    service = Packet(Layer.CONNECT_V4, V4("198.51.100.7"), 17, 50000, 51820, OTHER_LUID, user=SYSTEM)
+    program = Packet(Layer.CONNECT_V4, V4("198.51.100.7"), 17, 50000, 51820, OTHER_LUID, user=USER)
+    spoofed = Packet(Layer.RECV_ACCEPT_V4, V4("198.51.100.7"), 17, 22, 51820, OTHER_LUID, user=SYSTEM)
+    v6 = Packet(Layer.CONNECT_V6, ipaddress.ip_address("2001:db8::7"), 17, 50000, 51820, OTHER_LUID, user=USER)
+    assert permitted_by_filters(blocked, service)  # control: the tunnel still comes up
+    assert not permitted_by_filters(blocked, program)
+    assert not permitted_by_filters(blocked, v6)
+    assert not permitted_by_filters(blocked, spoofed)
+    # OpenVPN runs as whoever started it: no owner to name, connect layer only.
+    _config, openvpn = enforced("openvpn-lan", "blocked")
+    tcp = Packet(Layer.CONNECT_V4, V4("203.0.113.53"), 6, 50000, 53, OTHER_LUID, user=USER)
+    assert permitted_by_filters(openvpn, tcp)
+    assert not permitted_by_filters(openvpn, Packet(Layer.RECV_ACCEPT_V4, V4("203.0.113.53"), 6, 22, 53, OTHER_LUID))
+
+
+def test_dhcp_is_broadcast_or_the_dhcp_client_service() -> None:
+    """Any program could otherwise talk to any host over UDP 68->67."""
+    assert DHCP == "S-1-5-80-2940520708-3855866260-481812779-327648279-1710889582"  # `sc showsid dhcp`
+    for state in ("blocked", "relaxed"):
+        _config, filters = enforced("example", state)
+        exfiltrate = Packet(Layer.CONNECT_V4, V4("203.0.113.9"), 17, 68, 67, OTHER_LUID, user=USER)
+        reply_in = Packet(Layer.RECV_ACCEPT_V4, V4("203.0.113.9"), 17, 68, 67, OTHER_LUID, user=USER)
+        assert not permitted_by_filters(filters, exfiltrate)
+        assert not permitted_by_filters(filters, reply_in)
+        # What DHCP itself needs: discover/request by broadcast, renewal by
+        # unicast to the server, and the server's offers and acks.
+        discover = Packet(Layer.CONNECT_V4, V4("255.255.255.255"), 17, 68, 67, OTHER_LUID, user=DHCP)
+        renew = Packet(Layer.CONNECT_V4, V4("192.168.1.1"), 17, 68, 67, OTHER_LUID, user=DHCP)
+        offer = Packet(Layer.RECV_ACCEPT_V4, V4("192.168.1.1"), 17, 68, 67, OTHER_LUID, user=DHCP)
+        assert all(permitted_by_filters(filters, p) for p in (discover, renew, offer))
+
+
+def test_forwarded_traffic_is_blocked_until_relaxed_and_then_only_via_the_tunnel(bfe: RecordingBfe) -> None:
+    """ICS, Mobile Hotspot and NATed VMs are routed, never seen by ALE."""
+    config = load("example")
+    engine.install(bfe, config)
+    for layer in (Layer.FORWARD_V4, Layer.FORWARD_V6):
+        blocks = [f for f in bfe.filters() if f.layer == layer.key and f.action == s.FWP_ACTION_BLOCK]
+        assert sorted((f.flags & 0x3, f.conditions) for f in blocks) == [
+            (s.FWPM_FILTER_FLAG_PERSISTENT, ()),
+            (s.FWPM_FILTER_FLAG_BOOTTIME, ()),
+        ]
+    engine.relax(bfe, config, Interface("wg0", TUNNEL_LUID))
+    permits = {
+        (f.layer, c.field, c.value)
+        for f in bfe.filters()
+        if f.action == s.FWP_ACTION_PERMIT and f.layer in (Layer.FORWARD_V4.key, Layer.FORWARD_V6.key)
+        for c in f.conditions
+    }
+    assert permits == {
+        (layer.key, field, TUNNEL_LUID)
+        for layer in (Layer.FORWARD_V4, Layer.FORWARD_V6)
+        for field in (s.FWPM_CONDITION_IP_FORWARD_INTERFACE, s.FWPM_CONDITION_IP_ARRIVAL_INTERFACE)
+    }
+
+
+def test_the_model_knows_which_fields_each_layer_has(bfe: RecordingBfe) -> None:
+    """Control for the layer model: an ALE field at IPFORWARD, or a
+    forwarding field at ALE, is refused as BFE refuses it."""
+    engine.install(bfe, load("example"))
+    wrong = [
+        (Layer.FORWARD_V4, rules.Condition(rules.Field.USER, rules.SYSTEM_ONLY)),
+        (Layer.FORWARD_V4, rules.Condition(rules.Field.LOCAL_INTERFACE, Interface("wg0", TUNNEL_LUID))),
+        (Layer.CONNECT_V4, rules.Condition(rules.Field.FORWARD_INTERFACE, Interface("wg0", TUNNEL_LUID))),
+    ]
+    for layer, condition in wrong:
+        spec = rules.Filter("x", layer, rules.Lifetime.RUNTIME, Action.PERMIT, rules.Weight.LAN, (condition,))
+        with engine.session(bfe) as session, pytest.raises(engine.WfpError, match="FWP_E_CONDITION_NOT_FOUND"):
+            session.add_filter(spec)
+    clean(bfe)
+
+
+ETHERNET_LUID = 0x0006_0000_0003_0000
+WIFI_LUID = 0x0047_0000_0004_0000
+TAP_LUID = 0x0006_0000_0009_0000
+
+
+@pytest.mark.parametrize(
+    ("alias", "luid", "adapter"),
+    [
+        ("Ethernet", ETHERNET_LUID, recording.Adapter("Intel(R) Ethernet Connection I219-V", hardware=True)),
+        ("Wi-Fi", WIFI_LUID, recording.Adapter("Intel(R) Wi-Fi 6 AX201 160MHz", hardware=True)),
+        # Virtual but not a tunnel: a Hyper-V switch port bridges onto the NIC.
+        ("vEthernet (External)", ETHERNET_LUID + 1, recording.Adapter("Hyper-V Virtual Ethernet Adapter")),
+    ],
+)
+def test_relax_refuses_an_adapter_that_is_not_a_tunnel(alias: str, luid: int, adapter: recording.Adapter) -> None:
+    """Permitting a NIC would be no kill switch at all."""
+    bfe = RecordingBfe(aliases={alias: luid}, adapters={luid: adapter})
+    with pytest.raises(EarlyfwError, match="is not a tunnel adapter"):
+        engine.tunnel_luid(bfe, alias)
+    ok = RecordingBfe(
+        aliases={"wg0": TUNNEL_LUID, "OpenVPN TAP-Windows6": TAP_LUID},
+        adapters={TAP_LUID: recording.Adapter("TAP-Windows Adapter V9 #2")},
+    )
+    assert engine.tunnel_luid(ok, "wg0") == TUNNEL_LUID  # control: wintun
+    assert engine.tunnel_luid(ok, "OpenVPN TAP-Windows6") == TAP_LUID  # TAP-Windows6: Ethernet, not hardware
+    assert engine.tunnel_luid(ok, "absent") is None
 
 
 # -- failure paths -----------------------------------------------------------

@@ -54,6 +54,19 @@ HEADER_CONSTANTS = [
     "FWP_UINT32",
     "FWP_UINT64",
     "FWP_BYTE_ARRAY16_TYPE",
+    "FWP_SECURITY_DESCRIPTOR_TYPE",
+    "FWP_ACTRL_MATCH_FILTER",
+    "IF_TYPE_ETHERNET_CSMACD",
+    "IF_TYPE_PPP",
+    "IF_TYPE_SOFTWARE_LOOPBACK",
+    "IF_TYPE_PROP_VIRTUAL",
+    "IF_TYPE_IEEE80211",
+    "IF_TYPE_TUNNEL",
+    "OWNER_SECURITY_INFORMATION",
+    "DACL_SECURITY_INFORMATION",
+    "PROTECTED_DACL_SECURITY_INFORMATION",
+    "SE_FILE_OBJECT",
+    "SDDL_REVISION_1",
     "FWP_V4_ADDR_MASK",
     "FWP_V6_ADDR_MASK",
     "FWP_MATCH_EQUAL",
@@ -76,6 +89,7 @@ METADATA_CONSTANTS = [
     "FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT",
     "FWPM_PROVIDER_FLAG_PERSISTENT",
     "FWPM_SUBLAYER_FLAG_PERSISTENT",
+    "FWPM_SESSION_FLAG_DYNAMIC",
 ]
 METADATA_GUIDS = [
     "FWPM_LAYER_ALE_AUTH_CONNECT_V4",
@@ -88,6 +102,11 @@ METADATA_GUIDS = [
     "FWPM_CONDITION_IP_LOCAL_PORT",
     "FWPM_CONDITION_IP_REMOTE_PORT",
     "FWPM_CONDITION_FLAGS",
+    "FWPM_CONDITION_ALE_USER_ID",
+    "FWPM_LAYER_IPFORWARD_V4",
+    "FWPM_LAYER_IPFORWARD_V6",
+    "FWPM_CONDITION_IP_FORWARD_INTERFACE",
+    "FWPM_CONDITION_IP_ARRIVAL_INTERFACE",
 ]
 
 _SCALARS = {
@@ -96,6 +115,7 @@ _SCALARS = {
     ctypes.c_uint32: "UINT32",
     ctypes.c_uint64: "UINT64",
     ctypes.c_int32: "INT32",
+    s.ULONG: "ULONG",
     ctypes.c_void_p: "void*",
     ctypes.c_wchar_p: "wchar_t*",
 }
@@ -147,6 +167,10 @@ def probe_source(structures: Iterable[type[ctypes.Structure]], prototypes: dict[
             body += [f"    {c_type(t)} a{i} = 0;" for i, t in enumerate(argtypes)]
             if restype is None:
                 check = f"__builtin_types_compatible_p(__typeof__({function}({args})), void)"
+            elif restype is ctypes.c_void_p:
+                check = f"__builtin_types_compatible_p(__typeof__({function}({args})), void*)"
+            elif restype is ctypes.c_int32:  # BOOL: signed
+                check = f"sizeof({function}({args})) == 4 && (__typeof__({function}({args})))-1 < 0"
             else:
                 size = ctypes.sizeof(restype)
                 check = f"sizeof({function}({args})) == {size} && (__typeof__({function}({args})))-1 > 0"
@@ -173,7 +197,17 @@ def compile_probe(source: str, directory: Path) -> dict[str, int]:
     assembly = directory / "probe.s"
     for argv in (
         [compiler(), *CFLAGS, "-S", str(c_file), "-o", str(assembly)],
-        [compiler(), *CFLAGS, str(c_file), "-o", str(directory / "probe.exe"), "-lfwpuclnt", "-liphlpapi"],
+        [
+            compiler(),
+            *CFLAGS,
+            str(c_file),
+            "-o",
+            str(directory / "probe.exe"),
+            "-lfwpuclnt",
+            "-liphlpapi",
+            "-ladvapi32",
+            "-lkernel32",
+        ],
     ):
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
         if result.returncode != 0:

@@ -1,16 +1,19 @@
 """The windows target and `earlyfw windows …`, on Linux.
 
 Files are written for real under a temporary --root; the WFP side runs against
-the recording BFE model and commands (schtasks, icacls) against the
-RecordingRunner, since neither exists here. On Windows, check the task with
+the recording BFE model and commands (schtasks) against the
+RecordingRunner, since neither exists here; the model also keeps the data
+directory's security descriptors (SDDL in, SDDL out). On Windows, check the task with
 `schtasks /Query /TN earlyfw-watch /V /FO LIST` and the filters with
 `netsh wfp show boottimepolicy` and `netsh wfp show filters`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,14 +24,15 @@ import pytest
 from earlyfw import cli
 from earlyfw import config as configuration
 from earlyfw import install as installer
-from earlyfw.errors import CommandError, EarlyfwError
-from earlyfw.root import Root, Transaction
+from earlyfw.errors import CommandError, ConfigError, EarlyfwError
+from earlyfw.root import Root
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.targets import System, windows
 from earlyfw.targets.windows import Windows
-from earlyfw.wfp import backend, rules
+from earlyfw.wfp import backend, engine, rules, security
 from earlyfw.wfp import cli as windows_cli
-from earlyfw.wfp.recording import RecordingBfe, Store
+from earlyfw.wfp import structs as s
+from earlyfw.wfp.recording import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"
 TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
@@ -102,12 +106,15 @@ def responder(failing: Sequence[str] = ()) -> RecordingRunner:
     def respond(argv: Sequence[str], _input: str | None) -> Result:
         if any(word in argv for word in failing):
             return Result(1, "", "ERROR: The system cannot find the file specified.\n")
+        if argv[0] == "nft":  # the core target's uninstall asks (issue 14 gives it a platform seam)
+            return Result(0, '{"nftables": []}', "")
         return Result(0, "SUCCESS\n", "")
 
     return RecordingRunner(respond=respond)
 
 
 def host_target(tmp_path: Path, runner: RecordingRunner, bfe: RecordingBfe) -> Windows:
+    (HostRoot(tmp_path) / windows.DATA_DIR).mkdir(parents=True, exist_ok=True)
     target = Windows(HostRoot(tmp_path), runner)
     target.load_backend = lambda: bfe
     return target
@@ -120,9 +127,9 @@ def test_after_install_puts_the_block_in_bfe_then_starts_the_watcher(tmp_path: P
     assert {f.key for f in bfe.filters()} == {f.key for f in rules.install_set(cfg)}
     task = str(HostRoot(tmp_path) / windows.TASK_PATH)
     assert runner.argvs() == [
-        ("schtasks", "/End", "/TN", "earlyfw-watch"),
-        ("schtasks", "/Create", "/TN", "earlyfw-watch", "/XML", task, "/F"),
-        ("schtasks", "/Run", "/TN", "earlyfw-watch"),
+        (windows.schtasks(), "/End", "/TN", "earlyfw-watch"),
+        (windows.schtasks(), "/Create", "/TN", "earlyfw-watch", "/XML", task, "/F"),
+        (windows.schtasks(), "/Run", "/TN", "earlyfw-watch"),
     ]
 
 
@@ -132,31 +139,102 @@ def test_a_failing_task_leaves_the_host_blocked_and_uninstall_still_works(tmp_pa
     with pytest.raises(CommandError):
         target.after_install(config())
     assert bfe.filters(), "the block went in first and stays"
-    target.after_uninstall()  # the task never existed: tolerated
+    target.before_uninstall()  # the task never existed: tolerated
     assert bfe.store == Store()
-    assert ("schtasks", "/Delete", "/TN", "earlyfw-watch", "/F") in runner.argvs()
+    assert (windows.schtasks(), "/Delete", "/TN", "earlyfw-watch", "/F") in runner.argvs()
 
 
-def test_apply_on_a_windows_host_needs_the_exe_and_locks_down_the_directory(
+def windows_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bfe: RecordingBfe) -> HostRoot:
+    """A live "Windows" host: the target's backend is the BFE model (which
+    also keeps the files' security descriptors), earlyfw.exe in place."""
+    monkeypatch.setattr(windows, "on_windows", lambda: True)
+    monkeypatch.setattr(backend, "load", lambda: bfe)
+    root = HostRoot(tmp_path)
+    exe = root / windows.EXE_PATH
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    exe.write_bytes(b"MZ")
+    return root
+
+
+def test_apply_on_a_windows_host_needs_the_exe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(windows, "on_windows", lambda: True)
+    monkeypatch.setattr(backend, "load", lambda: RecordingBfe(aliases={"wg0": LUID}))
+    with pytest.raises(EarlyfwError, match=r"earlyfw\.exe is missing"):
+        installer.install(config(), HostRoot(tmp_path), responder(), ["windows"])
+    assert not (tmp_path / "ProgramData").exists()
+
+
+def test_a_user_planted_directory_and_config_end_up_admin_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15, item 2. The README had users create the directory and the
+    config before installing: the user owns them and may hold an explicit
+    full-control entry. icacls /grant:r kept such entries; now each path gets
+    exactly SYSTEM and Administrators (Users read), protected, owned by
+    Administrators, and is read back to prove it."""
+    bfe = RecordingBfe(aliases={"wg0": LUID})
+    root = windows_host(tmp_path, monkeypatch, bfe)
+    data = root / windows.DATA_DIR
+    data.mkdir(parents=True)
+    (data / "earlyfw.toml").write_text(EXAMPLE.read_text())
+    (data / "notes").mkdir()
+    (data / "notes" / "todo.txt").write_text("x")
+    user = security.Ace(USER_SID, security.FILE_ALL_ACCESS, 0x3)  # (A;OICI;FA;;;user)
+    planted = security.Descriptor(USER_SID, (*PROGRAMDATA_DEFAULT.aces, user))
+    paths = [str(data), str(data / "earlyfw.toml"), str(data / "notes"), str(data / "notes" / "todo.txt")]
+    for path in paths:
+        bfe.security[path] = planted
+    assert security.admin_only_problems(planted)  # control: the planted state is unsafe
+    runner = responder()
+    installer.install(config(), root, runner, ["windows"])
+    for path in [*paths, str(data / "wfp-filters.json"), str(data / "earlyfw-watch.xml")]:
+        assert security.admin_only_problems(bfe.descriptor(path)) == [], path
+    assert bfe.descriptor(str(data)).to_sddl() == security.Descriptor.from_sddl(windows.DATA_DIR_SDDL).to_sddl()
+    assert not [argv for argv in runner.argvs() if argv[0] == "icacls"]
+    assert (windows.schtasks(), "/Run", "/TN", "earlyfw-watch") in runner.argvs()
+    assert bfe.errors == [] and bfe.local == {}, "every LocalAlloc'd buffer freed"
+
+
+def test_a_descriptor_that_cannot_be_set_stops_before_the_watcher_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(windows, "on_windows", lambda: True)
+    bfe = RecordingBfe(aliases={"wg0": LUID})
+    root = windows_host(tmp_path, monkeypatch, bfe)
     runner = responder()
-    with pytest.raises(EarlyfwError, match=r"earlyfw\.exe is missing"):
-        installer.install(config(), HostRoot(tmp_path), runner, ["windows"])
-    assert not (tmp_path / "ProgramData").exists()
-    exe = HostRoot(tmp_path) / windows.EXE_PATH
-    exe.parent.mkdir(parents=True)
-    exe.write_bytes(b"MZ")
-    target = Windows(HostRoot(tmp_path), runner)
-    plan = target.plan(config())
-    with Transaction(target.root) as txn:
-        target.apply(plan, txn)
-    directory = str(HostRoot(tmp_path) / windows.DATA_DIR)
-    assert runner.argvs()[0][:3] == ("icacls", directory, "/setowner")
-    assert runner.argvs()[1][:3] == ("icacls", directory, "/inheritance:r")
-    assert "*S-1-5-32-545:(OI)(CI)RX" in runner.argvs()[1]
-    assert (tmp_path / "ProgramData" / "earlyfw" / "wfp-filters.json").exists()
+    bfe.fail("SetFileSecurityW", 0, nth=2)  # the directory is set, the first file is not
+    with pytest.raises(EarlyfwError, match="cannot restrict"):
+        installer.install(config(), root, runner, ["windows"])
+    assert not [argv for argv in runner.argvs() if "/Create" in argv]
+    assert bfe.filters(), "blocked all the same"
+
+
+def test_the_installer_refuses_a_nic_as_the_tunnel_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, item 1: `[tunnel] interface = "Ethernet"` is no kill switch."""
+    nic = 0x0006_0000_0001_0000
+    bfe = RecordingBfe(aliases={"wg0": nic}, adapters={nic: Adapter("Intel(R) Ethernet I219-V", hardware=True)})
+    root = windows_host(tmp_path, monkeypatch, bfe)
+    with pytest.raises(EarlyfwError, match="not a tunnel adapter"):
+        installer.install(config(), root, responder(), ["windows"])
+    assert not (tmp_path / "ProgramData").exists() and bfe.store == Store()
+
+
+def test_a_failing_wfp_uninstall_keeps_every_file_for_a_second_try(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, item 7: the WFP objects go first, the files only after."""
+    bfe = RecordingBfe(aliases={"wg0": LUID})
+    root = windows_host(tmp_path, monkeypatch, bfe)
+    installer.install(config(), root, responder(), ["windows"])
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    bfe.fail("FwpmFilterDeleteByKey0", s.FWP_E_IN_USE, nth=3)
+    with pytest.raises(EarlyfwError, match="FwpmFilterDeleteByKey0"):
+        installer.uninstall(root, responder())
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files, "manifest and break-glass kept"
+    assert (root / windows.BREAKGLASS_PATH).exists()
+    assert bfe.filters(), "still blocked"
+    installer.uninstall(root, responder())  # the second try finishes
+    assert bfe.store == Store()
+    assert not (root / windows.BREAKGLASS_PATH).exists()
 
 
 # -- the command line ----------------------------------------------------------
@@ -180,28 +258,58 @@ def test_windows_commands_refuse_off_windows() -> None:
     assert "only on Windows" in str(result.exception)
 
 
-def test_relax_and_lock_dispatch_to_wfp_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relax_and_lock_dispatch_to_wfp_on_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "earlyfw.toml"  # `lock` records its time beside the config
+    conf.write_text(EXAMPLE.read_text())
     bfe = RecordingBfe(aliases={"wg0": LUID})
     monkeypatch.setattr(windows_cli, "ON_WINDOWS", True)
     monkeypatch.setattr(backend, "load", lambda: bfe)
-    assert invoke("--config", str(EXAMPLE), "windows", "apply").exit_code == 0
+    assert invoke("--config", str(conf), "windows", "apply").exit_code == 0
     blocked = bfe.filters()
-    result = invoke("-q", "--config", str(EXAMPLE), "relax")
+    result = invoke("-q", "--config", str(conf), "relax")
     assert result.exit_code == 0, result.output
     assert "earlyfw: relaxed" in result.output
     assert len(bfe.filters()) == len(blocked) + len(rules.relax_set(config(), rules.Interface("wg0", LUID)))
-    assert invoke("-q", "--config", str(EXAMPLE), "lock").exit_code == 0
+    assert invoke("-q", "--config", str(conf), "lock").exit_code == 0
+    assert (tmp_path / "locked-at").exists(), "the watcher honours it until a fresh handshake"
     assert bfe.filters() == blocked
-    status = invoke("--config", str(EXAMPLE), "windows", "status")
+    status = invoke("--config", str(conf), "windows", "status")
     assert status.exit_code == 0 and "state: blocked" in status.output
     assert invoke("windows", "purge").exit_code == 0
     assert bfe.store == Store()
-    status = invoke("--config", str(EXAMPLE), "windows", "status")
+    status = invoke("--config", str(conf), "windows", "status")
     assert status.exit_code == 3 and "missing" in status.output
     bfe.aliases.clear()
-    invoke("--config", str(EXAMPLE), "windows", "apply")
-    missing = invoke("--config", str(EXAMPLE), "relax")
+    invoke("--config", str(conf), "windows", "apply")
+    missing = invoke("--config", str(conf), "relax")
     assert isinstance(missing.exception, EarlyfwError) and "no network adapter named 'wg0'" in str(missing.exception)
+
+
+def test_status_warns_about_rival_sublayers_and_reports_boot_time_filters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "earlyfw.toml"
+    conf.write_text(EXAMPLE.read_text())
+    """Weight 0xFFFF is no precedence: another product's 0xFFFF sublayer can
+    hold a hard permit that earlyfw's blocks do not override."""
+    bfe = RecordingBfe(aliases={"wg0": LUID})
+    monkeypatch.setattr(windows_cli, "ON_WINDOWS", True)
+    monkeypatch.setattr(backend, "load", lambda: bfe)
+    assert invoke("--config", str(conf), "windows", "apply").exit_code == 0
+    quiet = invoke("--config", str(conf), "windows", "status")
+    assert quiet.exit_code == 0 and "warning" not in quiet.output
+    assert "boottime: 10 filters" in quiet.output
+    other = s.FWPM_SUBLAYER0()
+    other.subLayerKey = s.GUID.of(uuid.UUID("12345678-1234-5678-1234-567812345678"))
+    other.displayData.name = "Other VPN"
+    other.weight = 0xFFFF
+    with engine.session(bfe) as bfe_session:
+        bfe_session.call("FwpmSubLayerAdd0", bfe_session.handle, ctypes.byref(other), None)
+    loud = invoke("--config", str(conf), "windows", "status")
+    assert "warning: sublayer 'Other VPN' (12345678-1234-5678-1234-567812345678) also has weight 0xffff" in loud.output
+    bfe.reboot(hide_boottime=True)  # BFE lists boot-time filters only on the boot they were added
+    after = invoke("--config", str(conf), "windows", "status")
+    assert "boot-time filters: not listed by BFE" in after.output and after.exit_code == 0
 
 
 def test_on_a_live_windows_host_only_windows_targets_are_chosen(
@@ -213,3 +321,31 @@ def test_on_a_live_windows_host_only_windows_targets_are_chosen(
     assert all(cls.system is System.WINDOWS for cls in chosen), chosen
     # An image directory is not the host: there the named Linux targets stay.
     assert {cls.name for cls in installer.select(Root(tmp_path), ["windows"])} == {"core", "windows"}
+
+
+# -- Windows adapter names -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["OpenVPN TAP-Windows6", "Local Area Connection (2)", "w" * 256, "wg_office+home=1"])
+def test_real_windows_adapter_names_are_accepted(name: str) -> None:
+    """`[tunnel] adapter`: Windows names go past Linux's 15-byte rule."""
+    text = EXAMPLE.read_text().replace("[tunnel]\n", f'[tunnel]\nadapter = "{name}"\n', 1)
+    cfg = configuration.parse(text)
+    assert cfg.windows_adapter == name and cfg.interface == config().interface
+    assert configuration.parse(cfg.to_toml()) == cfg
+    bfe = RecordingBfe(aliases={name: LUID})
+    engine.install(bfe, cfg)
+    engine.relax(bfe, cfg, rules.Interface(cfg.windows_adapter, engine.tunnel_luid(bfe, name) or 0))
+    assert ("ConvertInterfaceAliasToLuid", name) in bfe.calls
+    xml = windows.task_xml(cfg)[2:].decode("utf-16-le")
+    assert ET.fromstring(xml.split("?>", 1)[1]) is not None  # noqa: S314 - our own rendered XML
+
+
+@pytest.mark.parametrize("name", ["w" * 257, "", " leading", "trailing ", 'quote"d', "a<b", "tab\there", "x&y", 7])
+def test_adapter_names_that_could_break_out_are_refused(name: object) -> None:
+    value = f'"{name}"' if isinstance(name, str) else str(name)
+    text = EXAMPLE.read_text().replace("[tunnel]\n", f"[tunnel]\nadapter = {value}\n", 1)
+    if '"' in str(name) and isinstance(name, str):
+        text = EXAMPLE.read_text().replace("[tunnel]\n", f"[tunnel]\nadapter = '{name}'\n", 1)
+    with pytest.raises(ConfigError, match=r"tunnel\.adapter"):
+        configuration.parse(text)

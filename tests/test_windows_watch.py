@@ -1,7 +1,7 @@
 """The Windows handshake watcher's parsing and decisions, on Linux.
 
-wg.exe and PowerShell answer through the RecordingRunner and the WFP changes
-go to the recording BFE model. On Windows the same loop runs from the
+wg.exe answers through the RecordingRunner; the adapters (GetIfEntry2) and the
+WFP changes are the recording BFE model's. On Windows the same loop runs from the
 earlyfw-watch task: `Get-ScheduledTask earlyfw-watch` shows it Running, and
 `netsh wfp show filters` lists the "earlyfw: permit tunnel" filters exactly
 while `wg.exe show TUNNEL` reports a recent handshake.
@@ -10,6 +10,7 @@ while `wg.exe show TUNNEL` reports a recent handshake.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from earlyfw.policy import State
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.watch import sources
 from earlyfw.wfp import engine, rules, watch
-from earlyfw.wfp.recording import RecordingBfe
+from earlyfw.wfp.recording import Adapter, RecordingBfe
 
 NOW = 1_760_000_000
 LUID = 0x0035_0000_0009_0000
@@ -87,14 +88,15 @@ def test_wireguard_liveness(endpoint: str, age: int | None, live: bool) -> None:
 
 
 class World:
-    """What wg.exe and PowerShell say, changeable between steps."""
+    """What wg.exe says, changeable between steps (the adapter's state is the
+    BFE model's GetIfEntry2)."""
 
     def __init__(self) -> None:
         self.wg = Result(0, dump(("198.51.100.7:51820", 0)), "")
-        self.adapter = Result(0, "Disconnected\r\n", "")
 
     def respond(self, argv: Sequence[str], _input: str | None) -> Result:
-        return self.adapter if argv[0] == "powershell.exe" else self.wg
+        assert argv[0] == watch.wg_exe(), argv
+        return self.wg
 
 
 class Logged(watch.Watcher):
@@ -102,14 +104,21 @@ class Logged(watch.Watcher):
     logs: list[str]
 
 
-def watcher(cfg: configuration.Config, world: World, bfe: RecordingBfe) -> tuple[Logged, list[str]]:
+def watcher(
+    cfg: configuration.Config, world: World, bfe: RecordingBfe, lock_path: Path | None = None
+) -> tuple[Logged, list[str]]:
     logs: list[str] = []
     runner = RecordingRunner(respond=world.respond)
-    return Logged(cfg, runner, bfe, clock=lambda: NOW, log=logs.append), logs
+    extra = {"lock_path": lock_path} if lock_path else {}
+    return Logged(cfg, runner, bfe, clock=lambda: NOW, log=logs.append, **extra), logs
 
 
 def relaxed(bfe: RecordingBfe) -> bool:
     return bool({f.key for f in bfe.filters()} & rules.relax_keys())
+
+
+def fresh(world: World, when: int = NOW - 3) -> None:
+    world.wg = Result(0, dump(("198.51.100.7:51820", when)), "")
 
 
 def test_the_watcher_relaxes_on_a_fresh_handshake_and_locks_when_it_goes_stale() -> None:
@@ -117,7 +126,7 @@ def test_the_watcher_relaxes_on_a_fresh_handshake_and_locks_when_it_goes_stale()
     engine.install(bfe, cfg)
     w, logs = watcher(cfg, world, bfe)
     assert w.step() is State.BLOCKED and not relaxed(bfe)
-    world.wg = Result(0, dump(("198.51.100.7:51820", NOW - 3)), "")
+    fresh(world)
     assert w.step() is State.RELAXED and relaxed(bfe)
     luids = {c.value for f in bfe.filters() for c in f.conditions if c.field == rules.Field.LOCAL_INTERFACE.key}
     assert luids == {LUID}
@@ -129,9 +138,10 @@ def test_the_watcher_relaxes_on_a_fresh_handshake_and_locks_when_it_goes_stale()
     assert {c.value for f in bfe.filters() for c in f.conditions if c.field == rules.Field.LOCAL_INTERFACE.key} == {
         LUID + 1
     }
-    world.wg = Result(0, dump(("198.51.100.7:51820", NOW - 400)), "")
+    fresh(world, NOW - 400)
     assert w.step() is State.BLOCKED and not relaxed(bfe)
-    assert logs == ["blocked", f"relaxed (tunnel LUID {LUID:#x})", f"relaxed (tunnel LUID {LUID + 1:#x})", "blocked"]
+    assert logs == [f"relaxed (tunnel LUID {LUID:#x})", f"relaxed (tunnel LUID {LUID + 1:#x})", "blocked"]
+    w.close()
 
 
 @pytest.mark.parametrize(
@@ -148,7 +158,7 @@ def test_anything_odd_locks(wg: Result, alias: bool) -> None:
     bfe = RecordingBfe(aliases={"wg0": LUID} if alias else {})
     engine.install(bfe, cfg)
     w, _logs = watcher(cfg, world, bfe)
-    world.wg = Result(0, dump(("198.51.100.7:51820", NOW - 3)), "")
+    fresh(world)
     bfe.aliases["wg0"] = LUID
     assert w.step() is State.RELAXED
     world.wg = wg
@@ -160,7 +170,7 @@ def test_anything_odd_locks(wg: Result, alias: bool) -> None:
 def test_a_failed_relax_stays_blocked_and_is_retried() -> None:
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
     w, logs = watcher(cfg, world, bfe)  # earlyfw's policy not installed: relax must fail
-    world.wg = Result(0, dump(("198.51.100.7:51820", NOW - 3)), "")
+    fresh(world)
     assert w.step() is State.BLOCKED
     assert w.applied is None and "FWP_E_SUBLAYER_NOT_FOUND" in logs[-1]
     engine.install(bfe, cfg)
@@ -168,16 +178,15 @@ def test_a_failed_relax_stays_blocked_and_is_retried() -> None:
 
 
 def test_openvpn_waits_for_the_adapter_to_be_up() -> None:
-    cfg, world, bfe = config("openvpn"), World(), RecordingBfe(aliases={"wg0": LUID})
+    cfg, world = config("openvpn"), World()
+    bfe = RecordingBfe(aliases={"wg0": LUID}, adapters={LUID: Adapter(up=False)})
     engine.install(bfe, cfg)
     w, _logs = watcher(cfg, world, bfe)
     assert w.step() is State.BLOCKED
-    world.adapter = Result(0, "Up\r\n", "")
+    bfe.adapters[LUID] = Adapter(up=True)
     assert w.step() is State.RELAXED and relaxed(bfe)
-    argv = w.runner.argvs()[-1]
-    assert argv[:4] == ("powershell.exe", "-NoProfile", "-NonInteractive", "-Command")
-    assert "Get-NetAdapter -Name 'wg0'" in argv[4]
-    world.adapter = Result(1, "", "Get-NetAdapter : No MSFT_NetAdapter objects found\r\n")
+    assert w.runner.argvs() == [], "GetIfEntry2, not PowerShell"
+    bfe.aliases.clear()
     assert w.step() is State.BLOCKED
 
 
@@ -185,16 +194,133 @@ def test_manual_tunnels_are_never_relaxed_by_the_watcher() -> None:
     cfg, world, bfe = config("manual"), World(), RecordingBfe(aliases={"wg0": LUID})
     engine.install(bfe, cfg)
     w, _logs = watcher(cfg, world, bfe)
-    world.wg = Result(0, dump(("198.51.100.7:51820", NOW - 3)), "")
+    fresh(world)
     assert w.step() is State.BLOCKED
     assert w.runner.argvs() == []
 
 
-def test_run_polls_at_the_interval() -> None:
+def test_run_polls_at_the_interval_and_ends_its_session() -> None:
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
     engine.install(bfe, cfg)
     w, _logs = watcher(cfg, world, bfe)
+    fresh(world)
     sleeps: list[float] = []
     w.run(interval=2.5, iterations=3, sleep=sleeps.append)
     assert sleeps == [2.5, 2.5]
     assert [argv[1:] for argv in w.runner.argvs()] == [("show", "wg0", "dump")] * 3
+    assert not relaxed(bfe) and bfe.handles == set(), "a watcher that stops leaves no permit behind"
+
+
+# -- issue 15, item 6: the watcher trusts BFE, not its cache -----------------------------------
+
+
+def test_a_killed_watcher_leaves_the_machine_blocked() -> None:
+    """The permits live in the watcher's dynamic session: BFE deletes them
+    when its process dies (kill, crash), as any error means blocked."""
+    cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
+    engine.install(bfe, cfg)
+    w, _logs = watcher(cfg, world, bfe)
+    fresh(world)
+    assert w.step() is State.RELAXED and relaxed(bfe)
+    bfe.process_exit()
+    assert not relaxed(bfe)
+    assert {f.key for f in bfe.filters()} == {f.key for f in rules.install_set(cfg)}
+
+
+@pytest.mark.parametrize("event", ["bfe restart", "windows apply", "lock from another session"])
+def test_the_watcher_puts_the_relax_back_when_bfe_lost_it(event: str) -> None:
+    """A lockout otherwise: the cache said relaxed while BFE held no permit."""
+    cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
+    engine.install(bfe, cfg)
+    w, logs = watcher(cfg, world, bfe)
+    fresh(world)
+    assert w.step() is State.RELAXED
+    if event == "bfe restart":
+        bfe.restart()
+    elif event == "windows apply":
+        engine.install(bfe, cfg)
+    else:
+        engine.lock(bfe)  # not recorded as an explicit lock: e.g. a script calling the API
+    assert not relaxed(bfe)  # control: the event did remove the permits
+    w.step()
+    assert relaxed(bfe), logs
+    w.close()
+
+
+def test_an_explicit_lock_holds_until_a_fresh_handshake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
+    record = watch.lock_record(tmp_path / "earlyfw.toml")
+    engine.install(bfe, cfg)
+    w, _logs = watcher(cfg, world, bfe, lock_path=record)
+    fresh(world, NOW - 3)
+    assert w.step() is State.RELAXED
+    record.write_text(f"{NOW - 1}\n")  # `earlyfw lock`, as the CLI records it
+    engine.lock(bfe)
+    for _ in range(3):
+        assert w.step() is State.BLOCKED and not relaxed(bfe)
+    fresh(world, NOW)  # the tunnel proves itself again
+    assert w.step() is State.RELAXED
+    w.close()
+
+
+def test_an_explicit_lock_holds_openvpn_until_the_adapter_went_down(tmp_path: Path) -> None:
+    cfg, world = config("openvpn"), World()
+    bfe = RecordingBfe(aliases={"wg0": LUID})
+    record = watch.lock_record(tmp_path / "earlyfw.toml")
+    engine.install(bfe, cfg)
+    w, _logs = watcher(cfg, world, bfe, lock_path=record)
+    assert w.step() is State.RELAXED
+    record.write_text(f"{NOW}\n")
+    engine.lock(bfe)
+    assert w.step() is State.BLOCKED and w.step() is State.BLOCKED
+    bfe.adapters[LUID] = Adapter(up=False)
+    assert w.step() is State.BLOCKED
+    bfe.adapters[LUID] = Adapter(up=True)
+    assert w.step() is State.RELAXED
+    w.close()
+
+
+def test_the_watcher_refuses_to_relax_onto_a_nic() -> None:
+    cfg, world = config(), World()
+    nic = 0x0006_0000_0001_0000
+    bfe = RecordingBfe(aliases={"wg0": nic}, adapters={nic: Adapter("Realtek PCIe GbE", hardware=True)})
+    engine.install(bfe, cfg)
+    w, logs = watcher(cfg, world, bfe)
+    fresh(world)
+    assert w.step() is State.BLOCKED and not relaxed(bfe)
+    assert "is not a tunnel adapter" in logs[-1]
+
+
+def test_the_log_file_is_bounded(tmp_path: Path) -> None:
+    log = watch.Log(tmp_path / "watch.log", clock=lambda: NOW)
+    log("relaxed")
+    assert (tmp_path / "watch.log").read_text().endswith(" relaxed\n")
+    (tmp_path / "watch.log").write_bytes(b"x" * (watch.LOG_LIMIT + 1))
+    log("blocked")
+    assert (tmp_path / "watch.log.1").stat().st_size == watch.LOG_LIMIT + 1
+    assert (tmp_path / "watch.log").read_text().endswith(" blocked\n")
+
+
+def test_a_lock_that_lands_between_decision_and_relax_wins(tmp_path: Path) -> None:
+    """`earlyfw lock` between the watcher's decision and its relax: the lock
+    record is re-read once the relax transaction holds BFE (transactions run
+    one at a time), so the lock is not undone, not even until the next poll."""
+    cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
+    record = watch.lock_record(tmp_path / "earlyfw.toml")
+    engine.install(bfe, cfg)
+    w, logs = watcher(cfg, world, bfe, lock_path=record)
+    fresh(world, NOW - 3)
+    decide = w.wanted
+
+    def racing() -> tuple[State, int | None]:
+        wanted = decide()
+        record.write_text(f"{NOW - 1}\n")  # what `earlyfw lock` does first...
+        engine.lock(bfe)  # ...then its transaction
+        return wanted
+
+    w.wanted = racing  # type: ignore[method-assign]
+    assert w.step() is State.BLOCKED and not relaxed(bfe)
+    assert "an explicit lock came in meanwhile" in logs[-2]
+    w.wanted = decide  # type: ignore[method-assign]
+    assert w.step() is State.BLOCKED and not relaxed(bfe), "and it holds"
+    w.close()

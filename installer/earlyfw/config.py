@@ -31,6 +31,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # that is safe unquoted in nft, shell, systemd and pf, and refuses the rest.
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 IFNAMSIZ = 16  # including the trailing NUL, so 15 usable bytes
+# A Windows adapter's name (Get-NetAdapter: "OpenVPN TAP-Windows6", long
+# WireGuard tunnel names): up to 256 characters, spaces allowed. Only the
+# windows target reads it, and only as data (ctypes, argv), never in a shell.
+_ADAPTER = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9 _.,()#+=-]{0,254}[A-Za-z0-9_.)=+-])?")
 
 # How old a handshake may be and still relax a blocked tunnel. At least
 # WireGuard's REJECT_AFTER_TIME: a session younger than that is never renewed
@@ -93,7 +97,14 @@ class Config:
     # OpenVPN's management socket (`management PATH unix`); without it the
     # watcher follows the --up/--down hook instead.
     openvpn_management: Path | None = None
+    # Windows only: the tunnel adapter's name where it is not a valid Linux
+    # interface name; `interface` otherwise.
+    adapter: str | None = None
     source: Path | None = field(default=None, compare=False)
+
+    @property
+    def windows_adapter(self) -> str:
+        return self.adapter or self.interface
 
     def endpoints_of(self, version: int) -> tuple[Endpoint, ...]:
         return tuple(e for e in self.endpoints if e.family == version)
@@ -110,9 +121,15 @@ class Config:
         doc.only({"tunnel", "endpoint", "dns", "lan", "egress", "initramfs", "watch"})
 
         tunnel = doc.table("tunnel", required=True)
-        tunnel.only({"kind", "interface"})
+        tunnel.only({"kind", "interface", "adapter"})
         kind = tunnel.enum("kind", TunnelKind, default=TunnelKind.WIREGUARD)
         interface = tunnel.interface("interface", default=kind.default_interface)
+        adapter = tunnel.get("adapter")
+        if adapter is not None and not (isinstance(adapter, str) and _ADAPTER.fullmatch(adapter)):
+            raise ConfigError(
+                f"tunnel.adapter: {_show(adapter)} is not a Windows adapter name earlyfw accepts",
+                hint="up to 256 letters, digits, spaces and _ . , ( ) # + = -, as Get-NetAdapter shows it",
+            )
 
         endpoints = tuple(_endpoint(e) for e in doc.array_of_tables("endpoint", required=True))
         if not endpoints:
@@ -168,6 +185,7 @@ class Config:
             initramfs_allow=initramfs_allow,
             reject_after_seconds=reject_after,
             openvpn_management=None if management is None else _socket_path("watch.openvpn_management", management),
+            adapter=adapter,
             source=source,
         )
 
@@ -179,6 +197,8 @@ class Config:
             "dns": {"servers": [str(a) for a in self.dns_servers]},
             "lan": {"allow": self.lan_allow},
         }
+        if self.adapter is not None:
+            data["tunnel"]["adapter"] = self.adapter
         if self.egress_interfaces:
             data["egress"] = {"interfaces": list(self.egress_interfaces)}
         if self.initramfs_allow:

@@ -144,13 +144,16 @@ def uninstall(root: Root, runner: Runner, *, rebuild_initramfs: bool = False) ->
     if not manifest.entries and not root.exists(MANIFEST):
         raise EarlyfwError(f"earlyfw is not installed under {root.path} (no {MANIFEST})")
     registry = load_all()
+    targets = [registry[name](root, runner) for name in manifest.targets if name in registry]
+    if root.is_host:
+        for target in targets:
+            target.before_uninstall()
     with Transaction(root) as txn:
         for entry in sorted(manifest.entries.values(), key=lambda e: e.path):
             _remove_entry(root, manifest, entry, txn, report)
         txn.remove(MANIFEST)
     for directory in sorted(manifest.directories, key=len, reverse=True):
         root.rmdir_if_empty(directory)
-    targets = [registry[name](root, runner) for name in manifest.targets if name in registry]
     if root.is_host:
         for target in targets:
             target.after_uninstall()

@@ -6,7 +6,12 @@ macOS anchor: every rule is parsed into typed fields (nothing earlyfw does not
 emit is accepted), checked for the mistakes that silently open a pf ruleset (a
 rule that is not `quick`, an address of the wrong family, a table that was
 never defined, an interface group such as `utun` that matches every tunnel
-device), and then evaluated packet by packet the way pf does for this subset.
+device), and then evaluated packet by packet the way pf does for this subset:
+anchors called by path (`com.apple/*` runs every anchor under com.apple in
+name order), `user` matched against the socket's owner, and fragments, whose
+ports pf cannot see unless a scrub rule reassembles them first. The same parser
+reads a main ruleset as `pfctl -s rules` prints it (scrub, scrub-anchor and
+anchor calls), so tests can evaluate the whole chain.
 On a Mac, `pfctl -vnf FILE` is the authority; this model is the reviewer that
 runs everywhere.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -26,7 +31,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # name without one (utun, en) as an interface *group*: every such device.
 _DEVICE = re.compile(r"[a-z][a-z0-9]*[0-9]")
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,30}")  # PF_TABLE_NAME_SIZE is 32
-_ANCHOR = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_ANCHOR_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+# A relative name, a path (com.apple/000.earlyfw) or every child (com.apple/*).
+_ANCHOR = re.compile(rf"{_ANCHOR_PART}(?:/{_ANCHOR_PART})*(?:/\*)?")
+USERS = {"root": 0}
 _TOKEN = re.compile(r'"[^"\n]*"|[{},!]|[^\s{},!"]+')
 
 ICMP6_TYPES = {
@@ -125,15 +133,32 @@ class Rule:
     icmp_type: int | None = None
     icmp_code: int | None = None
     keep_state: bool = False
+    user: int | None = None  # uid of the socket's owner
 
     def families(self) -> tuple[Family, ...]:
         return (self.family,) if self.family else (Family.INET, Family.INET6)
+
+    @property
+    def needs_transport_header(self) -> bool:
+        """What pf cannot match on a fragment it has not reassembled."""
+        return any(v is not None for v in (self.src_port, self.dst_port, self.icmp_type, self.user))
 
 
 @dataclass(frozen=True)
 class AnchorCall:
     line: int
     name: str
+
+
+@dataclass(frozen=True)
+class Scrub:
+    """`scrub [in|out] all fragment reassemble`, or `scrub-anchor "name" all`:
+    normalisation, evaluated before any filter rule."""
+
+    line: int
+    direction: Direction | None = None
+    anchor: str | None = None
+    reassemble: bool = False
 
 
 Statement = Rule | AnchorCall
@@ -143,6 +168,11 @@ Statement = Rule | AnchorCall
 class Ruleset:
     rules: tuple[Statement, ...]
     tables: Mapping[str, Table] = field(default_factory=dict)
+    scrubs: tuple[Scrub, ...] = ()
+
+    def __len__(self) -> int:
+        """What `pfctl -s rules` lists: scrub rules, then filter rules."""
+        return len(self.scrubs) + len(self.rules)
 
     def filter_rules(self) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if isinstance(r, Rule))
@@ -198,11 +228,17 @@ def parse(text: str) -> Ruleset:
     outside the subset earlyfw emits."""
     tables: dict[str, Table] = {}
     rules: list[Statement] = []
+    scrubs: list[Scrub] = []
     for number, line in _lines(text):
         tokens = _Tokens(number, line)
         keyword = tokens.take()
-        if keyword == "table":
+        if keyword in ("scrub", "scrub-anchor"):
             if rules:
+                # pfctl: "Rules must be in order: options, normalization, ..., filtering"
+                raise tokens.error("scrub rules must come before the filter rules")
+            scrubs.append(_scrub(tokens, keyword))
+        elif keyword == "table":
+            if rules or scrubs:
                 raise tokens.error("table definitions must come before the rules")
             table = _table(tokens)
             if table.name in tables:
@@ -214,7 +250,20 @@ def parse(text: str) -> Ruleset:
             rules.append(_rule(tokens, Action(keyword), tables))
         else:
             raise tokens.error(f"{keyword!r} is not a statement earlyfw writes")
-    return Ruleset(tuple(rules), tables)
+    return Ruleset(tuple(rules), tables, tuple(scrubs))
+
+
+def _scrub(tokens: _Tokens, keyword: str) -> Scrub:
+    anchor = None
+    if keyword == "scrub-anchor":
+        anchor = _anchor_name(tokens)
+    direction = tokens.accept("in", "out")
+    tokens.expect("all")
+    reassemble = tokens.accept("fragment") is not None
+    if reassemble:
+        tokens.expect("reassemble")
+    tokens.end()
+    return Scrub(tokens.line, Direction(direction) if direction else None, anchor, reassemble)
 
 
 def _table(tokens: _Tokens) -> Table:
@@ -250,11 +299,16 @@ def _network(tokens: _Tokens, token: str) -> IPNetwork:
         raise tokens.error(f"{token!r} is not an address or a network with its host bits clear") from None
 
 
-def _anchor_call(tokens: _Tokens) -> AnchorCall:
+def _anchor_name(tokens: _Tokens) -> str:
     token = tokens.take("an anchor name")
     name = token[1:-1] if len(token) >= 2 and token[0] == token[-1] == '"' else ""
     if not _ANCHOR.fullmatch(name):
-        raise tokens.error(f"anchor {token}: expected a quoted relative anchor name")
+        raise tokens.error(f"anchor {token}: expected a quoted anchor name or path")
+    return name
+
+
+def _anchor_call(tokens: _Tokens) -> AnchorCall:
+    name = _anchor_name(tokens)
     tokens.accept("all")
     tokens.end()
     return AnchorCall(tokens.line, name)
@@ -286,10 +340,9 @@ def _rule(tokens: _Tokens, action: Action, tables: Mapping[str, Table]) -> Rule:
         proto = tokens.take("a protocol")
         if proto not in PROTOCOLS:
             raise tokens.error(f"proto {proto!r} is not one of {', '.join(PROTOCOLS)}")
-    if proto == "icmp" and family is not Family.INET:
-        raise tokens.error("proto icmp needs inet")
-    if proto == "ipv6-icmp" and family is not Family.INET6:
-        raise tokens.error("proto ipv6-icmp needs inet6")
+    needs = {"icmp": Family.INET, "ipv6-icmp": Family.INET6}.get(proto or "")
+    if needs is not None and family is not needs:
+        raise tokens.error(f"proto {proto} needs {needs}")
 
     src, src_port, dst, dst_port = ANY, None, ANY, None
     if tokens.accept("all") is None:
@@ -297,6 +350,8 @@ def _rule(tokens: _Tokens, action: Action, tables: Mapping[str, Table]) -> Rule:
         src, src_port = _endpoint(tokens, family, proto, tables)
         tokens.expect("to")
         dst, dst_port = _endpoint(tokens, family, proto, tables)
+
+    user = _user(tokens, proto)
 
     icmp_type = icmp_code = None
     if tokens.accept("icmp6-type"):
@@ -337,6 +392,7 @@ def _rule(tokens: _Tokens, action: Action, tables: Mapping[str, Table]) -> Rule:
         icmp_type=icmp_type,
         icmp_code=icmp_code,
         keep_state=not stateless,
+        user=user,
     )
 
 
@@ -374,6 +430,17 @@ def _endpoint(
             raise tokens.error(f"port {word!r} is not 1-65535")
         port = int(word)
     return address, port
+
+
+def _user(tokens: _Tokens, proto: str | None) -> int | None:
+    if tokens.accept("user") is None:
+        return None
+    word = tokens.take("a user")
+    if proto not in ("tcp", "udp"):
+        raise tokens.error("user needs proto tcp or udp: pf knows a socket's owner only for those")
+    if word not in USERS:
+        raise tokens.error(f"user {word!r} is not one earlyfw uses")
+    return USERS[word]
 
 
 def _icmp_number(tokens: _Tokens, names: Mapping[str, int]) -> int:
@@ -421,6 +488,10 @@ def check_main(ruleset: Ruleset, interface: str, tunnel_anchor: str) -> None:
     first = rules[0]
     if not (isinstance(first, Rule) and first.action is Action.PASS and first.interface == "lo0"):
         raise PfError(first.line, "the first rule must pass loopback")
+    if not any(s.reassemble and s.direction in (None, Direction.IN) and s.anchor is None for s in ruleset.scrubs):
+        # pf cannot see the ports of an unreassembled fragment: fragmented
+        # packets from the VPN server would fall to the catch-all block.
+        raise PfError(first.line, "the anchor must reassemble fragments (scrub in all fragment reassemble)")
 
 
 def check_tunnel(ruleset: Ruleset, interface: str) -> None:
@@ -448,22 +519,58 @@ class Packet:
     dport: int | None = None
     icmp_type: int | None = None
     icmp_code: int | None = None
+    uid: int | None = None  # the local socket's owner; None: no local socket
+    fragment: bool = False  # a fragment pf has not reassembled
 
     @property
     def family(self) -> Family:
         return Family.INET if self.src.version == 4 else Family.INET6
 
 
-def evaluate(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset] | None = None) -> Rule | None:
+def _called(name: str, path: str, anchors: Mapping[str, Ruleset]) -> list[str]:
+    """The anchors a call reaches: relative to the caller's path; `x/*` is
+    every anchor directly under x, in name order, as pf runs them."""
+    full = f"{path}/{name}" if path else name
+    if full.endswith("/*"):
+        parent = full[:-2]
+        return sorted(k for k in anchors if k.rpartition("/")[0] == parent)
+    return [full] if full in anchors else []
+
+
+def _reassembles(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset], path: str) -> bool:
+    for scrub in ruleset.scrubs:
+        if scrub.direction not in (None, packet.direction):
+            continue
+        if scrub.anchor is None:
+            if scrub.reassemble:
+                return True
+        elif any(_reassembles(anchors[a], packet, anchors, a) for a in _called(scrub.anchor, path, anchors)):
+            return True
+    return False
+
+
+def evaluate(
+    ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset] | None = None, *, path: str = ""
+) -> Rule | None:
     """The rule that decides `packet`, or None when no rule matches (pf then
-    passes it: its default rule is pass). Every rule in the subset is quick, so
-    the first match decides, inside a called anchor as much as outside it."""
+    passes it: its default rule is pass). `anchors` holds every loaded anchor
+    by its path; `path` is the ruleset's own (empty for the main ruleset).
+    Scrub rules run first: a fragment is reassembled if one applies. Every
+    rule in the subset is quick, so the first match decides, inside a called
+    anchor as much as outside it."""
+    anchors = anchors or {}
+    if packet.fragment and _reassembles(ruleset, packet, anchors, path):
+        packet = replace(packet, fragment=False)
+    return _evaluate(ruleset, packet, anchors, path)
+
+
+def _evaluate(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset], path: str) -> Rule | None:
     for statement in ruleset.rules:
         if isinstance(statement, AnchorCall):
-            called = (anchors or {}).get(statement.name)
-            decided = evaluate(called, packet) if called else None
-            if decided is not None:
-                return decided
+            for name in _called(statement.name, path, anchors):
+                decided = _evaluate(anchors[name], packet, anchors, name)
+                if decided is not None:
+                    return decided
         elif _matches(statement, ruleset.tables, packet):
             return statement
     return None
@@ -471,6 +578,10 @@ def evaluate(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset] | 
 
 def _matches(rule: Rule, tables: Mapping[str, Table], p: Packet) -> bool:
     if rule.direction is not None and rule.direction is not p.direction:
+        return False
+    if p.fragment and rule.needs_transport_header:
+        return False
+    if rule.user is not None and rule.user != p.uid:
         return False
     if rule.interface is not None and (rule.interface == p.interface) == rule.interface_negated:
         return False

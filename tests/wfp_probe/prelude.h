@@ -6,6 +6,9 @@
 #include <winsock2.h>
 #include <windows.h>
 #include <fwpmu.h>
+#include <ws2ipdef.h>
 #include <iphlpapi.h>
 #include <netioapi.h>
+#include <sddl.h>
+#include <aclapi.h>
 #include <stddef.h>

@@ -88,6 +88,11 @@ class Target(ABC):
     def after_install(self, config: Config) -> None:
         """Runs once every target's files are in place (host installs only)."""
 
+    def before_uninstall(self) -> None:
+        """Runs before any file is removed (host installs only): what undoes
+        kernel state goes here, so a failure leaves the files (manifest,
+        break-glass script) for a second uninstall."""
+
     def after_uninstall(self) -> None:
         """Runs once every target's files are gone (host installs only)."""
 

@@ -11,6 +11,7 @@ the `tunnel` sub-anchor when WireGuard's handshake completes.
 
 from __future__ import annotations
 
+import os
 import platform
 import plistlib
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from earlyfw import pf, policy, templates
-from earlyfw.config import Config, Endpoint, IPAddress, Protocol
+from earlyfw.config import Config, Endpoint, IPAddress, Protocol, TunnelKind
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.policy import State
 from earlyfw.root import Root, Transaction
@@ -36,11 +37,21 @@ PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
 ANCHOR = "com.apple/000.earlyfw"
 TUNNEL = "tunnel"
 TUNNEL_ANCHOR = f"{ANCHOR}/{TUNNEL}"
+# What earlyfw-pf's add_hook puts into the main ruleset, as `pfctl -s rules` lists it.
+HOOK_LINES = frozenset({f'scrub-anchor "{ANCHOR}" all', f'anchor "{ANCHOR}" all'})
 PFCTL = "pfctl"
 LAUNCHCTL = "launchctl"
-# launchd's default PATH plus Homebrew's two prefixes, where `wg` lives.
-DAEMON_PATH = "/usr/bin:/bin:/usr/sbin:/sbin:/opt/homebrew/bin:/usr/local/bin"
-WATCH_INTERVAL = 2  # seconds between two watchdog passes
+# launchd's default PATH: system directories only. Homebrew's prefixes belong
+# to the user who installed Homebrew, so a root job must never search them;
+# `wg` is copied into earlyfw's root-owned support directory instead.
+DAEMON_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+# Where `wg` is looked for at install: Homebrew (Apple silicon, Intel), MacPorts.
+WG_SOURCES = ("/opt/homebrew/bin/wg", "/usr/local/bin/wg", "/opt/local/bin/wg")
+WATCH_INTERVAL = 2  # seconds between two full watchdog passes
+# pf has no change notification: between full passes a cheap check (pf
+# enabled, the anchor call in place) runs this often, so `pfctl -d` or a
+# flushed main ruleset is repaired within a quarter second, not two.
+FAST_INTERVAL = 0.25
 DNS_PORTS = (53, 853)
 LAN_TABLE = "earlyfw_lan"
 DNS_TABLE = "earlyfw_dns"
@@ -83,6 +94,14 @@ class Layout:
     @property
     def emergency_rules(self) -> str:
         return f"{self.support_dir}/emergency.pf"
+
+    @property
+    def wg(self) -> str:
+        return f"{self.support_dir}/wg"
+
+    @property
+    def lock_dir(self) -> str:
+        return f"{self.run_dir}/lock"
 
     @property
     def token_file(self) -> str:
@@ -196,9 +215,11 @@ def render(config: Config, layout: Layout = LAYOUT) -> Rendered:
         layout=layout,
         kind=config.tunnel_kind,
         wg_endpoints=[wg_endpoint(e) for e in config.endpoints if e.protocol is Protocol.UDP],
-        rule_count=len(main.rules),
+        rule_count=len(main),
         reject_after=config.reject_after_seconds,
         interval=WATCH_INTERVAL,
+        fast_interval=FAST_INTERVAL,
+        fast_per_pass=round(WATCH_INTERVAL / FAST_INTERVAL),
         **common,
     )
     return Rendered(rules, tunnel, emergency, script, launchd_plist(layout))
@@ -229,16 +250,35 @@ class MacOS(Target):
 
     def plan(self, config: Config) -> Plan:
         r = render(config, LAYOUT)
-        files = (
+        files = [
             # launchd refuses a job whose plist is not root:wheel and not group/world-writable.
             File(PLIST, r.plist, 0o644),
             File(LAYOUT.script, r.script.encode(), 0o755),
             File(LAYOUT.rules, r.rules.encode(), 0o644),
             File(LAYOUT.tunnel_rules, r.tunnel.encode(), 0o644),
             File(LAYOUT.emergency_rules, r.emergency.encode(), 0o644),
-        )
+        ]
+        if config.tunnel_kind is TunnelKind.WIREGUARD:
+            # A root-owned copy: the job runs it as root every two seconds.
+            files.append(File(LAYOUT.wg, self._wg_binary(), 0o755))
         notes = (f"keep {PLIST} owned by root:wheel, mode 0644, when copying the image: launchd ignores it otherwise",)
-        return Plan(self.name, files, notes)
+        return Plan(self.name, tuple(files), notes)
+
+    def _wg_binary(self) -> bytes:
+        """wireguard-tools' `wg`, read from where Homebrew or MacPorts put it
+        (a symlink into the Cellar is followed, but never out of the root)."""
+        top = os.path.realpath(self.root.path)
+        for source in WG_SOURCES:
+            if not self.root.exists(source):
+                continue
+            real = os.path.realpath(self.root.resolve(source))
+            if os.path.commonpath([top, real]) != top:
+                raise EarlyfwError(f"{source} points outside {self.root.path}: refusing to copy it")
+            return Path(real).read_bytes()
+        raise EarlyfwError(
+            "wg (wireguard-tools) not found in " + ", ".join(WG_SOURCES),
+            hint="brew install wireguard-tools; earlyfw copies it into its root-owned support directory",
+        )
 
     def apply(self, plan: Plan, txn: Transaction) -> None:
         if self.root.is_host:
@@ -261,7 +301,8 @@ class MacOS(Target):
         if token:
             # A token from an earlier boot is simply unknown to pf: not an error.
             self.runner.run([PFCTL, "-X", token], check=False)
-        failed = [
+        failed = [] if self._remove_hook() else ["the anchor call in the main ruleset"]
+        failed += [
             f"{anchor} ({what})"
             for anchor in (TUNNEL_ANCHOR, ANCHOR)
             for what in ("rules", "Tables")
@@ -276,6 +317,21 @@ class MacOS(Target):
                 "earlyfw's files are removed, but pf still holds: " + ", ".join(failed),
                 hint=f"sudo pfctl -a '{ANCHOR}' -F all",
             )
+
+    def _remove_hook(self) -> bool:
+        """Take out the calls earlyfw-pf put into the main ruleset where
+        pf.conf did not call com.apple/* (add_hook); False if that failed."""
+        main = self.runner.run([PFCTL, "-s", "rules"], check=False)
+        if main.returncode != 0:
+            return False
+        lines = main.stdout.splitlines()
+        kept = [line for line in lines if line.strip() not in HOOK_LINES]
+        if kept == lines:
+            return True
+        load = self.runner.run(
+            [PFCTL, "-o", "none", "-R", "-f", "-"], input="".join(f"{k}\n" for k in kept), check=False
+        )
+        return load.returncode == 0
 
     def _recorded_token(self) -> str | None:
         try:

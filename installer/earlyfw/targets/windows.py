@@ -9,9 +9,12 @@ chosen by name, and then only to write an image's files under --root.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from ctypes import byref, c_void_p, c_wchar_p
 from typing import ClassVar
 
 from earlyfw import templates
@@ -20,7 +23,7 @@ from earlyfw.errors import EarlyfwError
 from earlyfw.root import Root, Transaction
 from earlyfw.run import Runner
 from earlyfw.targets import File, Plan, System, Target, write_artifacts
-from earlyfw.wfp import backend, engine, rules
+from earlyfw.wfp import backend, engine, rules, security
 from earlyfw.wfp import structs as s
 
 DATA_DIR = "/ProgramData/earlyfw"
@@ -33,14 +36,25 @@ BREAKGLASS_PATH = f"{DATA_DIR}/earlyfw-breakglass.ps1"
 EXE_PATH = "/Program Files/earlyfw/earlyfw.exe"
 TASK_NAME = "earlyfw-watch"
 
-# Who may touch the data directory: SYSTEM and Administrators fully, Users read.
-# Without this it would inherit ProgramData's ACL, under which any user may
-# create files there, and the SYSTEM task reads its config from it.
-DATA_DIR_ACL = ("*S-1-5-18:(OI)(CI)F", "*S-1-5-32-544:(OI)(CI)F", "*S-1-5-32-545:(OI)(CI)RX")
+# Who may touch the data directory and each file in it: owned by
+# Administrators, SYSTEM and Administrators fully, Users read, and protected
+# (P) from inheritance. Set whole, never merged: the README had users create
+# the directory and config first, so a user may own them or hold an explicit
+# entry there that icacls /grant:r would have kept, and the SYSTEM task trusts
+# the config it reads from here.
+DATA_DIR_SDDL = "O:BAD:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;0x1200a9;;;BU)"
+DATA_FILE_SDDL = "O:BAD:P(A;;FA;;;SY)(A;;FA;;;BA)(A;;0x1200a9;;;BU)"
+_SECURITY_INFO = s.OWNER_SECURITY_INFORMATION | s.DACL_SECURITY_INFORMATION | s.PROTECTED_DACL_SECURITY_INFORMATION
 
 
 def on_windows() -> bool:
     return sys.platform == "win32"
+
+
+def schtasks() -> str:
+    """By its System32 path: an elevated install must not run whatever
+    schtasks.exe comes first on PATH or in the working directory."""
+    return os.path.join(os.environ.get("SYSTEMROOT", r"C:\Windows"), "System32", "schtasks.exe")
 
 
 def windows_path(system_path: str) -> str:
@@ -71,7 +85,7 @@ def task_xml(config: Config) -> bytes:
 
 
 def breakglass_script(config: Config) -> bytes:
-    placeholder = rules.Interface(config.interface, 0)
+    placeholder = rules.Interface(config.windows_adapter, 0)
     blocking = [
         f for f in (*rules.install_set(config), *rules.relax_set(config, placeholder)) if f.action is rules.Action.BLOCK
     ]
@@ -108,6 +122,11 @@ class Windows(Target):
                 "the windows target puts filters into Windows' Base Filtering Engine; this is not Windows",
                 hint="to prepare a Windows image's files from here: earlyfw install --target windows --root DIR",
             )
+        if self.root.is_host:
+            # Refused before anything is written: an adapter that exists now
+            # must be a tunnel (tunnel_luid raises for a NIC); one that does
+            # not exist yet is checked again at every relax.
+            engine.tunnel_luid(self.load_backend(), config.windows_adapter)
         files = [
             File(CONFIG_PATH, _windows_text(config.to_toml()), 0o644),
             File(FILTERS_PATH, _windows_text(json.dumps(rules.describe(config), indent=2) + "\n"), 0o644),
@@ -133,27 +152,88 @@ class Windows(Target):
             created: list[str] = []
             self.root.makedirs(DATA_DIR, created)
             txn.created_directories.extend(created)
-            self._lock_down_data_dir()
+            # Before writing, so no file is ever created under a DACL a user
+            # controls; after_install sets and verifies every file too.
+            self._lock_down([str(self.root / DATA_DIR)])
         write_artifacts(plan.artifacts, txn)
 
-    def _lock_down_data_dir(self) -> None:
-        directory = str(self.root / DATA_DIR)
-        self.runner.run(["icacls", directory, "/setowner", "*S-1-5-32-544", "/T", "/C", "/Q"])
-        grants = [arg for ace in DATA_DIR_ACL for arg in ("/grant:r", ace)]
-        self.runner.run(["icacls", directory, "/inheritance:r", *grants, "/T", "/C", "/Q"])
+    def _data_paths(self) -> Iterator[str]:
+        top = str(self.root / DATA_DIR)
+        yield top
+        for directory, dirs, files in os.walk(top):
+            for name in sorted(dirs) + sorted(files):
+                yield os.path.join(directory, name)
+
+    def _lock_down(self, paths: list[str]) -> None:
+        """SetFileSecurityW on each path: it sets exactly that object's owner
+        and protected DACL (SetNamedSecurityInfo would merge inherited ones)."""
+        fn = self.load_backend().functions
+        for kind, sddl in (("directory", DATA_DIR_SDDL), ("file", DATA_FILE_SDDL)):
+            targets = [p for p in paths if os.path.isdir(p) == (kind == "directory")]
+            if not targets:
+                continue
+            sd = c_void_p()
+            if not fn["ConvertStringSecurityDescriptorToSecurityDescriptorW"](sddl, s.SDDL_REVISION_1, byref(sd), None):
+                raise EarlyfwError(f"cannot build the security descriptor {sddl}")
+            try:
+                for path in targets:
+                    if not fn["SetFileSecurityW"](path, _SECURITY_INFO, sd):
+                        raise EarlyfwError(
+                            f"cannot restrict {path} to SYSTEM and Administrators",
+                            hint="run the install from an elevated prompt",
+                        )
+            finally:
+                fn["LocalFree"](sd)
+
+    def _descriptor(self, path: str) -> security.Descriptor:
+        fn = self.load_backend().functions
+        sd, text = c_void_p(), c_wchar_p()
+        info = s.OWNER_SECURITY_INFORMATION | s.DACL_SECURITY_INFORMATION
+        code = fn["GetNamedSecurityInfoW"](path, s.SE_FILE_OBJECT, info, None, None, None, None, byref(sd))
+        if code != 0:
+            raise EarlyfwError(f"cannot read the security of {path}: error {code}")
+        try:
+            if not fn["ConvertSecurityDescriptorToStringSecurityDescriptorW"](
+                sd, s.SDDL_REVISION_1, info, byref(text), None
+            ):
+                raise EarlyfwError(f"cannot read the security of {path}")
+            value = text.value or ""
+            fn["LocalFree"](ctypes.cast(text, c_void_p))
+        finally:
+            fn["LocalFree"](sd)
+        return security.Descriptor.from_sddl(value)
+
+    def secure_data(self) -> None:
+        """Lock down the directory and every file in it, then read each back:
+        the watcher runs as SYSTEM on what is here, so anything a standard
+        user could still change is refused."""
+        paths = list(self._data_paths())
+        self._lock_down(paths)
+        for path in paths:
+            problems = security.admin_only_problems(self._descriptor(path))
+            if problems:
+                raise EarlyfwError(
+                    f"{path} is still not SYSTEM's and Administrators' alone: " + "; ".join(problems),
+                    hint=f"icacls {windows_path(DATA_DIR)} /reset /T, then run the install again",
+                )
 
     def after_install(self, config: Config) -> None:
         # The block first: if anything after it fails, the host stays blocked.
         engine.install(self.load_backend(), config)
-        self.runner.run(["schtasks", "/End", "/TN", TASK_NAME], check=False)
+        # Then nothing a standard user can write, before the SYSTEM task trusts it.
+        self.secure_data()
+        self.runner.run([schtasks(), "/End", "/TN", TASK_NAME], check=False)
         if not watches(config):
-            self.runner.run(["schtasks", "/Delete", "/TN", TASK_NAME, "/F"], check=False)
+            self.runner.run([schtasks(), "/Delete", "/TN", TASK_NAME, "/F"], check=False)
             return
-        self.runner.run(["schtasks", "/Create", "/TN", TASK_NAME, "/XML", str(self.root / TASK_PATH), "/F"])
-        self.runner.run(["schtasks", "/Run", "/TN", TASK_NAME])
+        self.runner.run([schtasks(), "/Create", "/TN", TASK_NAME, "/XML", str(self.root / TASK_PATH), "/F"])
+        self.runner.run([schtasks(), "/Run", "/TN", TASK_NAME])
 
-    def after_uninstall(self) -> None:
+    def before_uninstall(self) -> None:
+        """Before any file goes: if the WFP transaction fails, the manifest,
+        the config and the break-glass script are all still there, and a
+        second `earlyfw uninstall` can finish the job."""
         # Stop the watcher before the policy goes, so it cannot relax into it.
-        self.runner.run(["schtasks", "/End", "/TN", TASK_NAME], check=False)
-        self.runner.run(["schtasks", "/Delete", "/TN", TASK_NAME, "/F"], check=False)
+        self.runner.run([schtasks(), "/End", "/TN", TASK_NAME], check=False)
+        self.runner.run([schtasks(), "/Delete", "/TN", TASK_NAME, "/F"], check=False)
         engine.uninstall(self.load_backend())

@@ -7,8 +7,11 @@ talks to BFE itself through fwpuclnt.dll with ctypes:
 - `structs`: the x64 layouts of the WFP structures, the GUIDs and constants,
   and the C prototypes of every function earlyfw calls;
 - `rules`: the filter set as a pure function of the Config;
+- `security`: SIDs and security descriptors (the ALE_USER_ID conditions, the
+  data directory's DACL), built and read in pure Python;
 - `engine`: the transactions (install, relax, lock, uninstall) against a
   `Backend`, which is either the real DLLs (`backend`, Windows only) or the
   recording BFE model (`recording`), so the same code runs in tests on Linux;
-- `watch`: the handshake watcher the scheduled task runs.
+- `watch`: the handshake watcher the scheduled task runs, holding its relax
+  permits in a dynamic session.
 """

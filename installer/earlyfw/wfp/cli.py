@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -36,23 +37,33 @@ def default_config() -> Path:
     return configuration.DEFAULT_CONFIG_PATH
 
 
+def config_path(obj: CliContext) -> Path:
+    return obj.config_path or default_config()
+
+
 def load_config(obj: CliContext) -> configuration.Config:
-    return configuration.load(obj.config_path or default_config())
+    return configuration.load(config_path(obj))
 
 
 def put_state(obj: CliContext, state: State) -> None:
-    """`earlyfw relax` / `earlyfw lock` on Windows."""
+    """`earlyfw relax` / `earlyfw lock` on Windows. A lock is recorded, so the
+    watcher keeps it until the tunnel proves itself again (a handshake after
+    it, or the OpenVPN adapter going down and up); a relax by hand clears it."""
     config = load_config(obj)
     wfp = backend.load()
+    record = watch.lock_record(config_path(obj))
     if state is State.RELAXED:
-        luid = engine.tunnel_luid(wfp, config.interface)
+        luid = engine.tunnel_luid(wfp, config.windows_adapter)
         if luid is None:
             raise EarlyfwError(
-                f"no network adapter named {config.interface!r}: nothing to relax onto",
+                f"no network adapter named {config.windows_adapter!r}: nothing to relax onto",
                 hint="start the tunnel first; [tunnel] interface must be the adapter's name (Get-NetAdapter)",
             )
-        engine.relax(wfp, config, rules.Interface(config.interface, luid))
+        engine.relax(wfp, config, rules.Interface(config.windows_adapter, luid))
+        record.unlink(missing_ok=True)
     elif state is State.BLOCKED:
+        # Recorded first: the watcher must not relax again between the two.
+        record.write_text(f"{time.time():.3f}\n")
         engine.lock(wfp)
     else:
         raise EarlyfwError(f"the {state} state exists only on Linux")
@@ -83,8 +94,8 @@ def show(obj: CliContext, as_json: bool) -> None:
     click.echo("blocked state (earlyfw install):")
     for f in rules.install_set(config):
         click.echo("  " + _describe(f))
-    click.echo(f"relaxed adds (earlyfw relax; LUID of {config.interface}):")
-    for f in rules.relax_set(config, rules.Interface(config.interface, 0)):
+    click.echo(f"relaxed adds (earlyfw relax; LUID of {config.windows_adapter}):")
+    for f in rules.relax_set(config, rules.Interface(config.windows_adapter, 0)):
         click.echo("  " + _describe(f))
 
 
@@ -116,16 +127,34 @@ def lock(obj: CliContext) -> None:
 @click.pass_obj
 def status(obj: CliContext) -> None:
     """Show which earlyfw filters BFE has; exit 3 if the block is missing."""
-    found = engine.installed(backend.load())
+    wfp = backend.load()
+    found = engine.installed(wfp)
     keys = {f.key for f in found}
-    wanted = {f.key for f in rules.install_set(load_config(obj)) if f.lifetime is rules.Lifetime.PERSISTENT}
+    config = load_config(obj)
+    wanted = {f.key for f in rules.install_set(config) if f.lifetime is rules.Lifetime.PERSISTENT}
+    boot = {f.key for f in rules.boottime_set()}
     relaxed = bool(keys & rules.relax_keys())
     for lifetime in rules.Lifetime:
         click.echo(f"{lifetime}: {sum(1 for f in found if f.lifetime is lifetime)} filters")
     click.echo(f"state: {'relaxed' if relaxed else 'blocked'}")
+    for key, name, weight in engine.rival_sublayers(wfp):
+        click.echo(
+            f"warning: sublayer {name!r} ({key}) also has weight {weight:#x}: "
+            "a hard permit there is not overridden by earlyfw's blocks"
+        )
     missing = wanted - keys
-    if missing:
-        click.echo(f"warning: {len(missing)} persistent filters missing or changed: run `earlyfw windows apply`")
+    boot_missing = boot - keys
+    if boot_missing == boot:
+        # BFE lists boot-time filters only on the boot they were added.
+        click.echo(
+            "boot-time filters: not listed by BFE (normal after a reboot); "
+            "`netsh wfp show boottimepolicy` shows what tcpip.sys enforces"
+        )
+    elif boot_missing:
+        click.echo(f"warning: {len(boot_missing)} boot-time filters missing: run `earlyfw windows apply`")
+    if missing or (boot_missing and boot_missing != boot):
+        if missing:
+            click.echo(f"warning: {len(missing)} persistent filters missing or changed: run `earlyfw windows apply`")
         sys.exit(3)
 
 
@@ -142,7 +171,9 @@ def purge() -> None:
 @click.pass_obj
 def watch_command(obj: CliContext, interval: float, once: bool) -> None:
     """Relax while the tunnel is live, lock when it is not (the scheduled task runs this)."""
-    config = load_config(obj)
+    path = config_path(obj)
+    config = configuration.load(path)
     obj.runner.verbose = False  # it polls every few seconds; it logs what it changes
-    watcher = watch.Watcher(config, obj.runner, backend.load())
+    log = watch.Log(path.parent / watch.LOG_NAME)
+    watcher = watch.Watcher(config, obj.runner, backend.load(), lock_path=watch.lock_record(path), log=log)
     watcher.run(interval=interval, iterations=1 if once else None)

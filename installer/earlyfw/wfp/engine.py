@@ -96,8 +96,12 @@ def _condition(condition: rules.Condition, layer: Layer, keep: _Keep) -> s.FWPM_
             v.type, v.uint16 = s.FWP_UINT16, value
         case Field.FLAGS, int():
             v.type, v.uint32 = s.FWP_UINT32, value
-        case Field.LOCAL_INTERFACE, Interface():
+        case Field.LOCAL_INTERFACE | Field.FORWARD_INTERFACE | Field.ARRIVAL_INTERFACE, Interface():
             v.type, v.uint64 = s.FWP_UINT64, ctypes.pointer(keep(c_uint64(value.luid)))
+        case Field.USER, rules.Owners():
+            data = keep(ctypes.create_string_buffer(value.descriptor, len(value.descriptor)))
+            blob = keep(s.FWP_BYTE_BLOB(len(value.descriptor), ctypes.cast(data, POINTER(ctypes.c_uint8))))
+            v.type, v.sd = s.FWP_SECURITY_DESCRIPTOR_TYPE, ctypes.pointer(blob)
         case Field.REMOTE_ADDRESS, ipaddress.IPv4Address() if layer.version == 4:
             v.type, v.uint32 = s.FWP_UINT32, int(value)
         case Field.REMOTE_ADDRESS, ipaddress.IPv6Address() if layer.version == 6:
@@ -138,11 +142,14 @@ def marshal_filter(spec: Filter, keep: _Keep) -> s.FWPM_FILTER0:
 
 
 class Session:
-    """One session with BFE. Not dynamic: what it commits outlives the process."""
+    """One session with BFE. A plain one commits what outlives the process; a
+    dynamic one (the watcher's) owns what it adds, and BFE deletes that when
+    the session ends, also when its process is killed."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, dynamic: bool = False) -> None:
         self.fn = backend.functions
         self.handle = c_void_p()
+        self.dynamic = dynamic
 
     def call(self, name: str, *args: Any, ok: Iterable[int] = ()) -> int:
         code = int(self.fn[name](*args))
@@ -155,6 +162,7 @@ class Session:
         session.displayData.name = SESSION_NAME
         session.displayData.description = "earlyfw boot-time kill switch"
         session.txnWaitTimeoutInMSec = TXN_WAIT_MS
+        session.flags = s.FWPM_SESSION_FLAG_DYNAMIC if self.dynamic else 0
         self.call("FwpmEngineOpen0", None, s.RPC_C_AUTHN_WINNT, None, byref(session), byref(self.handle))
 
     def close(self) -> None:
@@ -216,6 +224,28 @@ class Session:
     def delete_provider(self, *, missing_ok: bool = False) -> bool:
         ok = [s.FWP_E_PROVIDER_NOT_FOUND] if missing_ok else []
         return self.call("FwpmProviderDeleteByKey0", self.handle, byref(s.GUID.of(s.PROVIDER_KEY)), ok=ok) == 0
+
+    def sublayers(self) -> list[tuple[uuid.UUID, str, int]]:
+        """Every sublayer BFE has: key, name, weight."""
+        enum = c_void_p()
+        self.call("FwpmSubLayerCreateEnumHandle0", self.handle, None, byref(enum))
+        found: list[tuple[uuid.UUID, str, int]] = []
+        try:
+            while True:
+                entries = POINTER(POINTER(s.FWPM_SUBLAYER0))()
+                count = c_uint32()
+                self.call("FwpmSubLayerEnum0", self.handle, enum, ENUM_BATCH, byref(entries), byref(count))
+                try:
+                    for i in range(count.value):
+                        sl = entries[i].contents
+                        found.append((sl.subLayerKey.to_uuid(), sl.displayData.name or "", int(sl.weight)))
+                finally:
+                    memory = ctypes.cast(entries, c_void_p)
+                    self.fn["FwpmFreeMemory0"](byref(memory))
+                if count.value < ENUM_BATCH:
+                    return found
+        finally:
+            self.fn["FwpmSubLayerDestroyEnumHandle0"](self.handle, enum)
 
     def filters(self) -> list[Found]:
         """Every filter of earlyfw's provider, boot-time ones included."""
@@ -305,29 +335,98 @@ def uninstall(backend: Backend) -> None:
         bfe.delete_provider()
 
 
+# Tunnel adapters by the interface type inside their LUID (bits 48-63):
+# wintun, WireGuardNT and ovpn-dco are IF_TYPE_PROP_VIRTUAL, IP-in-IP and
+# other tunnels IF_TYPE_TUNNEL.
+TUNNEL_IF_TYPES = frozenset({s.IF_TYPE_PROP_VIRTUAL, s.IF_TYPE_TUNNEL})
+# TAP-Windows6 presents itself as Ethernet: accepted only when GetIfEntry2
+# says it is no hardware interface and its driver is the TAP driver.
+VIRTUAL_ETHERNET_DRIVERS = ("TAP-Windows Adapter V9",)
+
+
+def if_type(luid: int) -> int:
+    return luid >> 48
+
+
+def _row(backend: Backend, luid: int) -> s.MIB_IF_ROW2 | None:
+    row = s.MIB_IF_ROW2()
+    row.InterfaceLuid.Value = luid
+    return row if backend.functions["GetIfEntry2"](byref(row)) == 0 else None
+
+
 def tunnel_luid(backend: Backend, alias: str) -> int | None:
-    """The adapter's LUID (iphlpapi; no BFE session needed), None if absent."""
+    """The tunnel adapter's LUID (iphlpapi; no BFE session needed), None if
+    there is no such adapter. Refuses an adapter that is not a tunnel:
+    permitting a physical NIC would be no kill switch at all."""
     luid = s.NET_LUID()
     if backend.functions["ConvertInterfaceAliasToLuid"](alias, byref(luid)) != 0:
         return None
-    return int(luid.Value)
+    value = int(luid.Value)
+    kind = if_type(value)
+    if kind in TUNNEL_IF_TYPES:
+        return value
+    row = _row(backend, value)
+    description = s.MIB_IF_ROW2.text(row.Description) if row is not None else ""
+    hardware = row is None or bool(row.InterfaceAndOperStatusFlags & 1)
+    if kind == s.IF_TYPE_ETHERNET_CSMACD and not hardware and description.startswith(VIRTUAL_ETHERNET_DRIVERS):
+        return value
+    raise EarlyfwError(
+        f"[tunnel] interface {alias!r} is not a tunnel adapter (interface type {kind}"
+        + (f", {description!r}" if description else "")
+        + "): earlyfw relaxes only onto wintun, WireGuardNT, ovpn-dco or TAP-Windows adapters",
+        hint="name the VPN's own adapter (Get-NetAdapter | Format-List Name,InterfaceDescription), never the NIC",
+    )
 
 
-def relax(backend: Backend, config: Config, tunnel: Interface) -> None:
+def adapter_up(backend: Backend, luid: int) -> bool:
+    """IF_OPER_STATUS straight from GetIfEntry2: no PowerShell, no localised text."""
+    row = _row(backend, luid)
+    return row is not None and row.OperStatus == s.IF_OPER_STATUS_UP
+
+
+def relax_in(bfe: Session, config: Config, tunnel: Interface, *, unless: Callable[[], bool] = lambda: False) -> bool:
     """Permit the tunnel (replacing an earlier relax, e.g. for an adapter
-    that came back with a new LUID). Fails, changing nothing, if earlyfw's
-    policy is not installed."""
-    with session(backend) as bfe, bfe.transaction():
+    that came back with a new LUID) in one transaction of `bfe`. Fails,
+    changing nothing, if earlyfw's policy is not installed. `unless` is
+    asked once the transaction holds BFE; if true nothing changes (False)."""
+    with bfe.transaction():
+        if unless():
+            return False
         for key in sorted(rules.relax_keys()):
             bfe.delete_filter(key, missing_ok=True)
         for f in rules.relax_set(config, tunnel):
             bfe.add_filter(f)
+    return True
+
+
+def lock_in(bfe: Session) -> None:
+    with bfe.transaction():
+        for key in sorted(rules.relax_keys()):
+            bfe.delete_filter(key, missing_ok=True)
+
+
+def relax(backend: Backend, config: Config, tunnel: Interface) -> None:
+    """A relax by hand: runtime filters that outlive the command, until
+    `lock`, a reboot or a BFE restart."""
+    with session(backend) as bfe:
+        relax_in(bfe, config, tunnel)
 
 
 def lock(backend: Backend) -> None:
-    with session(backend) as bfe, bfe.transaction():
-        for key in sorted(rules.relax_keys()):
-            bfe.delete_filter(key, missing_ok=True)
+    with session(backend) as bfe:
+        lock_in(bfe)
+
+
+def relax_keys_in(bfe: Session) -> frozenset[uuid.UUID]:
+    """Which relax permits BFE holds right now."""
+    return frozenset(f.key for f in bfe.filters()) & rules.relax_keys()
+
+
+def rival_sublayers(backend: Backend) -> list[tuple[uuid.UUID, str, int]]:
+    """Other sublayers as heavy as earlyfw's: a hard permit in one of them
+    is not overridden by earlyfw's blocks (`windows status` warns)."""
+    with session(backend) as bfe:
+        return [sl for sl in bfe.sublayers() if sl[2] >= s.SUBLAYER_WEIGHT and sl[0] != s.SUBLAYER_KEY]
 
 
 def installed(backend: Backend) -> list[Found]:

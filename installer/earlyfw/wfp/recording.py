@@ -7,8 +7,13 @@ call: arguments are converted by the argtypes exactly as for fwpuclnt.dll, and
 the model decodes every structure back from the pointers it is given. It keeps
 providers, sublayers and filters with BFE's documented rules (transactions,
 lifetimes, references, types per condition field), so a wrong structure or
-call order fails here as it would on Windows. What it cannot show is
-enforcement: that only a Windows host can (see tests/test_windows_engine.py).
+call order fails here as it would on Windows. It also models what earlyfw
+relies on around BFE: which condition fields each layer offers, dynamic
+sessions whose filters vanish with their process, BFE restarts, adapters
+(the interface type inside a LUID, GetIfEntry2's row) and the security
+descriptors of files (SDDL in and out, SetFileSecurityW not propagating to
+children). What it cannot show is enforcement: that only a Windows host can
+(see tests/test_windows_engine.py).
 """
 
 from __future__ import annotations
@@ -17,25 +22,62 @@ import copy
 import ctypes
 import ipaddress
 import itertools
+import os
+import struct
 import uuid
 from collections.abc import Callable, Mapping
 from ctypes import CFUNCTYPE, POINTER
 from dataclasses import dataclass, field
 from typing import Any
 
+from earlyfw.wfp import security
 from earlyfw.wfp import structs as s
 
-Decoded = int | ipaddress.IPv4Address | ipaddress.IPv6Address | ipaddress.IPv4Network | ipaddress.IPv6Network
+Decoded = (
+    int
+    | ipaddress.IPv4Address
+    | ipaddress.IPv6Address
+    | ipaddress.IPv4Network
+    | ipaddress.IPv6Network
+    | security.Descriptor
+)
 
 LAYERS = {
     s.FWPM_LAYER_ALE_AUTH_CONNECT_V4: 4,
     s.FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4: 4,
     s.FWPM_LAYER_ALE_AUTH_CONNECT_V6: 6,
     s.FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6: 6,
+    s.FWPM_LAYER_IPFORWARD_V4: 4,
+    s.FWPM_LAYER_IPFORWARD_V6: 6,
 }
+ALE_LAYERS = frozenset(list(LAYERS)[:4])
+ERROR_FILE_NOT_FOUND = 2
 ERROR_INVALID_HANDLE = 6
 ERROR_INVALID_PARAMETER = 87
 FWP_E_MATCH_TYPE_MISMATCH = 0x80320026
+FWP_E_DYNAMIC_SESSION_IN_PROGRESS = 0x8032000B
+# A standard user's SID: the owner of what users create under ProgramData.
+USER_SID = "S-1-5-21-1004336348-1177238915-682003330-1001"
+# What a file or directory created under C:\ProgramData gets by inheritance:
+# owned by its creator, and Users may create files and folders there.
+PROGRAMDATA_DEFAULT = security.Descriptor(
+    USER_SID,
+    (
+        security.Ace(security.SYSTEM, security.FILE_ALL_ACCESS, 0x13),
+        security.Ace(security.ADMINISTRATORS, security.FILE_ALL_ACCESS, 0x13),
+        security.Ace(security.USERS, 0x1200A9, 0x13),
+        security.Ace(security.USERS, 0x116, 0x12),  # create files, folders, write attributes
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One network adapter as GetIfEntry2 reports it."""
+
+    description: str = "Wintun Userspace Tunnel"
+    hardware: bool = False
+    up: bool = True
 
 
 @dataclass(frozen=True)
@@ -78,6 +120,8 @@ class DecodedFilter:
     conditions: tuple[Condition, ...]
     action: int
     id: int = 0
+    # The dynamic session that added it: BFE deletes it when that session ends.
+    session: int | None = None
 
 
 @dataclass
@@ -125,6 +169,12 @@ def decode_condition(c: s.FWPM_FILTER_CONDITION0) -> Condition:
     elif kind == s.FWP_V6_ADDR_MASK:
         mask6 = v.v6AddrMask.contents
         value = ipaddress.IPv6Network((bytes(mask6.addr), int(mask6.prefixLength)))
+    elif kind == s.FWP_SECURITY_DESCRIPTOR_TYPE:
+        blob = v.sd.contents
+        try:
+            value = security.Descriptor.from_bytes(ctypes.string_at(blob.data, blob.size))
+        except (security.SecurityError, ValueError, struct.error):
+            raise _Failed(s.FWP_E_INVALID_PARAMETER) from None
     else:
         raise _Failed(s.FWP_E_TYPE_MISMATCH)
     return Condition(_uuid(c.fieldKey), int(c.matchType), kind, value)
@@ -164,6 +214,9 @@ def decode_filter(f: s.FWPM_FILTER0) -> DecodedFilter:
 _EQUAL = {s.FWP_MATCH_EQUAL}
 _FLAGS = {s.FWP_MATCH_FLAGS_ALL_SET, 7, 8}  # ALL_SET, ANY_SET, NONE_SET
 _FIELD_TYPES: dict[uuid.UUID, list[tuple[int | None, int, set[int]]]] = {
+    s.FWPM_CONDITION_ALE_USER_ID: [(None, s.FWP_SECURITY_DESCRIPTOR_TYPE, _EQUAL)],
+    s.FWPM_CONDITION_IP_FORWARD_INTERFACE: [(None, s.FWP_UINT64, _EQUAL)],
+    s.FWPM_CONDITION_IP_ARRIVAL_INTERFACE: [(None, s.FWP_UINT64, _EQUAL)],
     s.FWPM_CONDITION_IP_PROTOCOL: [(None, s.FWP_UINT8, _EQUAL)],
     s.FWPM_CONDITION_IP_LOCAL_PORT: [(None, s.FWP_UINT16, _EQUAL)],
     s.FWPM_CONDITION_IP_REMOTE_PORT: [(None, s.FWP_UINT16, _EQUAL)],
@@ -178,10 +231,26 @@ _FIELD_TYPES: dict[uuid.UUID, list[tuple[int | None, int, set[int]]]] = {
 }
 
 
-def _check_condition(condition: Condition, version: int) -> None:
+# Which fields each layer offers (the "Filtering conditions available at each
+# filtering layer" page): the ALE fields exist only at the ALE layers, the
+# forwarding interfaces only at IPFORWARD. BFE refuses a condition on a field
+# the layer does not have.
+_ALE_FIELDS = frozenset(_FIELD_TYPES) - {s.FWPM_CONDITION_IP_FORWARD_INTERFACE, s.FWPM_CONDITION_IP_ARRIVAL_INTERFACE}
+_FORWARD_FIELDS = frozenset(
+    {
+        s.FWPM_CONDITION_IP_FORWARD_INTERFACE,
+        s.FWPM_CONDITION_IP_ARRIVAL_INTERFACE,
+        s.FWPM_CONDITION_IP_PROTOCOL,
+        s.FWPM_CONDITION_FLAGS,
+    }
+)
+
+
+def _check_condition(condition: Condition, layer: uuid.UUID) -> None:
+    version = LAYERS[layer]
     accepted = _FIELD_TYPES.get(condition.field)
-    if accepted is None:
-        raise _Failed(s.FWP_E_INVALID_PARAMETER)
+    if accepted is None or condition.field not in (_ALE_FIELDS if layer in ALE_LAYERS else _FORWARD_FIELDS):
+        raise _Failed(s.FWP_E_CONDITION_NOT_FOUND)
     matching = [a for a in accepted if a[0] in (None, version) and a[1] == condition.type]
     if not matching:
         raise _Failed(s.FWP_E_TYPE_MISMATCH)
@@ -196,8 +265,17 @@ def _persistent(flags: int) -> bool:
 class RecordingBfe:
     """The model. `functions` is the Backend; `calls` records every call."""
 
-    def __init__(self, *, aliases: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, *, aliases: Mapping[str, int] | None = None, adapters: Mapping[int, Adapter] | None = None
+    ) -> None:
         self.aliases = dict(aliases or {})
+        # By LUID; an alias without an entry here is a wintun adapter that is up.
+        self.adapters = dict(adapters or {})
+        # Security descriptors by path; a path on disk without one has what
+        # ProgramData hands down (PROGRAMDATA_DEFAULT).
+        self.security: dict[str, security.Descriptor] = {}
+        self.local: dict[int, object] = {}  # LocalAlloc'd buffers handed out
+        self.dynamic: set[int] = set()  # handles of dynamic sessions
         self.store = Store()  # what is committed
         self.txn: Store | None = None
         self.calls: list[tuple[str, Any]] = []
@@ -206,7 +284,7 @@ class RecordingBfe:
         self.failures: dict[str, list[tuple[int, int]]] = {}
         self.counts: dict[str, int] = {}
         self.handles: set[int] = set()
-        self.enums: dict[int, list[DecodedFilter]] = {}
+        self.enums: dict[int, list[Any]] = {}
         self.allocations: dict[int, object] = {}
         self._ids = itertools.count(0x10000)
         self._handles = itertools.count(0xB0E0)
@@ -240,6 +318,27 @@ class RecordingBfe:
         st.providers = {k: p for k, p in st.providers.items() if _persistent(p.flags)}
         st.sublayers = {k: sl for k, sl in st.sublayers.items() if _persistent(sl.flags)}
         self.handles.clear()
+
+    def restart(self) -> None:
+        """BFE restarts (service restart, crash): every session ends, and
+        only persistent and boot-time objects come back."""
+        self.reboot(hide_boottime=False)
+        self.dynamic.clear()
+
+    def process_exit(self) -> None:
+        """The process holding the dynamic sessions dies: BFE ends them, and
+        deletes what they added, as it does for a closed dynamic session."""
+        for handle in sorted(self.dynamic):
+            self._end(handle)
+
+    def _end(self, handle: int) -> None:
+        if handle in self.dynamic:
+            self.dynamic.discard(handle)
+            self.store.filters = {k: f for k, f in self.store.filters.items() if f.session != handle}
+        self.handles.discard(handle)
+
+    def descriptor(self, path: str) -> security.Descriptor:
+        return self.security.get(path, PROGRAMDATA_DEFAULT)
 
     def boot_policy(self) -> list[DecodedFilter]:
         """What tcpip.sys would enforce before BFE on the next boot
@@ -290,6 +389,8 @@ class RecordingBfe:
         self.calls.append(("FwpmEngineOpen0", decoded.displayData.name if decoded else None))
         handle = next(self._handles)
         self.handles.add(handle)
+        if decoded is not None and decoded.flags & s.FWPM_SESSION_FLAG_DYNAMIC:
+            self.dynamic.add(handle)
         out[0] = handle
         return 0
 
@@ -297,7 +398,7 @@ class RecordingBfe:
         self._session(handle)
         self.calls.append(("FwpmEngineClose0", None))
         self.txn = None  # BFE aborts a transaction its session leaves open
-        self.handles.discard(handle or 0)
+        self._end(handle or 0)
         return 0
 
     def _FwpmTransactionBegin0(self, handle: int | None, flags: int) -> int:
@@ -366,6 +467,9 @@ class RecordingBfe:
         boottime = bool(decoded.flags & s.FWPM_FILTER_FLAG_BOOTTIME)
         if boottime and _persistent(decoded.flags):
             raise _Failed(s.FWP_E_INVALID_FLAGS)
+        dynamic = handle in self.dynamic
+        if dynamic and (boottime or _persistent(decoded.flags)):
+            raise _Failed(FWP_E_DYNAMIC_SESSION_IN_PROGRESS)
         if not decoded.name:
             raise _Failed(s.FWP_E_INVALID_PARAMETER)
         if decoded.layer not in LAYERS:
@@ -385,12 +489,13 @@ class RecordingBfe:
         if decoded.action not in (s.FWP_ACTION_BLOCK, s.FWP_ACTION_PERMIT):
             raise _Failed(s.FWP_E_INVALID_PARAMETER)
         for condition in decoded.conditions:
-            _check_condition(condition, LAYERS[decoded.layer])
+            _check_condition(condition, decoded.layer)
         key = decoded.key if decoded.key.int else uuid.uuid4()
         if key in state.filters:
             raise _Failed(s.FWP_E_ALREADY_EXISTS)
         filter_id = next(self._ids)
-        state.filters[key] = DecodedFilter(**{**decoded.__dict__, "key": key, "id": filter_id})
+        owner = handle if dynamic else None
+        state.filters[key] = DecodedFilter(**{**decoded.__dict__, "key": key, "id": filter_id, "session": owner})
         # A boot-time filter added again replaces the record an earlier boot left.
         state.boot_records.pop(key, None)
         if out:
@@ -486,6 +591,46 @@ class RecordingBfe:
             raise _Failed(ERROR_INVALID_HANDLE)
         return 0
 
+    def _FwpmSubLayerCreateEnumHandle0(self, handle: int | None, template: Any, out: Any) -> int:
+        self._session(handle)
+        self.calls.append(("FwpmSubLayerCreateEnumHandle0", None))
+        if template and template.contents.providerKey:
+            raise _Failed(s.FWP_E_INVALID_PARAMETER)  # the model lists every sublayer only
+        enum = next(self._handles)
+        self.enums[enum] = sorted(self._state.sublayers.values(), key=lambda sl: str(sl.key))
+        out[0] = enum
+        return 0
+
+    def _FwpmSubLayerEnum0(self, handle: int | None, enum: int | None, wanted: int, entries: Any, count: Any) -> int:
+        self._session(handle)
+        if enum not in self.enums:
+            raise _Failed(ERROR_INVALID_HANDLE)
+        batch, self.enums[enum] = self.enums[enum][:wanted], self.enums[enum][wanted:]
+        self.calls.append(("FwpmSubLayerEnum0", len(batch)))
+        structures = (s.FWPM_SUBLAYER0 * max(len(batch), 1))()
+        keep: list[object] = [structures]
+        for structure, sl in zip(structures, batch, strict=False):
+            assert isinstance(sl, Sublayer)
+            structure.subLayerKey = s.GUID.of(sl.key)
+            structure.displayData.name = sl.name
+            structure.flags = sl.flags
+            structure.weight = sl.weight
+        pointers = (POINTER(s.FWPM_SUBLAYER0) * max(len(batch), 1))()
+        for i in range(len(batch)):
+            pointers[i] = ctypes.pointer(structures[i])
+        keep.append(pointers)
+        self.allocations[ctypes.addressof(pointers)] = keep
+        entries[0] = ctypes.cast(pointers, POINTER(POINTER(s.FWPM_SUBLAYER0)))
+        count[0] = len(batch)
+        return 0
+
+    def _FwpmSubLayerDestroyEnumHandle0(self, handle: int | None, enum: int | None) -> int:
+        self._session(handle)
+        self.calls.append(("FwpmSubLayerDestroyEnumHandle0", None))
+        if self.enums.pop(enum or 0, None) is None:
+            raise _Failed(ERROR_INVALID_HANDLE)
+        return 0
+
     def _FwpmFreeMemory0(self, pointer: Any) -> None:
         address = pointer[0] if pointer else None
         self.calls.append(("FwpmFreeMemory0", None))
@@ -502,3 +647,93 @@ class RecordingBfe:
             return ERROR_INVALID_PARAMETER
         luid.contents.Value = self.aliases[alias]
         return 0
+
+    def _GetIfEntry2(self, row: Any) -> int:
+        r = row.contents
+        luid = int(r.InterfaceLuid.Value)
+        self.calls.append(("GetIfEntry2", luid))
+        if luid not in self.aliases.values():
+            return ERROR_FILE_NOT_FOUND
+        adapter = self.adapters.get(luid, Adapter())
+        r.Type = luid >> 48
+        alias = next(a for a, value in self.aliases.items() if value == luid)
+        for array, text in ((r.Alias, alias), (r.Description, adapter.description)):
+            for i, char in enumerate(text[: s.IF_MAX_STRING_SIZE]):
+                array[i] = ord(char)
+            array[min(len(text), s.IF_MAX_STRING_SIZE)] = 0
+        r.InterfaceAndOperStatusFlags = 1 if adapter.hardware else 0
+        r.OperStatus = s.IF_OPER_STATUS_UP if adapter.up else 2
+        return 0
+
+    # -- advapi32.dll and kernel32.dll: file security ----------------------------
+
+    def _allocate(self, data: bytes | str, out: Any) -> None:
+        buffer = ctypes.create_unicode_buffer(data) if isinstance(data, str) else ctypes.create_string_buffer(data)
+        self.local[ctypes.addressof(buffer)] = buffer
+        out[0] = ctypes.addressof(buffer)
+
+    def _sd_at(self, address: int | None) -> security.Descriptor:
+        buffer = self.local.get(address or 0)
+        if not isinstance(buffer, ctypes.Array) or isinstance(buffer[0], str):
+            raise ValueError(f"{address!r} is no security descriptor this model handed out")
+        return security.Descriptor.from_bytes(bytes(buffer))
+
+    def _ConvertStringSecurityDescriptorToSecurityDescriptorW(
+        self, text: str | None, revision: int, out: Any, size: Any
+    ) -> int:
+        self.calls.append(("ConvertStringSecurityDescriptorToSecurityDescriptorW", text))
+        if revision != s.SDDL_REVISION_1 or text is None:
+            return 0
+        try:
+            data = security.Descriptor.from_sddl(text).to_bytes()
+        except security.SecurityError:
+            return 0
+        self._allocate(data, out)
+        if size:
+            size[0] = len(data)
+        return 1
+
+    def _ConvertSecurityDescriptorToStringSecurityDescriptorW(
+        self, sd: int | None, revision: int, info: int, out: Any, size: Any
+    ) -> int:
+        self.calls.append(("ConvertSecurityDescriptorToStringSecurityDescriptorW", info))
+        descriptor = self._sd_at(sd)
+        if not info & s.OWNER_SECURITY_INFORMATION:
+            descriptor = security.Descriptor(None, descriptor.aces, descriptor.protected)
+        text = descriptor.to_sddl()
+        self._allocate(text, out)
+        if size:
+            size[0] = len(text) + 1
+        return 1
+
+    def _SetFileSecurityW(self, path: str | None, info: int, sd: int | None) -> int:
+        self.calls.append(("SetFileSecurityW", path))
+        if path is None or not os.path.exists(path):
+            return 0
+        new, old = self._sd_at(sd), self.descriptor(path)
+        owner = new.owner if info & s.OWNER_SECURITY_INFORMATION else old.owner
+        if info & s.DACL_SECURITY_INFORMATION:
+            # Only this object: SetFileSecurityW does not propagate to children.
+            protected = new.protected or bool(info & s.PROTECTED_DACL_SECURITY_INFORMATION)
+            self.security[path] = security.Descriptor(owner, new.aces, protected)
+        else:
+            self.security[path] = security.Descriptor(owner, old.aces, old.protected)
+        return 1
+
+    def _GetNamedSecurityInfoW(  # noqa: PLR0917 - the C prototype's arguments
+        self, path: str | None, kind: int, info: int, owner: Any, group: Any, dacl: Any, sacl: Any, sd: Any
+    ) -> int:
+        self.calls.append(("GetNamedSecurityInfoW", path))
+        if kind != s.SE_FILE_OBJECT or not sd or owner or group or dacl or sacl:
+            return ERROR_INVALID_PARAMETER  # the model hands out the whole descriptor only
+        if path is None or not os.path.exists(path):
+            return ERROR_FILE_NOT_FOUND
+        self._allocate(self.descriptor(path).to_bytes(), sd)
+        return 0
+
+    def _LocalFree(self, address: int | None) -> int | None:
+        self.calls.append(("LocalFree", None))
+        if address and self.local.pop(address, None) is None:
+            self.errors.append(ValueError(f"LocalFree of unknown pointer {address:#x}"))
+            return address
+        return None

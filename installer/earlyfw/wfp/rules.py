@@ -1,15 +1,23 @@
 """The kill switch as WFP filters: a pure function of the Config.
 
-Everything lives in earlyfw's own sublayer, weighted above every other, at the
+Everything lives in earlyfw's own sublayer (weight 0xFFFF, as Mullvad's and
+wireguard-windows' are: BFE still evaluates every sublayer, so a hard permit
+in another one is not overridden; `windows status` warns about those) at the
 four ALE authorisation layers (outbound connect, inbound accept, IPv4 and
-IPv6). Inside the sublayer the highest-weighted matching filter decides, so
-the policy is a ladder of weights, read top down like the nft output chain:
+IPv6) and the two IPFORWARD layers, where traffic the host routes for others
+(Internet Connection Sharing, Mobile Hotspot, NATed VMs) passes without ever
+reaching ALE. Inside the sublayer the highest-weighted matching filter
+decides, so the policy is a ladder of weights, read top down like the nft
+output chain:
 
   15  loopback                          permit
   13  tunnel DNS to the VPN's resolvers  permit   } relaxed only, on the
   12  other DNS through the tunnel       block    } tunnel's LUID
   10  the tunnel                         permit   }
-   8  endpoints, DHCP, neighbour discovery permit
+   8  endpoints (outbound connect only; WireGuard's only from SYSTEM, the
+      tunnel service's and the driver's own sockets), DHCPv4 (broadcast;
+      unicast and replies only for the DHCP client service), DHCPv6 and
+      neighbour discovery, link-local   permit
    6  DNS anywhere else                  block
    4  the LAN ([lan] allow = true)       permit
    0  everything                         block
@@ -22,6 +30,7 @@ clear the action right, so no lower sublayer can turn them into a permit.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import uuid
 from collections.abc import Iterable, Iterator
@@ -30,7 +39,8 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from earlyfw import policy
-from earlyfw.config import Config, Endpoint, Protocol
+from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
+from earlyfw.wfp import security
 from earlyfw.wfp import structs as s
 
 IPPROTO_TCP = 6
@@ -38,6 +48,8 @@ IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
 PROTOCOLS = {Protocol.TCP: IPPROTO_TCP, Protocol.UDP: IPPROTO_UDP}
 DNS_PORTS = (53, 853)  # DNS and DNS-over-TLS, as in the nft policy
+# NT SERVICE\Dhcp, the DHCP client service's SID: S-1-5-80-2940520708-...
+DHCP_CLIENT = security.service_sid("Dhcp")
 
 
 class Layer(StrEnum):
@@ -45,6 +57,8 @@ class Layer(StrEnum):
     CONNECT_V6 = "ALE_AUTH_CONNECT_V6"
     RECV_ACCEPT_V4 = "ALE_AUTH_RECV_ACCEPT_V4"
     RECV_ACCEPT_V6 = "ALE_AUTH_RECV_ACCEPT_V6"
+    FORWARD_V4 = "IPFORWARD_V4"
+    FORWARD_V6 = "IPFORWARD_V6"
 
     @property
     def key(self) -> uuid.UUID:
@@ -53,7 +67,13 @@ class Layer(StrEnum):
             Layer.CONNECT_V6: s.FWPM_LAYER_ALE_AUTH_CONNECT_V6,
             Layer.RECV_ACCEPT_V4: s.FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4,
             Layer.RECV_ACCEPT_V6: s.FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V6,
+            Layer.FORWARD_V4: s.FWPM_LAYER_IPFORWARD_V4,
+            Layer.FORWARD_V6: s.FWPM_LAYER_IPFORWARD_V6,
         }[self]
+
+    @property
+    def ale(self) -> bool:
+        return "ALE" in self.value
 
     @property
     def version(self) -> int:
@@ -121,6 +141,9 @@ class Field(StrEnum):
     PROTOCOL = "protocol"
     LOCAL_INTERFACE = "local_interface"
     FLAGS = "flags"
+    USER = "user"  # the socket owner's token against a security descriptor
+    FORWARD_INTERFACE = "forward_interface"  # IPFORWARD: where it leaves
+    ARRIVAL_INTERFACE = "arrival_interface"  # IPFORWARD: where it came in
 
     @property
     def key(self) -> uuid.UUID:
@@ -131,6 +154,9 @@ class Field(StrEnum):
             Field.PROTOCOL: s.FWPM_CONDITION_IP_PROTOCOL,
             Field.LOCAL_INTERFACE: s.FWPM_CONDITION_IP_LOCAL_INTERFACE,
             Field.FLAGS: s.FWPM_CONDITION_FLAGS,
+            Field.USER: s.FWPM_CONDITION_ALE_USER_ID,
+            Field.FORWARD_INTERFACE: s.FWPM_CONDITION_IP_FORWARD_INTERFACE,
+            Field.ARRIVAL_INTERFACE: s.FWPM_CONDITION_IP_ARRIVAL_INTERFACE,
         }[self]
 
     @property
@@ -154,9 +180,26 @@ class Interface:
         return f"{self.alias} (LUID {self.luid:#x})"
 
 
+@dataclass(frozen=True)
+class Owners:
+    """The accounts whose sockets a filter matches (ALE_USER_ID)."""
+
+    sids: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return ",".join(self.sids)
+
+    @property
+    def descriptor(self) -> bytes:
+        return security.match_only(*self.sids)
+
+
+SYSTEM_ONLY = Owners((security.SYSTEM,))
+DHCP_CLIENT_ONLY = Owners((DHCP_CLIENT,))
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Value = int | Address | Network | Interface
+Value = int | Address | Network | Interface | Owners
 
 
 @dataclass(frozen=True)
@@ -170,6 +213,8 @@ class Condition:
         value: Any = self.value
         if isinstance(value, Interface):
             value = {"alias": value.alias, "luid": value.luid}
+        elif isinstance(value, Owners):
+            value = {"sids": list(value.sids)}
         elif not isinstance(value, int):
             value = str(value)
         return {
@@ -230,9 +275,14 @@ def _conditions(field: Field, values: Iterable[Value]) -> tuple[Condition, ...]:
 LOOPBACK = _conditions(Field.FLAGS, [s.FWP_CONDITION_FLAG_IS_LOOPBACK])
 
 
+ALE = tuple(layer for layer in Layer if layer.ale)
+
+
 def _always(layer: Layer, lifetime: Lifetime) -> Iterator[Filter]:
     """What both the boot-time and the persistent set hold."""
     yield Filter("all", layer, lifetime, Action.BLOCK, Weight.BLOCK_ALL)
+    if not layer.ale:
+        return  # forwarded traffic is never loopback
     # Windows' own boot-time policy lets loopback through too: blocking it
     # before BFE would only break local IPC, nothing leaves the host by it.
     yield Filter("loopback", layer, lifetime, Action.PERMIT, Weight.LOOPBACK, LOOPBACK)
@@ -244,31 +294,52 @@ def boottime_set() -> tuple[Filter, ...]:
     return tuple(f for layer in Layer for f in _always(layer, Lifetime.BOOTTIME))
 
 
-def _endpoint(e: Endpoint, layer: Layer, role: str) -> Filter:
-    return Filter(
-        f"{role} {e}",
-        layer,
-        Lifetime.PERSISTENT,
-        Action.PERMIT,
-        Weight.BASELINE,
-        (
-            Condition(Field.REMOTE_ADDRESS, e.address),
-            Condition(Field.REMOTE_PORT, e.port),
-            Condition(Field.PROTOCOL, PROTOCOLS[e.protocol]),
-        ),
-    )
+def endpoint_owners(config: Config) -> Owners | None:
+    """Whose sockets may reach the endpoints. WireGuard for Windows' tunnel
+    service runs as LocalSystem, and WireGuardNT's sockets are the kernel's:
+    both are SYSTEM, which no standard user's program is. OpenVPN runs as
+    whoever started it (the GUI's interactive service starts it as the user),
+    so there is no owner to name; manual tunnels are unknown."""
+    return SYSTEM_ONLY if config.tunnel_kind is TunnelKind.WIREGUARD else None
 
 
-def _dhcp(layer: Layer) -> Filter:
+def _endpoint(e: Endpoint, layer: Layer, owners: Owners | None) -> Filter:
+    """Outbound connect only: the server's replies ride the flow the connect
+    opened, and a permit at receive-accept would let a packet with a spoofed
+    source endpoint:port open a new inbound flow to any listener."""
+    conditions = [
+        Condition(Field.REMOTE_ADDRESS, e.address),
+        Condition(Field.REMOTE_PORT, e.port),
+        Condition(Field.PROTOCOL, PROTOCOLS[e.protocol]),
+    ]
+    if owners is not None:
+        conditions.append(Condition(Field.USER, owners))
+    return Filter(f"endpoint {e}", layer, Lifetime.PERSISTENT, Action.PERMIT, Weight.BASELINE, tuple(conditions))
+
+
+def _dhcp(layer: Layer) -> Iterator[Filter]:
+    """DHCPv4 as wireguard-windows and Mullvad allow it, narrowed further:
+    requests to the broadcast address from anyone (they never leave the
+    link), while unicast requests (a lease renewal goes to the server that
+    granted it) and the server's replies, which open an inbound flow, are
+    for the DHCP client service only: no privileged ports on Windows, so
+    any program could bind port 68. DHCPv6 stays link-local both ways."""
     client, server = (68, 67) if layer.version == 4 else (546, 547)
-    conditions = [Condition(Field.PROTOCOL, IPPROTO_UDP)]
-    if layer.version == 6:
-        peers: list[Value] = [ipaddress.IPv6Network("fe80::/10")]
+    udp = (Condition(Field.PROTOCOL, IPPROTO_UDP),)
+    ports = (Condition(Field.LOCAL_PORT, client), Condition(Field.REMOTE_PORT, server))
+    permit = functools.partial(
+        Filter, layer=layer, lifetime=Lifetime.PERSISTENT, action=Action.PERMIT, weight=Weight.BASELINE
+    )
+    if layer.version == 4:
         if layer.outbound:
-            peers.append(ipaddress.IPv6Network("ff02::1:2/128"))  # All_DHCP_Relay_Agents_and_Servers
-        conditions += _conditions(Field.REMOTE_ADDRESS, peers)
-    conditions += [Condition(Field.LOCAL_PORT, client), Condition(Field.REMOTE_PORT, server)]
-    return Filter("dhcp", layer, Lifetime.PERSISTENT, Action.PERMIT, Weight.BASELINE, tuple(conditions))
+            broadcast = Condition(Field.REMOTE_ADDRESS, ipaddress.IPv4Address("255.255.255.255"))
+            yield permit(role="dhcp broadcast", conditions=(*udp, broadcast, *ports))
+        yield permit(role="dhcp client service", conditions=(*udp, *ports, Condition(Field.USER, DHCP_CLIENT_ONLY)))
+        return
+    peers: list[Value] = [ipaddress.IPv6Network("fe80::/10")]
+    if layer.outbound:
+        peers.append(ipaddress.IPv6Network("ff02::1:2/128"))  # All_DHCP_Relay_Agents_and_Servers
+    yield permit(role="dhcp", conditions=(*udp, *_conditions(Field.REMOTE_ADDRESS, peers), *ports))
 
 
 def _icmpv6(role: str, layer: Layer, types: Iterable[int], peers: Iterable[str]) -> Filter:
@@ -328,9 +399,12 @@ def persistent_set(config: Config) -> tuple[Filter, ...]:
     filters: list[Filter] = []
     for layer in Layer:
         filters += _always(layer, Lifetime.PERSISTENT)
-        role = "endpoint" if layer.outbound else "from endpoint"
-        filters += [_endpoint(e, layer, role) for e in config.endpoints_of(layer.version)]
-        filters.append(_dhcp(layer))
+        if not layer.ale:
+            continue
+        if layer.outbound:
+            owners = endpoint_owners(config)
+            filters += [_endpoint(e, layer, owners) for e in config.endpoints_of(layer.version)]
+        filters += _dhcp(layer)
         if layer.version == 6:
             filters += _neighbour_discovery(layer)
         if layer.outbound:
@@ -345,7 +419,13 @@ def install_set(config: Config) -> tuple[Filter, ...]:
     return boottime_set() + persistent_set(config)
 
 
-RELAX_ROLES = ("tunnel", "tunnel dns", "tunnel dns to resolvers")
+RELAX_ROLES = (
+    "tunnel",
+    "tunnel dns",
+    "tunnel dns to resolvers",
+    "forwarded onto the tunnel",
+    "forwarded from the tunnel",
+)
 
 
 def relax_set(config: Config, tunnel: Interface) -> tuple[Filter, ...]:
@@ -353,6 +433,12 @@ def relax_set(config: Config, tunnel: Interface) -> tuple[Filter, ...]:
     on_tunnel = (Condition(Field.LOCAL_INTERFACE, tunnel),)
     filters: list[Filter] = []
     for layer in Layer:
+        if not layer.ale:
+            # What the host routes for others may use the tunnel, both ways.
+            for role, field in ((RELAX_ROLES[3], Field.FORWARD_INTERFACE), (RELAX_ROLES[4], Field.ARRIVAL_INTERFACE)):
+                condition = (Condition(field, tunnel),)
+                filters.append(Filter(role, layer, Lifetime.RUNTIME, Action.PERMIT, Weight.TUNNEL, condition))
+            continue
         filters.append(Filter(RELAX_ROLES[0], layer, Lifetime.RUNTIME, Action.PERMIT, Weight.TUNNEL, on_tunnel))
         if not (layer.outbound and config.dns_servers):
             continue
@@ -390,7 +476,7 @@ def fixed_keys() -> frozenset[uuid.UUID]:
 def describe(config: Config) -> dict[str, Any]:
     """The filter set as JSON: what the windows target writes next to the
     config, and what `earlyfw windows show` prints."""
-    placeholder = Interface(config.interface, 0)
+    placeholder = Interface(config.windows_adapter, 0)
     return {
         "provider": {"key": str(s.PROVIDER_KEY), "flags": s.FWPM_PROVIDER_FLAG_PERSISTENT},
         "sublayer": {

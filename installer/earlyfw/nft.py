@@ -1,11 +1,20 @@
 """Talking to the running kernel's nftables through the `nft` binary, via the
-Runner seam. Every change is one `nft -f` transaction."""
+Runner seam. Every change is one `nft -f` transaction.
+
+Tables are listed in nft's plain syntax, never with `nft -j list tables` or
+`list ruleset`: nft 1.0.6 (Debian 12) prints an owned table's flags in JSON
+from freed memory, and with several owned tables loaded (earlyfw watch's guard
+and wake tables) it aborts with `corrupted double-linked list`. Counter
+listings (`nft -j list counters table …`) print no table object and are safe.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +22,7 @@ from typing import Any
 from earlyfw import firewalls, policy
 from earlyfw.config import Config
 from earlyfw.errors import CommandError, EarlyfwError
-from earlyfw.policy import EGRESS_TABLE, TABLE, State
+from earlyfw.policy import EGRESS_TABLE, TABLE, Counters, State
 from earlyfw.run import Runner
 
 NFT = "nft"
@@ -21,52 +30,189 @@ NFT = "nft"
 GUARD_TABLE = "earlyfw_guard"
 GUARD_EGRESS_TABLE = "earlyfw_egress_guard"
 WAKE_TABLE = "earlyfw_wake"
+# (family, table) of the tables the boot path and `earlyfw apply` load.
+MAIN_TABLES = (("inet", TABLE), ("netdev", EGRESS_TABLE))
+# Every table earlyfw or its watcher creates; a refusal is counted in exactly
+# one of them (the first base chain that refuses a packet ends its path).
+COUNTING_TABLES = (*MAIN_TABLES, ("inet", GUARD_TABLE), ("netdev", GUARD_EGRESS_TABLE))
+OWN_TABLE_NAMES = frozenset({TABLE, EGRESS_TABLE, GUARD_TABLE, GUARD_EGRESS_TABLE, WAKE_TABLE})
+
+_TABLE_LINE = re.compile(r"^table (\S+) (\S+)$")
+# A netlink batch must fit the socket's send buffer. Root raises it
+# (SO_SNDBUFFORCE); inside an unprivileged user namespace nft cannot, and the
+# default (net.core.wmem_default, 208 KiB) holds about 7,000 endpoints. Above
+# that a private load is split into batches of this many set elements.
+UNPRIVILEGED_ELEMENTS = 2000
 
 
 def load(runner: Runner, script: str) -> None:
     runner.run([NFT, "-f", "-"], input=script)
 
 
-def check(runner: Runner, script: str) -> None:
-    """`nft -c` needs privileges even to parse, so check in a private user and
-    network namespace where it can touch nothing real."""
-    runner.run(["unshare", "--map-root-user", "--net", NFT, "-c", "-f", "-"], input=script)
+def tables(runner: Runner) -> set[tuple[str, str]]:
+    """The loaded tables as (family, name), from the plain listing."""
+    listing = runner.run([NFT, "list", "tables"]).stdout
+    return {(m[1], m[2]) for m in map(_TABLE_LINE.match, listing.splitlines()) if m}
 
 
-def canonical(runner: Runner, script: str) -> str:
-    """How the kernel lists `script`'s table once loaded, with no counter values:
-    the form a live table is compared against to tell whether it is intact."""
-    result = runner.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", f'"$0" -f - && "$0" -s list table inet {TABLE}', NFT],
-        input=script,
-    )
-    return result.stdout
+def parse_counters(listing: str, table: str) -> dict[str, tuple[int, int]]:
+    """`nft -j list counters table FAMILY TABLE` output as {name: (packets, bytes)}:
+    the one parser for the CLI (through `nft`) and the watcher (libnftables)."""
+    found: dict[str, tuple[int, int]] = {}
+    items: list[dict[str, Any]] = json.loads(listing or "{}").get("nftables", [])
+    for item in items:
+        counter = item.get("counter")
+        if counter and counter.get("table") == table:
+            found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
+    return found
 
 
-def live_table(runner: Runner) -> str | None:
-    result = runner.run([NFT, "-s", "list", "table", "inet", TABLE], check=False)
+def add_counters(*parts: Counters) -> dict[str, tuple[int, int]]:
+    total: dict[str, tuple[int, int]] = {}
+    for part in parts:
+        for name, (packets, size) in part.items():
+            before = total.get(name, (0, 0))
+            total[name] = (before[0] + packets, before[1] + size)
+    return total
+
+
+def counters(runner: Runner, family: str = "inet", table: str = TABLE) -> dict[str, tuple[int, int]]:
+    result = runner.run([NFT, "-j", "list", "counters", "table", family, table], check=False)
+    if result.returncode != 0:
+        return {}
+    return parse_counters(result.stdout, table)
+
+
+def main_counters(runner: Runner) -> dict[str, tuple[int, int]]:
+    """The counters of the tables `apply` replaces, to carry over a change."""
+    return add_counters(*(counters(runner, family, name) for family, name in MAIN_TABLES))
+
+
+def live_table(runner: Runner, family: str = "inet", name: str = TABLE) -> str | None:
+    result = runner.run([NFT, "-s", "list", "table", family, name], check=False)
     if result.returncode != 0:
         if "No such file or directory" in result.stderr:
             return None
-        raise CommandError(f"nft list table inet {TABLE} failed: {result.stderr.strip()}")
+        raise CommandError(f"nft list table {family} {name} failed: {result.stderr.strip()}")
     return result.stdout
-
-
-def counters(runner: Runner) -> dict[str, tuple[int, int]]:
-    result = runner.run([NFT, "-j", "list", "counters", "table", "inet", TABLE], check=False)
-    if result.returncode != 0:
-        return {}
-    found: dict[str, tuple[int, int]] = {}
-    for item in json.loads(result.stdout).get("nftables", []):
-        counter = item.get("counter")
-        if counter and counter.get("table") == TABLE:
-            found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
-    return found
 
 
 def present_devices(names: Iterable[str], sys_class_net: Path = Path("/sys/class/net")) -> list[str]:
     """Netdev egress chains must name devices that exist at load time."""
     return [n for n in names if (sys_class_net / n).exists()]
+
+
+def split_elements(script: str, limit: int) -> list[str]:
+    """`script` as batches that each carry at most `limit` elements per set:
+    the script with each multi-line `elements = {` block cut to its first
+    `limit` lines, then `add element` batches for the rest. Loaded one after
+    the other they build the same tables; only for private loads, where
+    atomicity is moot. Relies on policy.render's layout: `table F N {` and
+    `set S {` open their blocks, and those element blocks hold one per line."""
+    head: list[str] = []
+    rest: list[str] = []
+    table = name = ""
+    kept = 0
+    overflow: list[str] | None = None
+    for line in script.splitlines(keepends=True):
+        text = line.strip()
+        if overflow is not None:
+            if text != "}":
+                if kept < limit:
+                    kept += 1
+                    head.append(line)
+                else:
+                    overflow.append(text)
+                continue
+            for i in range(0, len(overflow), limit):
+                chunk = "".join(f"\t{e}\n" for e in overflow[i : i + limit])
+                rest.append(f"add element {table} {name} {{\n{chunk}}}\n")
+            overflow = None
+        elif match := re.fullmatch(r"table (\w+ \w+) \{", text):
+            table = match[1]
+        elif match := re.fullmatch(r"set (\w+) \{", text):
+            name = match[1]
+        elif text == "elements = {":
+            kept, overflow = 0, []
+        head.append(line)
+    return ["".join(head), *rest]
+
+
+def private_load(
+    runner: Runner,
+    script: str,
+    devices: Sequence[str] = (),
+    *,
+    list_tables: Sequence[tuple[str, str]] = (),
+    user_namespace: bool | None = None,
+) -> dict[tuple[str, str], str | None]:
+    """Load `script` into a throwaway network namespace (with stand-in devices
+    named `devices`, for netdev chains) and return how the kernel lists
+    `list_tables` there, without counter values. This is `nft -c` and more:
+    the kernel takes the whole ruleset for real, and touches nothing real.
+
+    As root the namespace is a plain one and the script is one batch. Without
+    root it is a user namespace, where nft cannot raise its socket's send
+    buffer, so a large script is loaded in batches (split_elements).
+    `user_namespace` forces the one or the other."""
+    unprivileged = os.geteuid() != 0 if user_namespace is None else user_namespace
+    batches = split_elements(script, UNPRIVILEGED_ELEMENTS) if unprivileged else [script]
+    # Stand-in devices are veth pairs (no module beyond veth); the peers are
+    # named "efw+N": '+' is valid in a Linux interface name but refused by the
+    # config, so a peer never takes a configured name.
+    # Arguments: the devices, "--", the batch files, "--", the tables to list
+    # (earlyfw's constant "family name" pairs, split by the shell on purpose).
+    shell = (
+        'set -e; i=0; while [ "$1" != -- ]; do '
+        'ip link add name "$1" type veth peer name "efw+$i"; i=$((i+1)); shift; done; '
+        'shift; while [ "$1" != -- ]; do nft -f "$1"; shift; done; '
+        "shift; for t; do printf '\\036%s\\n' \"$t\"; nft -s list table $t 2>/dev/null || :; done"
+    )
+    with tempfile.TemporaryDirectory(prefix="earlyfw-nft-") as directory:
+        files = []
+        for i, batch in enumerate(batches):
+            path = Path(directory) / f"{i:06}.nft"
+            path.write_text(batch)
+            files.append(str(path))
+        argv = [
+            "unshare",
+            *(["--map-root-user"] if unprivileged else []),
+            "--net",
+            "sh",
+            "-c",
+            shell,
+            "sh",
+            *devices,
+            "--",
+            *files,
+            "--",
+            *(f"{family} {name}" for family, name in list_tables),
+        ]
+        output = runner.run(argv).stdout
+    found: dict[tuple[str, str], str | None] = {}
+    for part in output.split("\036")[1:]:
+        header, _, listing = part.partition("\n")
+        family, _, name = header.partition(" ")
+        found[(family, name)] = listing or None
+    return found
+
+
+def check(runner: Runner, config: Config, state: State) -> None:
+    """Load `state`, with the egress table on every [egress] interface, where
+    it can touch nothing real: `nft -c` itself needs privileges even to parse."""
+    devices = config.egress_interfaces
+    private_load(runner, policy.render(config, state, egress_devices=devices), devices)
+
+
+def canonical(
+    runner: Runner, config: Config, state: State, devices: Sequence[str]
+) -> dict[tuple[str, str], str | None]:
+    """How the kernel lists earlyfw's tables with `state` loaded and raw egress
+    filtered on `devices`, with no counter values: the form the live tables
+    are compared against to tell whether they are intact."""
+    script = policy.render(config, state, egress_devices=devices)
+    listed = private_load(runner, script, devices, list_tables=MAIN_TABLES)
+    return {key: normalise(listing) for key, listing in listed.items()}
 
 
 def put_state(runner: Runner, config: Config, state: State) -> None:
@@ -75,22 +221,15 @@ def put_state(runner: Runner, config: Config, state: State) -> None:
     script = policy.render(
         config,
         state,
-        counters=counters(runner),
+        counters=main_counters(runner),
         egress_devices=present_devices(config.egress_interfaces),
     )
     load(runner, script)
 
 
 def delete_tables(runner: Runner) -> None:
-    present = runner.run([NFT, "-j", "list", "tables"]).stdout
-    names = {
-        (t["table"]["family"], t["table"]["name"]) for t in json.loads(present).get("nftables", []) if "table" in t
-    }
-    script = "".join(
-        f"delete table {family} {name}\n"
-        for family, name in (("inet", TABLE), ("netdev", EGRESS_TABLE))
-        if (family, name) in names
-    )
+    present = tables(runner)
+    script = "".join(f"delete table {family} {name}\n" for family, name in MAIN_TABLES if (family, name) in present)
     if script:
         load(runner, script)
 
@@ -104,6 +243,10 @@ class Status:
     endpoints: list[str]
     other_tables: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Where raw-socket egress is filtered (the netdev table's devices).
+    egress_devices: list[str] = field(default_factory=list)
+    # Whether earlyfw watch's owned guard table is loaded.
+    guarded: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,41 +258,59 @@ class Status:
                 for name, (p, b) in sorted(self.counters.items())
             },
             "endpoints": self.endpoints,
+            "egress_devices": self.egress_devices,
+            "guarded": self.guarded,
             "other_tables": self.other_tables,
             "warnings": self.warnings,
         }
 
 
 def status(runner: Runner, config: Config) -> Status:
-    live = live_table(runner)
+    loaded = tables(runner)
     endpoints = [str(e) for e in config.endpoints]
-    tables_json = runner.run([NFT, "-j", "list", "tables"]).stdout
-    others = sorted(
-        f"{t['table']['family']} {t['table']['name']}"
-        for t in json.loads(tables_json).get("nftables", [])
-        if "table" in t and t["table"]["name"] not in (TABLE, EGRESS_TABLE, GUARD_TABLE, GUARD_EGRESS_TABLE, WAKE_TABLE)
+    others = sorted(f"{family} {name}" for family, name in loaded if name not in OWN_TABLE_NAMES)
+    devices = present_devices(config.egress_interfaces)
+    guarded = ("inet", GUARD_TABLE) in loaded
+    # Every refusal is counted once, in whichever of earlyfw's tables refused it:
+    # while the watcher runs that is often its guard.
+    totals = add_counters(
+        *(counters(runner, family, name) for family, name in COUNTING_TABLES if (family, name) in loaded)
     )
-    if live is None:
+    live = {key: normalise(live_table(runner, *key)) if key in loaded else None for key in MAIN_TABLES}
+    main = live[("inet", TABLE)]
+    if main is None:
         return Status(
             False,
             None,
             False,
-            {},
+            totals,
             endpoints,
             others,
             ["table inet earlyfw is not loaded: nothing is blocked", *firewalls.warnings(others)],
+            devices,
+            guarded,
         )
+    # A table claims the state it was rendered for; an unaltered one matches
+    # that state's canonical listing (one private load, however large).
+    claimed = policy.claimed_state(main)
     state = None
-    for candidate in State:
-        if canonical(runner, policy.render(config, candidate)) == live:
+    for candidate in [claimed] if claimed else list(State):
+        if canonical(runner, config, candidate, devices) == live:
             state = candidate
             break
     warnings = []
     if state is None:
-        warnings.append(
-            "table inet earlyfw differs from every state the config renders "
-            "(altered, or the config changed since it was loaded): run `earlyfw lock`"
-        )
+        egress = live[("netdev", EGRESS_TABLE)]
+        if devices and egress is None:
+            warnings.append(
+                f"table netdev {EGRESS_TABLE} is missing: raw-socket egress on {', '.join(devices)} is not filtered: "
+                "run `earlyfw lock`"
+            )
+        else:
+            warnings.append(
+                "earlyfw's tables differ from every state the config renders "
+                "(altered, or the config or the interfaces changed since they were loaded): run `earlyfw lock`"
+            )
     if others:
         warnings.append(
             "other firewall tables are loaded ("
@@ -157,9 +318,27 @@ def status(runner: Runner, config: Config) -> Status:
             + "); they cannot open what earlyfw blocks, but a `flush ruleset` from their loader removes earlyfw"
         )
     warnings += firewalls.warnings(others)
-    return Status(True, state, state is not None, counters(runner), endpoints, others, warnings)
+    return Status(True, state, state is not None, totals, endpoints, others, warnings, devices, guarded)
 
 
 def require_root_for(action: str) -> None:
     if os.geteuid() != 0:
         raise EarlyfwError(f"{action} needs root (CAP_NET_ADMIN)", hint=f"sudo earlyfw {action}")
+
+
+_ELEMENTS = re.compile(r"elements = \{(.*?)\}", re.S)
+
+
+def normalise(listing: str | None) -> str | None:
+    """A table listing with each set's elements sorted and deduplicated: the
+    kernel lists a hash set in its hash order, which differs from one load to
+    the next, and a dump racing the set's growth right after a large load can
+    list an element twice."""
+    if listing is None:
+        return None
+
+    def elements(match: re.Match[str]) -> str:
+        items = sorted({e.strip() for e in match[1].split(",") if e.strip()})
+        return "elements = { " + ", ".join(items) + " }"
+
+    return _ELEMENTS.sub(elements, listing)

@@ -14,10 +14,9 @@ atomic transaction, exactly as `nft -f` would make it.
 from __future__ import annotations
 
 import ctypes
-import json
-from typing import Any
 
 from earlyfw.errors import CommandError
+from earlyfw.nft import parse_counters
 
 LIBRARY = "libnftables.so.1"
 
@@ -95,14 +94,11 @@ class Libnftables:
             raise
 
     def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
+        """The table's named counters ({} if it does not exist). A counter
+        listing prints no table object, so it is safe from nft 1.0.6's JSON
+        bug with owned tables (see earlyfw.nft)."""
         try:
             output = self.run(f"list counters table {family} {table}", flags=OUTPUT_JSON)
         except CommandError:
             return {}
-        found: dict[str, tuple[int, int]] = {}
-        items: list[dict[str, Any]] = json.loads(output or "{}").get("nftables", [])
-        for item in items:
-            counter = item.get("counter")
-            if counter and counter.get("table") == table:
-                found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
-        return found
+        return parse_counters(output, table)

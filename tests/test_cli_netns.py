@@ -187,7 +187,7 @@ def test_status_fails_when_the_egress_table_is_damaged(netns: str, tmp_path: Pat
     config = with_egress(netns, tmp_path, "eth0")
     assert earlyfw_with(netns, config, "apply", "--state", "blocked").returncode == 0
     code, report = status_with(netns, config)
-    assert (code, report["state"], report["intact"], report["egress_devices"]) == (0, "blocked", True, ["eth0"])
+    assert (code, report["state"], report["intact"]) == (0, "blocked", True)
     # The counter can only go once no rule names it.
     if "counter" in damage:
         assert run_in(netns, "nft", "flush", "chain", "netdev", "earlyfw_egress", "egress").returncode == 0
@@ -198,7 +198,8 @@ def test_status_fails_when_the_egress_table_is_damaged(netns: str, tmp_path: Pat
     assert earlyfw_with(netns, config, "status").returncode == 3
     # `earlyfw lock` repairs it.
     assert earlyfw_with(netns, config, "lock").returncode == 0
-    assert status_with(netns, config)[0] == 0
+    code, report = status_with(netns, config)
+    assert (code, report["egress_devices"]) == (0, ["eth0"])
 
 
 def test_status_reports_a_missing_egress_table_by_name(netns: str, tmp_path: Path) -> None:

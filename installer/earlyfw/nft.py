@@ -21,7 +21,7 @@ from typing import Any
 
 from earlyfw import firewalls, policy
 from earlyfw.config import Config
-from earlyfw.errors import CommandError, EarlyfwError
+from earlyfw.errors import EarlyfwError
 from earlyfw.policy import EGRESS_TABLE, TABLE, Counters, State
 from earlyfw.run import Runner
 
@@ -42,7 +42,7 @@ _TABLE_LINE = re.compile(r"^table (\S+) (\S+)$")
 # (SO_SNDBUFFORCE); inside an unprivileged user namespace nft cannot, and the
 # default (net.core.wmem_default, 208 KiB) holds about 7,000 endpoints. Above
 # that a private load is split into batches of this many set elements.
-UNPRIVILEGED_ELEMENTS = 2000
+UNPRIVILEGED_ELEMENTS = 2500
 
 
 def load(runner: Runner, script: str) -> None:
@@ -55,15 +55,39 @@ def tables(runner: Runner) -> set[tuple[str, str]]:
     return {(m[1], m[2]) for m in map(_TABLE_LINE.match, listing.splitlines()) if m}
 
 
-def parse_counters(listing: str, table: str) -> dict[str, tuple[int, int]]:
-    """`nft -j list counters table FAMILY TABLE` output as {name: (packets, bytes)}:
-    the one parser for the CLI (through `nft`) and the watcher (libnftables)."""
-    found: dict[str, tuple[int, int]] = {}
+def split_tables(listing: str) -> dict[tuple[str, str], str]:
+    """A ruleset listing cut into its tables, each as `nft list table` prints it."""
+    found: dict[tuple[str, str], str] = {}
+    current: list[str] = []
+    for line in listing.splitlines(keepends=True):
+        if line.startswith("table "):
+            current = [line]
+        elif current:
+            current.append(line)
+        if line.rstrip("\n") == "}" and current:
+            match = re.match(r"table (\S+) (\S+) \{", current[0])
+            if match:
+                found[(match[1], match[2])] = "".join(current)
+            current = []
+    return found
+
+
+TableCounters = dict[tuple[str, str], dict[str, tuple[int, int]]]
+
+
+def parse_counters(listing: str) -> TableCounters:
+    """`nft -j list counters` output as {(family, table): {name: (packets,
+    bytes)}}: the one parser for the CLI (through `nft`) and the watcher
+    (libnftables). One listing for all tables, because nft 1.0.6 fetches
+    every set element for any listing but a set's: at 100,000 endpoints each
+    listing costs seconds."""
+    found: TableCounters = {}
     items: list[dict[str, Any]] = json.loads(listing or "{}").get("nftables", [])
     for item in items:
         counter = item.get("counter")
-        if counter and counter.get("table") == table:
-            found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
+        if counter:
+            table = found.setdefault((counter["family"], counter["table"]), {})
+            table[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
     return found
 
 
@@ -76,25 +100,14 @@ def add_counters(*parts: Counters) -> dict[str, tuple[int, int]]:
     return total
 
 
-def counters(runner: Runner, family: str = "inet", table: str = TABLE) -> dict[str, tuple[int, int]]:
-    result = runner.run([NFT, "-j", "list", "counters", "table", family, table], check=False)
-    if result.returncode != 0:
-        return {}
-    return parse_counters(result.stdout, table)
+def counters(runner: Runner) -> TableCounters:
+    return parse_counters(runner.run([NFT, "-j", "list", "counters"]).stdout)
 
 
 def main_counters(runner: Runner) -> dict[str, tuple[int, int]]:
     """The counters of the tables `apply` replaces, to carry over a change."""
-    return add_counters(*(counters(runner, family, name) for family, name in MAIN_TABLES))
-
-
-def live_table(runner: Runner, family: str = "inet", name: str = TABLE) -> str | None:
-    result = runner.run([NFT, "-s", "list", "table", family, name], check=False)
-    if result.returncode != 0:
-        if "No such file or directory" in result.stderr:
-            return None
-        raise CommandError(f"nft list table {family} {name} failed: {result.stderr.strip()}")
-    return result.stdout
+    found = counters(runner)
+    return add_counters(*(found.get(key, {}) for key in MAIN_TABLES))
 
 
 def present_devices(names: Iterable[str], sys_class_net: Path = Path("/sys/class/net")) -> list[str]:
@@ -103,39 +116,43 @@ def present_devices(names: Iterable[str], sys_class_net: Path = Path("/sys/class
 
 
 def split_elements(script: str, limit: int) -> list[str]:
-    """`script` as batches that each carry at most `limit` elements per set:
-    the script with each multi-line `elements = {` block cut to its first
-    `limit` lines, then `add element` batches for the rest. Loaded one after
-    the other they build the same tables; only for private loads, where
-    atomicity is moot. Relies on policy.render's layout: `table F N {` and
-    `set S {` open their blocks, and those element blocks hold one per line."""
+    """`script` as batches that each carry at most `limit` set elements: the
+    script without its multi-line `elements = {` blocks, then `add element`
+    batches for what they held. Loaded one after the other they build the
+    same tables; only for private loads, where atomicity is moot. Relies on
+    policy.render's layout: `table F N {` and `set S {` open their blocks,
+    and those element blocks hold one element per line."""
     head: list[str] = []
-    rest: list[str] = []
+    elements: list[tuple[str, str]] = []  # ("family table set", element)
     table = name = ""
-    kept = 0
-    overflow: list[str] | None = None
+    inside = False
     for line in script.splitlines(keepends=True):
         text = line.strip()
-        if overflow is not None:
-            if text != "}":
-                if kept < limit:
-                    kept += 1
-                    head.append(line)
-                else:
-                    overflow.append(text)
-                continue
-            for i in range(0, len(overflow), limit):
-                chunk = "".join(f"\t{e}\n" for e in overflow[i : i + limit])
-                rest.append(f"add element {table} {name} {{\n{chunk}}}\n")
-            overflow = None
-        elif match := re.fullmatch(r"table (\w+ \w+) \{", text):
+        if inside:
+            if text == "}":
+                inside = False
+            else:
+                elements.append((f"{table} {name}", text))
+            continue
+        if match := re.fullmatch(r"table (\w+ \w+) \{", text):
             table = match[1]
         elif match := re.fullmatch(r"set (\w+) \{", text):
             name = match[1]
         elif text == "elements = {":
-            kept, overflow = 0, []
+            inside = True
+            continue
         head.append(line)
-    return ["".join(head), *rest]
+    batches = ["".join(head)]
+    for i in range(0, len(elements), limit):
+        chunk = elements[i : i + limit]
+        sets = dict.fromkeys(where for where, _ in chunk)
+        batches.append(
+            "".join(
+                f"add element {where} {{\n" + "".join(f"\t{e}\n" for w, e in chunk if w == where) + "}\n"
+                for where in sets
+            )
+        )
+    return batches
 
 
 def private_load(
@@ -160,13 +177,12 @@ def private_load(
     # Stand-in devices are veth pairs (no module beyond veth); the peers are
     # named "efw+N": '+' is valid in a Linux interface name but refused by the
     # config, so a peer never takes a configured name.
-    # Arguments: the devices, "--", the batch files, "--", the tables to list
-    # (earlyfw's constant "family name" pairs, split by the shell on purpose).
+    # Arguments: the devices, "--", the batch files, "--", and "list" to list.
     shell = (
         'set -e; i=0; while [ "$1" != -- ]; do '
         'ip link add name "$1" type veth peer name "efw+$i"; i=$((i+1)); shift; done; '
         'shift; while [ "$1" != -- ]; do nft -f "$1"; shift; done; '
-        "shift; for t; do printf '\\036%s\\n' \"$t\"; nft -s list table $t 2>/dev/null || :; done"
+        'shift; if [ "$1" = list ]; then nft -s list ruleset; fi'
     )
     with tempfile.TemporaryDirectory(prefix="earlyfw-nft-") as directory:
         files = []
@@ -186,15 +202,10 @@ def private_load(
             "--",
             *files,
             "--",
-            *(f"{family} {name}" for family, name in list_tables),
+            *(["list"] if list_tables else []),
         ]
-        output = runner.run(argv).stdout
-    found: dict[tuple[str, str], str | None] = {}
-    for part in output.split("\036")[1:]:
-        header, _, listing = part.partition("\n")
-        family, _, name = header.partition(" ")
-        found[(family, name)] = listing or None
-    return found
+        listed = split_tables(runner.run(argv).stdout)
+    return {key: listed.get(key) for key in list_tables}
 
 
 def check(runner: Runner, config: Config, state: State) -> None:
@@ -266,17 +277,18 @@ class Status:
 
 
 def status(runner: Runner, config: Config) -> Status:
-    loaded = tables(runner)
+    # Two listings of the live kernel in all: each costs a full fetch of every
+    # set element in nft 1.0.6 (seconds at 100,000 endpoints).
+    listed = split_tables(runner.run([NFT, "-s", "list", "ruleset"]).stdout)
+    found = counters(runner)
     endpoints = [str(e) for e in config.endpoints]
-    others = sorted(f"{family} {name}" for family, name in loaded if name not in OWN_TABLE_NAMES)
+    others = sorted(f"{family} {name}" for family, name in listed if name not in OWN_TABLE_NAMES)
     devices = present_devices(config.egress_interfaces)
-    guarded = ("inet", GUARD_TABLE) in loaded
+    guarded = ("inet", GUARD_TABLE) in listed
     # Every refusal is counted once, in whichever of earlyfw's tables refused it:
     # while the watcher runs that is often its guard.
-    totals = add_counters(
-        *(counters(runner, family, name) for family, name in COUNTING_TABLES if (family, name) in loaded)
-    )
-    live = {key: normalise(live_table(runner, *key)) if key in loaded else None for key in MAIN_TABLES}
+    totals = add_counters(*(found.get(key, {}) for key in COUNTING_TABLES))
+    live = {key: normalise(listed.get(key)) for key in MAIN_TABLES}
     main = live[("inet", TABLE)]
     if main is None:
         return Status(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 
 from earlyfw.errors import CommandError
-from earlyfw.nft import parse_counters
+from earlyfw.nft import TableCounters, parse_counters
 
 LIBRARY = "libnftables.so.1"
 
@@ -93,12 +93,8 @@ class Libnftables:
                 return None
             raise
 
-    def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
-        """The table's named counters ({} if it does not exist). A counter
-        listing prints no table object, so it is safe from nft 1.0.6's JSON
-        bug with owned tables (see earlyfw.nft)."""
-        try:
-            output = self.run(f"list counters table {family} {table}", flags=OUTPUT_JSON)
-        except CommandError:
-            return {}
-        return parse_counters(output, table)
+    def counters(self) -> TableCounters:
+        """Every named counter, by table. A counter listing prints no table
+        object, so it is safe from nft 1.0.6's JSON bug with owned tables
+        (see earlyfw.nft)."""
+        return parse_counters(self.run("list counters", flags=OUTPUT_JSON))

@@ -203,12 +203,13 @@ class Ruleset:
         counts (or, for a table someone removed, what it held at the last
         change), plus, when the guards are replaced too and so restart at
         zero, the guards' counts."""
+        listed = self.nft.counters()
         found: dict[str, tuple[int, int]] = {}
         for family, name, _ in PAIRS:
-            own = self.nft.counters(family, name)
+            own = listed.get((family, name))
             if not own:
                 own = {k: v for k, v in self._carried.items() if k in _COUNTER_NAMES[family]}
             found.update(own)
         if not with_guard:
             return found
-        return nft.add_counters(found, *(self.nft.counters(family, guard) for family, _, guard in PAIRS))
+        return nft.add_counters(found, *(listed.get((family, guard), {}) for family, _, guard in PAIRS))

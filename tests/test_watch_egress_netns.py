@@ -101,3 +101,25 @@ def test_status_table_deletion_and_listings_while_the_watcher_guards_egress(lab:
     netns.wait_until(lambda: earlyfw(client, path, "status").returncode == 0, 10, "status intact after the repair")
     after = json.loads(earlyfw(client, path, "status", "--json").stdout)
     assert after["counters"]["refused_out"]["packets"] >= 5, "totals survive the repair"
+
+
+def refused_out(ns: netns.Namespace, config: Path) -> int:
+    result = earlyfw(ns, config, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return int(json.loads(result.stdout)["counters"]["refused_out"]["packets"])
+
+
+def test_refusals_are_counted_once_across_the_watchers_changes(lab: netns.Lab, tmp_path: Path) -> None:
+    """While the watcher runs, its guard refuses as much as earlyfw's table;
+    status adds the two, and a relax neither loses nor doubles a count."""
+    pair = wg_pair(lab, accept=False)
+    path = write_config(tmp_path, config_for(pair.client_wg.name))
+    watcher = start_watcher(lab, pair.client, PYTHON_MODULE, path, log_dir=tmp_path)
+    send_udp(pair.client, netns.WORLD_V4, PROBE_PORT, b"probe", count=5)
+    assert refused_out(pair.client, path) == 5
+    pair.accept_client()
+    pair.rehandshake()
+    watcher.wait_for(r"^relaxed: ")
+    assert refused_out(pair.client, path) == 5
+    send_udp(pair.client, netns.WORLD_V4, PROBE_PORT, b"probe", count=2)  # outside the tunnel: still refused
+    assert refused_out(pair.client, path) == 7

@@ -1,11 +1,12 @@
 """Talking to the running kernel's nftables through the `nft` binary, via the
 Runner seam. Every change is one `nft -f` transaction.
 
-Tables are listed in nft's plain syntax, never with `nft -j list tables` or
-`list ruleset`: nft 1.0.6 (Debian 12) prints an owned table's flags in JSON
-from freed memory, and with several owned tables loaded (earlyfw watch's guard
-and wake tables) it aborts with `corrupted double-linked list`. Counter
-listings (`nft -j list counters table …`) print no table object and are safe.
+Tables are read from nft's plain listings, never from a JSON one that prints
+table objects (`nft -j list tables`, `nft -j list ruleset`): nft 1.0.6
+(Debian 12) prints an owned table's flags in JSON from freed memory, and with
+several owned tables loaded (earlyfw watch's guard and wake tables) it aborts
+with `corrupted double-linked list`. A JSON counter listing prints no table
+object and is safe.
 """
 
 from __future__ import annotations

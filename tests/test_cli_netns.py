@@ -132,7 +132,117 @@ def test_verify_checks_every_state_with_nft(netns: str) -> None:
     result = earlyfw(netns, "verify")
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stdout.splitlines() if line.startswith("ruleset")] == [
-        "ruleset blocked: nft -c ok",
-        "ruleset relaxed: nft -c ok",
-        "ruleset initramfs: nft -c ok",
+        "ruleset blocked: nft ok",
+        "ruleset relaxed: nft ok",
+        "ruleset initramfs: nft ok",
     ]
+
+
+# --- the netdev egress table (raw sockets) ------------------------------------
+
+# Words nft's grammar reserves, all valid Linux interface names: unquoted in a
+# `devices = { … }` list each is a syntax error (or worse, a different token).
+NFT_KEYWORDS = (
+    "accept", "drop", "reject", "ip", "ip6", "inet", "ether", "vlan", "arp", "meta", "counter", "table",
+    "chain", "set", "map", "devices", "egress", "ingress", "policy", "priority", "type", "hook", "filter",
+    "netdev", "tcp", "udp", "limit", "log", "comment", "flags", "size", "elements", "continue", "return",
+    "jump", "goto", "ct", "th", "to", "dev", "0", "1x", "a.b", "x-y",
+)  # fmt: skip
+
+
+def with_egress(netns: str, tmp_path: Path, *interfaces: str) -> Path:
+    """The example config plus [egress] interfaces, each a veth that exists in `netns`."""
+    for i, name in enumerate(interfaces):
+        assert (
+            run_in(netns, "ip", "link", "add", "name", name, "type", "veth", "peer", "name", f"peer{i}").returncode == 0
+        )
+        assert run_in(netns, "ip", "link", "set", "dev", name, "up").returncode == 0
+    path = tmp_path / "earlyfw.toml"
+    path.write_text(EXAMPLE.read_text() + f"\n[egress]\ninterfaces = {json.dumps(list(interfaces))}\n")
+    return path
+
+
+def earlyfw_with(netns: str, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_in(netns, sys.executable, "-m", "earlyfw", "--config", str(config), *args)
+
+
+def status_with(netns: str, config: Path) -> tuple[int, dict[str, object]]:
+    result = earlyfw_with(netns, config, "status", "--json")
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "delete table netdev earlyfw_egress",
+        "flush table netdev earlyfw_egress",
+        "flush chain netdev earlyfw_egress egress",
+        "delete chain netdev earlyfw_egress egress",
+        "flush set netdev earlyfw_egress endpoints_v4",
+        "delete counter netdev earlyfw_egress refused_raw",
+    ],
+)
+def test_status_fails_when_the_egress_table_is_damaged(netns: str, tmp_path: Path, damage: str) -> None:
+    config = with_egress(netns, tmp_path, "eth0")
+    assert earlyfw_with(netns, config, "apply", "--state", "blocked").returncode == 0
+    code, report = status_with(netns, config)
+    assert (code, report["state"], report["intact"]) == (0, "blocked", True)
+    # The counter can only go once no rule names it.
+    if "counter" in damage:
+        assert run_in(netns, "nft", "flush", "chain", "netdev", "earlyfw_egress", "egress").returncode == 0
+    result = run_in(netns, "nft", *damage.split())
+    assert result.returncode == 0, result.stderr
+    code, report = status_with(netns, config)
+    assert (code, report["intact"], report["state"]) == (3, False, None), report
+    assert earlyfw_with(netns, config, "status").returncode == 3
+    # `earlyfw lock` repairs it.
+    assert earlyfw_with(netns, config, "lock").returncode == 0
+    code, report = status_with(netns, config)
+    assert (code, report["egress_devices"]) == (0, ["eth0"])
+
+
+def test_status_reports_a_missing_egress_table_by_name(netns: str, tmp_path: Path) -> None:
+    config = with_egress(netns, tmp_path, "eth0")
+    earlyfw_with(netns, config, "apply", "--state", "relaxed")
+    run_in(netns, "nft", "delete", "table", "netdev", "earlyfw_egress")
+    human = earlyfw_with(netns, config, "status")
+    assert human.returncode == 3
+    assert "earlyfw_egress is missing: raw-socket egress on eth0 is not filtered" in human.stdout
+
+
+def test_egress_interfaces_named_like_nft_keywords(netns: str, tmp_path: Path) -> None:
+    """Every command works when the [egress] interfaces are called `accept`,
+    `ip`, `vlan`… : the names are quoted wherever they reach nft."""
+    config = with_egress(netns, tmp_path, *NFT_KEYWORDS)
+    for args in (("apply", "--state", "blocked"), ("relax",), ("lock",)):
+        result = earlyfw_with(netns, config, *args)
+        assert result.returncode == 0, f"{args}: {result.stderr}"
+        code, report = status_with(netns, config)
+        assert (code, report["intact"]) == (0, True), report
+        assert sorted(map(str, report["egress_devices"])) == sorted(NFT_KEYWORDS)  # type: ignore[call-overload]
+    chain = run_in(netns, "nft", "list", "chain", "netdev", "earlyfw_egress", "egress").stdout
+    assert all(name in chain for name in NFT_KEYWORDS)
+    verified = earlyfw_with(netns, config, "verify")
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_egress_counters_are_shown_and_survive_a_state_change(netns: str, tmp_path: Path) -> None:
+    config = with_egress(netns, tmp_path, "eth0")
+    earlyfw_with(netns, config, "apply", "--state", "blocked")
+    send = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+        "s.bind(('eth0', 0))\n"
+        "for _ in range(4):\n"
+        "    try: s.send(b'\\xff' * 6 + b'\\x02' * 6 + b'\\x08\\x00' + b'\\x45' + b'\\0' * 40)\n"
+        "    except OSError: pass\n"
+    )
+    assert run_in(netns, sys.executable, "-c", send).returncode == 0
+    counters = status_with(netns, config)[1]["counters"]
+    assert isinstance(counters, dict)
+    assert counters["refused_raw"]["packets"] == 4
+    earlyfw_with(netns, config, "relax")
+    after = status_with(netns, config)[1]["counters"]
+    assert isinstance(after, dict)
+    assert after["refused_raw"]["packets"] == 4

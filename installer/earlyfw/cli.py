@@ -125,7 +125,7 @@ def watch(ctx: Context, source: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_context
 def status(ctx: Context, as_json: bool) -> None:
-    """Show the live state, whether the table is intact, and what was refused."""
+    """Show the live state, whether earlyfw's tables are intact, and what was refused."""
     nft.require_root_for("status")
     config = ctx.config()
     ctx.runner.verbose = False
@@ -139,7 +139,11 @@ def status(ctx: Context, as_json: bool) -> None:
             click.echo(f"state: {result.state or 'unknown'} ({'intact' if result.intact else 'ALTERED'})")
         click.echo(f"tunnel: {config.tunnel_kind} on {config.interface}")
         click.echo(f"watcher: {_describe_verdict(verdict)}")
-        click.echo("endpoints: " + ", ".join(result.endpoints))
+        if config.egress_interfaces:
+            click.echo("raw egress filtered on: " + (", ".join(result.egress_devices) or "none present"))
+        if result.guarded:
+            click.echo("guard: earlyfw watch holds its owned copy (counted below too)")
+        click.echo("endpoints: " + _summary(result.endpoints))
         for name, (packets, size) in sorted(result.counters.items()):
             click.echo(f"  {name:16} {packets:>10} packets {size:>12} bytes  {policy.COUNTERS.get(name, '')}")
         for warning in result.warnings:
@@ -158,15 +162,22 @@ def _describe_verdict(verdict: dict[str, object] | None) -> str:
     return line if verdict.get("running") else f"NOT RUNNING; its last word: {line}"
 
 
+def _summary(items: list[str], shown: int = 10) -> str:
+    """A long list cut for a terminal (--json has it whole)."""
+    if len(items) <= shown:
+        return ", ".join(items)
+    return ", ".join(items[:shown]) + f", … ({len(items)} in all)"
+
+
 @cli.command()
 @pass_context
 def verify(ctx: Context) -> None:
-    """Check the config, and every rendered state with `nft -c`."""
+    """Check the config, and load every rendered state into a private namespace."""
     config = ctx.config()
     click.echo(f"config {config.source}: ok")
     for state in State:
-        nft.check(ctx.runner, policy.render(config, state))
-        click.echo(f"ruleset {state}: nft -c ok")
+        nft.check(ctx.runner, config, state)
+        click.echo(f"ruleset {state}: nft ok")
 
 
 @cli.command()

@@ -1,11 +1,21 @@
 """Talking to the running kernel's nftables through the `nft` binary, via the
-Runner seam. Every change is one `nft -f` transaction."""
+Runner seam. Every change is one `nft -f` transaction.
+
+Tables are read from nft's plain listings, never from a JSON one that prints
+table objects (`nft -j list tables`, `nft -j list ruleset`): nft 1.0.6
+(Debian 12) prints an owned table's flags in JSON from freed memory, and with
+several owned tables loaded (earlyfw watch's guard and wake tables) it aborts
+with `corrupted double-linked list`. A JSON counter listing prints no table
+object and is safe.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +23,7 @@ from typing import Any
 from earlyfw import firewalls, policy
 from earlyfw.config import Config
 from earlyfw.errors import CommandError, EarlyfwError
-from earlyfw.policy import EGRESS_TABLE, TABLE, State
+from earlyfw.policy import EGRESS_TABLE, TABLE, Counters, State
 from earlyfw.run import Runner
 
 NFT = "nft"
@@ -21,52 +31,200 @@ NFT = "nft"
 GUARD_TABLE = "earlyfw_guard"
 GUARD_EGRESS_TABLE = "earlyfw_egress_guard"
 WAKE_TABLE = "earlyfw_wake"
+# (family, table) of the tables the boot path and `earlyfw apply` load.
+MAIN_TABLES = (("inet", TABLE), ("netdev", EGRESS_TABLE))
+# Every table earlyfw or its watcher creates; a refusal is counted in exactly
+# one of them (the first base chain that refuses a packet ends its path).
+COUNTING_TABLES = (*MAIN_TABLES, ("inet", GUARD_TABLE), ("netdev", GUARD_EGRESS_TABLE))
+OWN_TABLE_NAMES = frozenset({TABLE, EGRESS_TABLE, GUARD_TABLE, GUARD_EGRESS_TABLE, WAKE_TABLE})
+
+_TABLE_LINE = re.compile(r"^table (\S+) (\S+)$")
+# A netlink batch must fit the socket's send buffer. Root raises it
+# (SO_SNDBUFFORCE); inside an unprivileged user namespace nft cannot, and the
+# default (net.core.wmem_default, 208 KiB) holds about 7,000 endpoints. Above
+# that a private load is split into batches of this many set elements.
+UNPRIVILEGED_ELEMENTS = 2500
 
 
 def load(runner: Runner, script: str) -> None:
     runner.run([NFT, "-f", "-"], input=script)
 
 
-def check(runner: Runner, script: str) -> None:
-    """`nft -c` needs privileges even to parse, so check in a private user and
-    network namespace where it can touch nothing real."""
-    runner.run(["unshare", "--map-root-user", "--net", NFT, "-c", "-f", "-"], input=script)
+def tables(runner: Runner) -> set[tuple[str, str]]:
+    """The loaded tables as (family, name), from the plain listing."""
+    listing = runner.run([NFT, "list", "tables"]).stdout
+    return {(m[1], m[2]) for m in map(_TABLE_LINE.match, listing.splitlines()) if m}
 
 
-def canonical(runner: Runner, script: str) -> str:
-    """How the kernel lists `script`'s table once loaded, with no counter values:
-    the form a live table is compared against to tell whether it is intact."""
-    result = runner.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", f'"$0" -f - && "$0" -s list table inet {TABLE}', NFT],
-        input=script,
-    )
-    return result.stdout
-
-
-def live_table(runner: Runner) -> str | None:
-    result = runner.run([NFT, "-s", "list", "table", "inet", TABLE], check=False)
-    if result.returncode != 0:
-        if "No such file or directory" in result.stderr:
-            return None
-        raise CommandError(f"nft list table inet {TABLE} failed: {result.stderr.strip()}")
-    return result.stdout
-
-
-def counters(runner: Runner) -> dict[str, tuple[int, int]]:
-    result = runner.run([NFT, "-j", "list", "counters", "table", "inet", TABLE], check=False)
-    if result.returncode != 0:
-        return {}
-    found: dict[str, tuple[int, int]] = {}
-    for item in json.loads(result.stdout).get("nftables", []):
-        counter = item.get("counter")
-        if counter and counter.get("table") == TABLE:
-            found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
+def split_tables(listing: str) -> dict[tuple[str, str], str]:
+    """A ruleset listing cut into its tables, each as `nft list table` prints it."""
+    found: dict[tuple[str, str], str] = {}
+    current: list[str] = []
+    for line in listing.splitlines(keepends=True):
+        if line.startswith("table "):
+            current = [line]
+        elif current:
+            current.append(line)
+        if line.rstrip("\n") == "}" and current:
+            match = re.match(r"table (\S+) (\S+) \{", current[0])
+            if match:
+                found[(match[1], match[2])] = "".join(current)
+            current = []
     return found
+
+
+TableCounters = dict[tuple[str, str], dict[str, tuple[int, int]]]
+
+
+def parse_counters(listing: str) -> TableCounters:
+    """`nft -j list counters` output as {(family, table): {name: (packets,
+    bytes)}}: the one parser for the CLI (through `nft`) and the watcher
+    (libnftables). One listing for all tables, because nft 1.0.6 fetches
+    every set element for any listing but a set's: at 100,000 endpoints each
+    listing costs seconds."""
+    found: TableCounters = {}
+    items: list[dict[str, Any]] = json.loads(listing or "{}").get("nftables", [])
+    for item in items:
+        counter = item.get("counter")
+        if counter:
+            table = found.setdefault((counter["family"], counter["table"]), {})
+            table[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
+    return found
+
+
+def add_counters(*parts: Counters) -> dict[str, tuple[int, int]]:
+    total: dict[str, tuple[int, int]] = {}
+    for part in parts:
+        for name, (packets, size) in part.items():
+            before = total.get(name, (0, 0))
+            total[name] = (before[0] + packets, before[1] + size)
+    return total
+
+
+def counters(runner: Runner) -> TableCounters:
+    return parse_counters(runner.run([NFT, "-j", "list", "counters"]).stdout)
+
+
+def main_counters(runner: Runner) -> dict[str, tuple[int, int]]:
+    """The counters of the tables `apply` replaces, to carry over a change."""
+    found = counters(runner)
+    return add_counters(*(found.get(key, {}) for key in MAIN_TABLES))
 
 
 def present_devices(names: Iterable[str], sys_class_net: Path = Path("/sys/class/net")) -> list[str]:
     """Netdev egress chains must name devices that exist at load time."""
     return [n for n in names if (sys_class_net / n).exists()]
+
+
+def split_elements(script: str, limit: int) -> list[str]:
+    """`script` as batches that each carry at most `limit` set elements: the
+    script without its multi-line `elements = {` blocks, then `add element`
+    batches for what they held. Loaded one after the other they build the
+    same tables; only for private loads, where atomicity is moot. Relies on
+    policy.render's layout: `table F N {` and `set S {` open their blocks,
+    and those element blocks hold one element per line."""
+    head: list[str] = []
+    elements: list[tuple[str, str]] = []  # ("family table set", element)
+    table = name = ""
+    inside = False
+    for line in script.splitlines(keepends=True):
+        text = line.strip()
+        if inside:
+            if text == "}":
+                inside = False
+            else:
+                elements.append((f"{table} {name}", text))
+            continue
+        if match := re.fullmatch(r"table (\w+ \w+) \{", text):
+            table = match[1]
+        elif match := re.fullmatch(r"set (\w+) \{", text):
+            name = match[1]
+        elif text == "elements = {":
+            inside = True
+            continue
+        head.append(line)
+    batches = ["".join(head)]
+    for i in range(0, len(elements), limit):
+        chunk = elements[i : i + limit]
+        sets = dict.fromkeys(where for where, _ in chunk)
+        batches.append(
+            "".join(
+                f"add element {where} {{\n" + "".join(f"\t{e}\n" for w, e in chunk if w == where) + "}\n"
+                for where in sets
+            )
+        )
+    return batches
+
+
+def private_load(
+    runner: Runner,
+    script: str,
+    devices: Sequence[str] = (),
+    *,
+    list_tables: Sequence[tuple[str, str]] = (),
+    user_namespace: bool | None = None,
+) -> dict[tuple[str, str], str | None]:
+    """Load `script` into a throwaway network namespace (with stand-in devices
+    named `devices`, for netdev chains) and return how the kernel lists
+    `list_tables` there, without counter values. This is `nft -c` and more:
+    the kernel takes the whole ruleset for real, and touches nothing real.
+
+    As root the namespace is a plain one and the script is one batch. Without
+    root it is a user namespace, where nft cannot raise its socket's send
+    buffer, so a large script is loaded in batches (split_elements).
+    `user_namespace` forces the one or the other."""
+    unprivileged = os.geteuid() != 0 if user_namespace is None else user_namespace
+    batches = split_elements(script, UNPRIVILEGED_ELEMENTS) if unprivileged else [script]
+    # Stand-in devices are veth pairs (no module beyond veth); the peers are
+    # named "efw+N": '+' is valid in a Linux interface name but refused by the
+    # config, so a peer never takes a configured name.
+    # Arguments: the devices, "--", the batch files, "--", and "list" to list.
+    shell = (
+        'set -e; i=0; while [ "$1" != -- ]; do '
+        'ip link add name "$1" type veth peer name "efw+$i"; i=$((i+1)); shift; done; '
+        'shift; while [ "$1" != -- ]; do nft -f "$1"; shift; done; '
+        'shift; if [ "$1" = list ]; then nft -s list ruleset; fi'
+    )
+    with tempfile.TemporaryDirectory(prefix="earlyfw-nft-") as directory:
+        files = []
+        for i, batch in enumerate(batches):
+            path = Path(directory) / f"{i:06}.nft"
+            path.write_text(batch)
+            files.append(str(path))
+        argv = [
+            "unshare",
+            *(["--map-root-user"] if unprivileged else []),
+            "--net",
+            "sh",
+            "-c",
+            shell,
+            "sh",
+            *devices,
+            "--",
+            *files,
+            "--",
+            *(["list"] if list_tables else []),
+        ]
+        listed = split_tables(runner.run(argv).stdout)
+    return {key: listed.get(key) for key in list_tables}
+
+
+def check(runner: Runner, config: Config, state: State) -> None:
+    """Load `state`, with the egress table on every [egress] interface, where
+    it can touch nothing real: `nft -c` itself needs privileges even to parse."""
+    devices = config.egress_interfaces
+    private_load(runner, policy.render(config, state, egress_devices=devices), devices)
+
+
+def canonical(
+    runner: Runner, config: Config, state: State, devices: Sequence[str]
+) -> dict[tuple[str, str], str | None]:
+    """How the kernel lists earlyfw's tables with `state` loaded and raw egress
+    filtered on `devices`, with no counter values: the form the live tables
+    are compared against to tell whether they are intact."""
+    script = policy.render(config, state, egress_devices=devices)
+    listed = private_load(runner, script, devices, list_tables=MAIN_TABLES)
+    return {key: normalise(listing) for key, listing in listed.items()}
 
 
 def put_state(runner: Runner, config: Config, state: State) -> None:
@@ -75,22 +233,15 @@ def put_state(runner: Runner, config: Config, state: State) -> None:
     script = policy.render(
         config,
         state,
-        counters=counters(runner),
+        counters=main_counters(runner),
         egress_devices=present_devices(config.egress_interfaces),
     )
     load(runner, script)
 
 
 def delete_tables(runner: Runner) -> None:
-    present = runner.run([NFT, "-j", "list", "tables"]).stdout
-    names = {
-        (t["table"]["family"], t["table"]["name"]) for t in json.loads(present).get("nftables", []) if "table" in t
-    }
-    script = "".join(
-        f"delete table {family} {name}\n"
-        for family, name in (("inet", TABLE), ("netdev", EGRESS_TABLE))
-        if (family, name) in names
-    )
+    present = tables(runner)
+    script = "".join(f"delete table {family} {name}\n" for family, name in MAIN_TABLES if (family, name) in present)
     if script:
         load(runner, script)
 
@@ -104,6 +255,10 @@ class Status:
     endpoints: list[str]
     other_tables: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Where raw-socket egress is filtered (the netdev table's devices).
+    egress_devices: list[str] = field(default_factory=list)
+    # Whether earlyfw watch's owned guard table is loaded.
+    guarded: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,41 +270,60 @@ class Status:
                 for name, (p, b) in sorted(self.counters.items())
             },
             "endpoints": self.endpoints,
+            "egress_devices": self.egress_devices,
+            "guarded": self.guarded,
             "other_tables": self.other_tables,
             "warnings": self.warnings,
         }
 
 
 def status(runner: Runner, config: Config) -> Status:
-    live = live_table(runner)
+    # Two listings of the live kernel in all: each costs a full fetch of every
+    # set element in nft 1.0.6 (seconds at 100,000 endpoints).
+    listed = split_tables(runner.run([NFT, "-s", "list", "ruleset"]).stdout)
+    found = counters(runner)
     endpoints = [str(e) for e in config.endpoints]
-    tables_json = runner.run([NFT, "-j", "list", "tables"]).stdout
-    others = sorted(
-        f"{t['table']['family']} {t['table']['name']}"
-        for t in json.loads(tables_json).get("nftables", [])
-        if "table" in t and t["table"]["name"] not in (TABLE, EGRESS_TABLE, GUARD_TABLE, GUARD_EGRESS_TABLE, WAKE_TABLE)
-    )
-    if live is None:
+    others = sorted(f"{family} {name}" for family, name in listed if name not in OWN_TABLE_NAMES)
+    devices = present_devices(config.egress_interfaces)
+    guarded = ("inet", GUARD_TABLE) in listed
+    # Every refusal is counted once, in whichever of earlyfw's tables refused it:
+    # while the watcher runs that is often its guard.
+    totals = add_counters(*(found.get(key, {}) for key in COUNTING_TABLES))
+    live = {key: normalise(listed.get(key)) for key in MAIN_TABLES}
+    main = live[("inet", TABLE)]
+    if main is None:
         return Status(
             False,
             None,
             False,
-            {},
+            totals,
             endpoints,
             others,
             ["table inet earlyfw is not loaded: nothing is blocked", *firewalls.warnings(others)],
+            devices,
+            guarded,
         )
+    # A table claims the state it was rendered for; an unaltered one matches
+    # that state's canonical listing (one private load, however large).
+    claimed = policy.claimed_state(main)
     state = None
-    for candidate in State:
-        if canonical(runner, policy.render(config, candidate)) == live:
+    for candidate in [claimed] if claimed else list(State):
+        if canonical(runner, config, candidate, devices) == live:
             state = candidate
             break
     warnings = []
     if state is None:
-        warnings.append(
-            "table inet earlyfw differs from every state the config renders "
-            "(altered, or the config changed since it was loaded): run `earlyfw lock`"
-        )
+        egress = live[("netdev", EGRESS_TABLE)]
+        if devices and egress is None:
+            warnings.append(
+                f"table netdev {EGRESS_TABLE} is missing: raw-socket egress on {', '.join(devices)} is not filtered: "
+                "run `earlyfw lock`"
+            )
+        else:
+            warnings.append(
+                "earlyfw's tables differ from every state the config renders "
+                "(altered, or the config or the interfaces changed since they were loaded): run `earlyfw lock`"
+            )
     if others:
         warnings.append(
             "other firewall tables are loaded ("
@@ -157,7 +331,7 @@ def status(runner: Runner, config: Config) -> Status:
             + "); they cannot open what earlyfw blocks, but a `flush ruleset` from their loader removes earlyfw"
         )
     warnings += firewalls.warnings(others)
-    return Status(True, state, state is not None, counters(runner), endpoints, others, warnings)
+    return Status(True, state, state is not None, totals, endpoints, others, warnings, devices, guarded)
 
 
 def require_root_for(action: str) -> None:
@@ -168,14 +342,12 @@ def require_root_for(action: str) -> None:
 def live_state(runner: Runner) -> State | None:
     """The state table inet earlyfw claims to be in (its comment), or None
     when it is not loaded or cannot be read (no nft, no privileges)."""
-    from earlyfw.watch.ruleset import claimed_state  # noqa: PLC0415 (it imports this module)
-
     try:
         # -t: without set contents, which can be 100,000 endpoints long.
         result = runner.run([NFT, "-t", "list", "table", "inet", TABLE], check=False)
     except CommandError:
         return None
-    return claimed_state(result.stdout) if result.returncode == 0 else None
+    return policy.claimed_state(result.stdout) if result.returncode == 0 else None
 
 
 def swap_endpoints(runner: Runner, old: Config, new: Config) -> None:
@@ -198,3 +370,21 @@ def swap_endpoints(runner: Runner, old: Config, new: Config) -> None:
                 if elements:
                     script += f"{verb} element {family} {table} endpoints_v{version} {{ {', '.join(elements)} }}\n"
     load(runner, script)
+
+
+_ELEMENTS = re.compile(r"elements = \{(.*?)\}", re.S)
+
+
+def normalise(listing: str | None) -> str | None:
+    """A table listing with each set's elements sorted and deduplicated: the
+    kernel lists a hash set in its hash order, which differs from one load to
+    the next, and a dump racing the set's growth right after a large load can
+    list an element twice."""
+    if listing is None:
+        return None
+
+    def elements(match: re.Match[str]) -> str:
+        items = sorted({e.strip() for e in match[1].split(",") if e.strip()})
+        return "elements = { " + ", ".join(items) + " }"
+
+    return _ELEMENTS.sub(elements, listing)

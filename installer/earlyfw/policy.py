@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
@@ -14,12 +15,19 @@ EGRESS_TABLE = "earlyfw_egress"
 TEMPLATE = "payload/nftables/earlyfw.nft.j2"
 
 # Refuse rules carry named counters so `earlyfw status` can say what was stopped.
-COUNTERS = {
+INET_COUNTERS = {
     "refused_out": "outbound traffic outside the tunnel (rejected)",
     "refused_dns": "DNS or DNS-over-TLS not through the tunnel to the VPN's resolvers",
     "dropped_in": "inbound traffic not belonging to an allowed flow",
     "dropped_forward": "forwarded traffic (containers, VMs) outside the tunnel",
 }
+# The netdev egress table's: what got past the inet hooks (raw packet sockets)
+# and was stopped on the wire.
+EGRESS_COUNTERS = {
+    "refused_raw": "raw-socket (AF_PACKET) frames outside the policy on the [egress] interfaces",
+    "refused_raw_dns": "raw-socket DNS or DNS-over-TLS on the [egress] interfaces",
+}
+COUNTERS = {**INET_COUNTERS, **EGRESS_COUNTERS}
 
 # What "the LAN" is when [lan] allow = true: private, link-local and ULA ranges,
 # plus the multicast groups LAN discovery (mDNS, LLMNR, SSDP, IGMP) uses.
@@ -74,6 +82,20 @@ class State(StrEnum):
 
 Counters = Mapping[str, tuple[int, int]]
 
+# The comment each rendered table carries, naming its state.
+_CLAIM = re.compile(r'^\s*comment "earlyfw state=(\w+)"$', re.M)
+
+
+def claimed_state(listing: str) -> State | None:
+    """The state a listed table says it holds (None: no or an unknown claim)."""
+    match = _CLAIM.search(listing)
+    if not match:
+        return None
+    try:
+        return State(match[1])
+    except ValueError:
+        return None
+
 
 def render(
     config: Config,
@@ -95,7 +117,7 @@ def render(
         TEMPLATE,
         config=config,
         state=state,
-        counters=dict(counters or {}),
+        counters={name: (counters or {}).get(name, (0, 0)) for name in COUNTERS},
         egress_devices=devices,
         lan_v4=LAN_V4,
         lan_v6=LAN_V6,

@@ -14,10 +14,9 @@ atomic transaction, exactly as `nft -f` would make it.
 from __future__ import annotations
 
 import ctypes
-import json
-from typing import Any
 
 from earlyfw.errors import CommandError
+from earlyfw.nft import TableCounters, parse_counters
 
 LIBRARY = "libnftables.so.1"
 
@@ -94,15 +93,8 @@ class Libnftables:
                 return None
             raise
 
-    def counters(self, family: str, table: str) -> dict[str, tuple[int, int]]:
-        try:
-            output = self.run(f"list counters table {family} {table}", flags=OUTPUT_JSON)
-        except CommandError:
-            return {}
-        found: dict[str, tuple[int, int]] = {}
-        items: list[dict[str, Any]] = json.loads(output or "{}").get("nftables", [])
-        for item in items:
-            counter = item.get("counter")
-            if counter and counter.get("table") == table:
-                found[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
-        return found
+    def counters(self) -> TableCounters:
+        """Every named counter, by table. A counter listing prints no table
+        object, so it is safe from nft 1.0.6's JSON bug with owned tables
+        (see earlyfw.nft)."""
+        return parse_counters(self.run("list counters", flags=OUTPUT_JSON))

@@ -28,14 +28,13 @@ from earlyfw import nft, policy, templates
 from earlyfw.config import Config, Protocol
 from earlyfw.errors import CommandError
 from earlyfw.nft import GUARD_EGRESS_TABLE, GUARD_TABLE, WAKE_TABLE
-from earlyfw.policy import EGRESS_TABLE, TABLE, State
+from earlyfw.policy import EGRESS_TABLE, TABLE, State, claimed_state
 from earlyfw.watch.libnft import Libnftables
 
 # (family, table the boot path loads, the watcher's owned copy of it)
 PAIRS = (("inet", TABLE, GUARD_TABLE), ("netdev", EGRESS_TABLE, GUARD_EGRESS_TABLE))
 WATCHED_TABLES = frozenset({TABLE, EGRESS_TABLE})
 
-_CLAIM = re.compile(r'^\s*comment "earlyfw state=(\w+)"$', re.M)
 _HEADER = re.compile(r"^table (\w+) \S+ \{.*$")
 
 
@@ -45,9 +44,18 @@ def _header(family: str, name: str) -> str:
     return f"table {family} {name}\ndelete table {family} {name}\ntable {family} {name} {{\n"
 
 
+# A counter declaration's values in a rendered script.
+_COUNTER_VALUES = re.compile(r"^(\s*)packets \d+ bytes \d+$", re.M)
+# Which counters each family's table declares.
+_COUNTER_NAMES = {"inet": frozenset(policy.INET_COUNTERS), "netdev": frozenset(policy.EGRESS_COUNTERS)}
+
+
 def guard_script(script: str) -> str:
-    """`script` again, each table renamed to its guard and owned by the caller."""
-    guarded = script
+    """`script` again, each table renamed to its guard and owned by the caller.
+    The guard's counters start at zero: a refusal is counted by whichever
+    table refuses it, the main table carries the totals over each change, and
+    `earlyfw status` adds the two."""
+    guarded = _COUNTER_VALUES.sub(r"\1packets 0 bytes 0", script)
     for family, name, guard in PAIRS:
         count = guarded.count(_header(family, name))
         if count == 0 and name == EGRESS_TABLE:
@@ -85,16 +93,6 @@ def wake_script(config: Config, group: int) -> str:
         group=group,
         rate=WAKE_RATE,
     )
-
-
-def claimed_state(listing: str) -> State | None:
-    match = _CLAIM.search(listing)
-    if not match:
-        return None
-    try:
-        return State(match[1])
-    except ValueError:
-        return None
 
 
 def normalise(listing: str | None, name: str) -> str | None:
@@ -135,13 +133,20 @@ class Ruleset:
         # Without a guard, the reference for "intact" is what the watcher itself
         # listed right after its last change.
         self._reference: dict[str, str | None] = {}
+        # The counter values the main tables got at the last change.
+        self._carried: dict[str, tuple[int, int]] = {}
 
     def put(self, state: State, *, repair: bool = False) -> None:
         """Replace earlyfw's tables (and the guards) with `state`, atomically,
         carrying the refuse counters over. A repair leaves the guards alone:
         no other process can have changed them, so they still hold `state`,
         and the batch is half the size."""
-        script = policy.render(self.config, state, counters=self._counters(), egress_devices=self._devices())
+        counters = self._counters(with_guard=self.guarded and not repair)
+        script = policy.render(self.config, state, counters=counters, egress_devices=self._devices())
+        self._put(script, repair=repair)
+        self._carried = counters
+
+    def _put(self, script: str, *, repair: bool) -> None:
         if self.guarded and repair:
             self.nft.run(script)
             return
@@ -193,6 +198,18 @@ class Ruleset:
             return self.nft.list_table(family, guard)
         return self._reference.get(name)
 
-    def _counters(self) -> dict[str, tuple[int, int]]:
-        # After a flush only the guard still counts.
-        return self.nft.counters("inet", TABLE) or (self.nft.counters("inet", GUARD_TABLE) if self.guarded else {})
+    def _counters(self, *, with_guard: bool) -> dict[str, tuple[int, int]]:
+        """What the main tables' counters must hold after a change: their own
+        counts (or, for a table someone removed, what it held at the last
+        change), plus, when the guards are replaced too and so restart at
+        zero, the guards' counts."""
+        listed = self.nft.counters()
+        found: dict[str, tuple[int, int]] = {}
+        for family, name, _ in PAIRS:
+            own = listed.get((family, name))
+            if not own:
+                own = {k: v for k, v in self._carried.items() if k in _COUNTER_NAMES[family]}
+            found.update(own)
+        if not with_guard:
+            return found
+        return nft.add_counters(found, *(listed.get((family, guard), {}) for family, _, guard in PAIRS))

@@ -14,7 +14,7 @@ import pytest
 
 from earlyfw import config, install, policy
 from earlyfw.errors import EarlyfwError
-from earlyfw.root import MANIFEST, Manifest, Root, Transaction
+from earlyfw.root import MANIFEST, Root
 from earlyfw.run import RecordingRunner
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"
@@ -99,7 +99,8 @@ def test_replaced_file_is_backed_up_and_restored(tmp_path: Path, cfg: config.Con
     assert mine.read_text() == policy.render(cfg, policy.State.BLOCKED)
     manifest = json.loads((tmp_path / MANIFEST.lstrip("/")).read_text())
     entry = next(e for e in manifest["entries"] if e["path"] == "/etc/earlyfw/blocked.nft")
-    assert entry["backup"] == "/var/lib/earlyfw/backup/etc/earlyfw/blocked.nft"
+    assert entry["backup"]["path"] == "/var/lib/earlyfw/backup/etc/earlyfw/blocked.nft"
+    assert (entry["backup"]["mode"], entry["backup"]["uid"], entry["backup"]["gid"]) == (0o640, 0, 4)
     install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])  # a reinstall keeps the backup
     install.uninstall(Root(tmp_path), RecordingRunner())
     assert snapshot(tmp_path) == before
@@ -134,21 +135,28 @@ def test_failure_mid_install_leaves_the_root_as_it_was(
     monkeypatch.setattr(Root, "write", failing_write)
     with pytest.raises(OSError, match="No space left"):
         install.install(changed, Root(tmp_path), RecordingRunner(), ["core"])
-    assert writes == 3
+    assert writes > 3, "the journal is restored after the failure"
     assert snapshot(tmp_path) == before
 
 
-def test_failure_on_a_fresh_root_leaves_it_empty(
-    tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def explode(self: Manifest, txn: Transaction) -> None:
-        raise RuntimeError("boom")
+def test_failure_at_the_last_step_is_finished_or_undone(tmp_path: Path, cfg: config.Config) -> None:
+    renames = 0
 
-    # The manifest is the last write: every artifact is on disk when it fails.
-    monkeypatch.setattr(Manifest, "save_to", explode)
+    def explode(operation: str, path: str) -> None:
+        nonlocal renames
+        renames += operation == "rename" and path == MANIFEST
+        if renames == 1:  # the final manifest (the journal was renamed into place with its directory)
+            raise RuntimeError("boom")
+
     with pytest.raises(RuntimeError):
-        install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])
+        install.install(cfg, Root(tmp_path, fault=explode), RecordingRunner(), ["core"])
+    # Every file is in place and the journal names them all: either way out works.
+    install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])
+    installed = snapshot(tmp_path)
+    install.uninstall(Root(tmp_path), RecordingRunner())
     assert snapshot(tmp_path) == {}
+    install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])
+    assert snapshot(tmp_path) == installed
 
 
 def test_unknown_target_is_refused_before_writing(tmp_path: Path, cfg: config.Config) -> None:

@@ -8,6 +8,7 @@ field is checked against a strict type before anything is touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import stat
@@ -162,6 +163,7 @@ def _mode(value: object, where: str) -> int:
     return mode
 
 
+@functools.cache
 def allowed_directories() -> frozenset[str]:
     """Every directory earlyfw may create: the parents of what it installs
     (and of the backups of those), and its state directory's."""

@@ -125,7 +125,7 @@ def _install_files(root: Root, targets: Sequence[Target], plans: Sequence[Plan])
         parents = [entry.path] + ([entry.backup.path] if entry.backup else [])
         for path in parents:
             wanted += [d for d in root.missing_directories(str(PurePosixPath(path).parent)) if d not in wanted]
-    directories = previous.directories + [d for d in wanted if d not in previous.directories]
+    directories = sorted(set(previous.directories) | set(wanted))  # parents before their children
     names = [t.name for t in targets]
     journal = Manifest(
         # Stale entries stay until they are gone: a kill before that leaves them known.
@@ -155,13 +155,22 @@ def _install_files(root: Root, targets: Sequence[Target], plans: Sequence[Plan])
         else:
             _remove_state(root, directories)
         raise
+    # Directories only what is gone needed (a target or file dropped) go too.
+    needed = {str(p) for e in entries.values() for path in (e.path, *_backup(e)) for p in PurePosixPath(path).parents}
+    needed.update(STATE_CHAIN)
+    for directory in sorted(set(directories) - needed, key=len, reverse=True):
+        root.rmdir_if_empty(directory)
     final = Manifest(
         entries={path: dataclasses.replace(e, also=()) for path, e in entries.items()},
-        directories=directories,
+        directories=[d for d in directories if d in needed or root.exists(d)],
         targets=names,
     )
     root.write(MANIFEST, final.dump(), mode=0o600)
     return report
+
+
+def _backup(entry: Entry) -> tuple[str, ...]:
+    return (entry.backup.path,) if entry.backup is not None else ()
 
 
 def _entry_for(root: Root, previous: Entry | None, artifact: Artifact) -> Entry:

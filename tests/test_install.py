@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config, install, policy
-from earlyfw.errors import EarlyfwError
+from earlyfw.errors import CommandError, EarlyfwError
 from earlyfw.root import MANIFEST, Root
-from earlyfw.run import RecordingRunner
+from earlyfw.run import RecordingRunner, Result
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"
 CORE_FILES = {
@@ -191,3 +191,110 @@ def test_cli_install_root_reads_the_config_inside_the_root(tmp_path: Path) -> No
     result = cli("install", "--root", str(tmp_path), "--target", "core")
     assert result.returncode == 0, result.stderr
     assert f"wrote {tmp_path}/etc/earlyfw/blocked.nft  -rw-r--r-- 0:0" in result.stdout
+
+
+class HostLike(Root):
+    """A tmp root that uninstall treats as the live system, so the after-steps
+    run (through a RecordingRunner: nothing reaches the real kernel or systemd)."""
+
+    @property
+    def is_host(self) -> bool:
+        return True
+
+
+HOST_TARGETS = ["core", "systemd", "watch", "initramfs-tools"]
+EARLYFW_TABLES = json.dumps({"nftables": [{"table": {"family": "inet", "name": "earlyfw"}}]})
+# The after-steps of an uninstall, by the command each runs.
+AFTER_STEPS = {
+    "delete the tables": ("nft", "-f", "-"),
+    "daemon-reload": ("systemctl", "daemon-reload"),
+    "stop the watcher": ("systemctl", "stop", "earlyfw-watch.service"),
+    "rebuild the initramfs": ("update-initramfs",),
+}
+
+
+def recording(failing: tuple[str, ...] | None) -> RecordingRunner:
+    def respond(argv: object, input: str | None) -> Result:
+        args = tuple(argv)  # type: ignore[call-overload]
+        if failing is not None and args[: len(failing)] == failing:
+            # As the Runner fails a command it cannot run at all, whatever `check`.
+            raise CommandError(f"{' '.join(args)}: injected failure")
+        if args[:3] == ("nft", "-j", "list"):
+            return Result(0, EARLYFW_TABLES, "")
+        return Result(0, "", "")
+
+    return RecordingRunner(respond=respond)
+
+
+def ran(runner: RecordingRunner, prefix: tuple[str, ...]) -> bool:
+    return any(argv[: len(prefix)] == prefix for argv in runner.argvs())
+
+
+@pytest.mark.parametrize("failing", sorted(AFTER_STEPS))
+def test_uninstall_runs_every_after_step_and_finishes_on_a_second_run(tmp_path: Path, failing: str) -> None:
+    (tmp_path / "run/systemd/system").mkdir(parents=True)  # a running systemd: its steps apply
+    before = snapshot(tmp_path)
+    install.install(config.load(EXAMPLE), HostLike(tmp_path), recording(None), HOST_TARGETS)
+    runner = recording(AFTER_STEPS[failing])
+    report = install.uninstall(HostLike(tmp_path), runner)
+    for step, prefix in AFTER_STEPS.items():
+        assert ran(runner, prefix), f"{step} did not run after {failing} failed"
+    assert report.failures and all("injected failure" in f for f in report.failures)
+    assert any(" ".join(AFTER_STEPS[failing]) in f for f in report.failures), report.failures
+    assert (tmp_path / MANIFEST.lstrip("/")).exists(), "what is left stays recorded"
+    assert not (tmp_path / "etc/systemd/system/earlyfw-block.service").exists()
+    # A second run does what is left, and only then is earlyfw gone.
+    again = recording(None)
+    assert install.uninstall(HostLike(tmp_path), again).failures == []
+    assert ran(again, AFTER_STEPS["rebuild the initramfs"]) and ran(again, AFTER_STEPS["delete the tables"])
+    assert snapshot(tmp_path) == before
+    with pytest.raises(EarlyfwError, match="not installed"):
+        install.uninstall(HostLike(tmp_path), recording(None))
+
+
+def test_cli_uninstall_lists_failed_steps_exits_1_and_finishes_when_run_again(tmp_path: Path) -> None:
+    """--rebuild-initramfs runs the generator in the image with chroot; this
+    image has none, so that step fails, for real."""
+    (tmp_path / "etc/earlyfw").mkdir(parents=True)
+    (tmp_path / "etc/earlyfw/earlyfw.toml").write_text(EXAMPLE.read_text())
+    before = snapshot(tmp_path)
+    assert cli("install", "--root", str(tmp_path), "--target", "initramfs-tools").returncode == 0
+    failed = cli("uninstall", "--root", str(tmp_path), "--rebuild-initramfs")
+    assert failed.returncode == 1, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("earlyfw: ")]
+    assert errors == [
+        f"earlyfw: failed: chroot {tmp_path} update-initramfs -u -k all: "
+        f"chroot {tmp_path} update-initramfs -u -k all failed with status 127",
+        "earlyfw: error: uninstall: 1 step(s) failed (listed above)",
+        "earlyfw: hint: fix the cause and run `earlyfw uninstall` again: it finishes what is left",
+    ]
+    assert (tmp_path / MANIFEST.lstrip("/")).exists()
+    done = cli("uninstall", "--root", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_uninstall_keeps_an_edited_config_and_says_where_the_original_is(tmp_path: Path) -> None:
+    """Item 10: the message and what happens agree. The image had its own
+    config, install replaced it (normalised), the user then edited earlyfw's:
+    uninstall keeps the edit and leaves the original beside it."""
+    mine = tmp_path / "etc/earlyfw/earlyfw.toml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(EXAMPLE.read_text())
+    os.chmod(mine, 0o640)
+    original = snapshot(tmp_path)["etc/earlyfw/earlyfw.toml"]
+    assert cli("install", "--root", str(tmp_path), "--target", "core").returncode == 0
+    assert mine.read_text() != EXAMPLE.read_text(), "install wrote its own rendering"
+    edited = mine.read_text() + "# my note\n"
+    mine.write_text(edited)
+    result = cli("uninstall", "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert mine.read_text() == edited, "the user's edit is kept"
+    beside = tmp_path / "etc/earlyfw/earlyfw.toml.pre-earlyfw"
+    assert snapshot(tmp_path)["etc/earlyfw/earlyfw.toml.pre-earlyfw"] == original
+    assert result.stderr.splitlines() == [
+        f"earlyfw: warning: {mine} was changed since install; kept your version, "
+        f"and the file earlyfw had replaced is beside it: {beside}"
+    ]
+    assert f"kept {mine} (changed since install); the file it had replaced: {beside}" in result.stdout
+    assert not (tmp_path / "var").exists(), "nothing else of earlyfw's is left"

@@ -133,11 +133,15 @@ def attempt(action: Any) -> None:
 @given(st.lists(st.tuples(st.sampled_from(LOCATIONS), st.sampled_from(KINDS)), min_size=1, max_size=4))
 def test_install_uninstall_reinstall_change_nothing_outside_the_root(links: list[tuple[str, str]]) -> None:
     with image(links) as (top, root, before):
-        attempt(lambda: install.install(CFG, Root(root), RecordingRunner(), TARGETS))
-        attempt(lambda: install.uninstall(Root(root), RecordingRunner()))
-        attempt(lambda: install.install(CFG, Root(root), RecordingRunner(), TARGETS))
-        attempt(lambda: install.uninstall(Root(root), RecordingRunner()))
-        assert outside(top) == before
+        steps = {
+            "install": lambda: install.install(CFG, Root(root), RecordingRunner(), TARGETS),
+            "uninstall": lambda: install.uninstall(Root(root), RecordingRunner()),
+            "re-install": lambda: install.install(CFG, Root(root), RecordingRunner(), TARGETS),
+            "uninstall again": lambda: install.uninstall(Root(root), RecordingRunner()),
+        }
+        for name, step in steps.items():
+            attempt(step)
+            assert outside(top) == before, f"{name} changed something outside the root"
 
 
 def test_absolute_symlinks_are_the_images_own_paths(tmp_path: Path) -> None:

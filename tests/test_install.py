@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -214,8 +215,8 @@ AFTER_STEPS = {
 
 
 def recording(failing: tuple[str, ...] | None) -> RecordingRunner:
-    def respond(argv: object, input: str | None) -> Result:
-        args = tuple(argv)  # type: ignore[call-overload]
+    def respond(argv: Sequence[str], input: str | None) -> Result:
+        args = tuple(argv)
         if failing is not None and args[: len(failing)] == failing:
             # As the Runner fails a command it cannot run at all, whatever `check`.
             raise CommandError(f"{' '.join(args)}: injected failure")

@@ -105,7 +105,7 @@ def nothing(root: Path) -> None:
     pass
 
 
-def installed_with(cfg: config.Config) -> Callable[[Path], None]:
+def installed_with(cfg: config.Config) -> Callable[[Path], object]:
     return lambda root: install.install(cfg, Root(root), RecordingRunner(), TARGETS)
 
 
@@ -139,7 +139,7 @@ def test_a_kill_at_every_step_is_finished_by_install_or_undone_by_uninstall(scen
                     killed_run(Root(root, fault=dies_at(step)))
                 try:
                     recovery(Root(root))
-                except Exception as e:  # noqa: BLE001 -- say which step left what
+                except Exception as e:  # say which step left what
                     pytest.fail(f"{scenario}, killed at step {step}/{total}: recovery raised {e!r}")
                 got = snapshot(root)
                 if got != want:
@@ -207,8 +207,18 @@ def test_a_second_run_waits_for_the_lock(tmp_path: Path) -> None:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # what a running install holds
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "earlyfw", "--config", str(config_file), "install", "--root", str(root)]
-        + ["--target", "core"],
+        [
+            sys.executable,
+            "-m",
+            "earlyfw",
+            "--config",
+            str(config_file),
+            "install",
+            "--root",
+            str(root),
+            "--target",
+            "core",
+        ],
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -210,7 +210,9 @@ def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool) -> N
     for failure in report.failures:
         click.echo(f"earlyfw: failed: {failure}", err=True)
     if report.failures:
-        raise EarlyfwError(f"uninstall: {len(report.failures)} step(s) failed (listed above)", hint=installer.AGAIN_HINT)
+        raise EarlyfwError(
+            f"uninstall: {len(report.failures)} step(s) failed (listed above)", hint=installer.AGAIN_HINT
+        )
 
 
 @contextlib.contextmanager

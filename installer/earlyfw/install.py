@@ -370,6 +370,6 @@ def _after_uninstall(root: Root, runner: Runner, names: Sequence[str], report: R
     for label, step in steps:
         try:
             step()
-        except Exception as e:  # noqa: BLE001 -- every step runs; each failure is reported
+        except Exception as e:  # every step runs; each failure is reported
             failures.append(f"{label}: {e}")
     return failures

@@ -101,7 +101,9 @@ class Manifest:
         return found
 
 
-_HINT = "it is not one earlyfw wrote; nothing was changed. Inspect it, or remove earlyfw's files by hand (README, Recovery)"
+_HINT = (
+    "it is not one earlyfw wrote; nothing was changed. Inspect it, or remove earlyfw's files by hand (README, Recovery)"
+)
 
 
 def _dump_entry(entry: Entry) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def _dump_entry(entry: Entry) -> dict[str, Any]:
 # -- strict parsing --------------------------------------------------------
 
 
-def _object(value: object, where: str, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:
+def _object(value: object, where: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
     keys = set(value)
@@ -181,7 +183,7 @@ def parse(raw: object) -> Manifest:
     manifest = Manifest()
     for i, item in enumerate(_list(top["entries"], "entries")):
         where = f"entries[{i}]"
-        e = _object(item, where, {"path", "fingerprint", "mode"}, {"backup", "also"})
+        e = _object(item, where, {"path", "fingerprint", "mode"}, frozenset({"backup", "also"}))
         path = _path(e["path"], f"{where}.path")
         if path not in allowed:
             raise ValueError(f"{where}.path: {path!r} is not a path earlyfw installs")
@@ -201,7 +203,11 @@ def parse(raw: object) -> Manifest:
             )
         also = tuple(_fingerprint(f, f"{where}.also[{j}]") for j, f in enumerate(_list(e.get("also", []), "also")))
         manifest.entries[path] = Entry(
-            path, _fingerprint(e["fingerprint"], f"{where}.fingerprint"), _mode(e["mode"], f"{where}.mode"), backup, also
+            path,
+            _fingerprint(e["fingerprint"], f"{where}.fingerprint"),
+            _mode(e["mode"], f"{where}.mode"),
+            backup,
+            also,
         )
     directories = allowed_directories()
     for i, item in enumerate(_list(top["directories"], "directories")):

@@ -29,6 +29,11 @@ from pathlib import Path, PurePosixPath
 
 from earlyfw.errors import EarlyfwError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 STATE_DIR = "/var/lib/earlyfw"
 MANIFEST = f"{STATE_DIR}/manifest.json"
 BACKUP_DIR = f"{STATE_DIR}/backup"
@@ -59,13 +64,7 @@ def sha256(data: bytes) -> str:
 def system_path(value: str) -> PurePosixPath:
     """`value` as a normalised absolute system path, or ValueError."""
     pure = PurePosixPath(value)
-    if (
-        not value.startswith("/")
-        or value.startswith("//")
-        or str(pure) != value
-        or ".." in pure.parts
-        or "\0" in value
-    ):
+    if not value.startswith("/") or value.startswith("//") or str(pure) != value or ".." in pure.parts or "\0" in value:
         raise ValueError(f"not an absolute system path: {value!r}")
     return pure
 
@@ -341,7 +340,7 @@ class Root:
             self._step("create", path + NEW_SUFFIX)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(d.p(tmp), **d.kw())
-            os.symlink(link_target, d.p(tmp), **d.kw())
+            os.symlink(link_target, d.p(tmp), dir_fd=d.fd)
             if hasattr(os, "fchown"):
                 os.chown(d.p(tmp), uid, gid, follow_symlinks=False, **d.kw())
             self._step("rename", path)
@@ -400,9 +399,7 @@ class Root:
     def locked(self) -> Iterator[None]:
         """Hold the root's install lock (an flock on its directory, so no
         file is left behind): a second install or uninstall waits for it."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: one elevated installer at a time by hand
+        if fcntl is None:  # Windows: one elevated installer at a time, by hand
             yield
             return
         fd = os.open(os.path.abspath(self.path), _O_DIR)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from earlyfw import config, install
 from earlyfw.errors import EarlyfwError
@@ -151,6 +153,41 @@ def test_a_kill_at_every_step_is_finished_by_install_or_undone_by_uninstall(scen
                         f"{'install' if want is complete else 'uninstall'}: "
                         f"extra {extra}, missing {missing}, changed {changed}"
                     )
+
+
+ALL_FILE_TARGETS = ["core", "systemd", "watch", "initramfs-tools"]
+PRISTINE = expected(nothing)
+COMPLETE: dict[str, dict[str, Any]] = {}  # the tree each scenario's recovery by install must reach
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["install", "re-install", "uninstall"]), st.floats(0, 1, exclude_max=True))
+def test_a_kill_with_every_file_target_is_recoverable(scenario: str, where: float) -> None:
+    """The same property with every Linux target that only writes files (the
+    systemd units and drop-ins, the watcher, initramfs-tools' hooks): more
+    steps, so a sample of them."""
+
+    def run(cfg: config.Config) -> Callable[[Root], object]:
+        return lambda root: install.install(cfg, root, RecordingRunner(), ALL_FILE_TARGETS)
+
+    def with_b(root: Path) -> object:
+        return run(B)(Root(root))
+
+    prepare, killed_run = {
+        "install": (nothing, run(A)),
+        "re-install": (with_b, run(A)),
+        "uninstall": (with_b, do_uninstall),
+    }[scenario]
+    with fresh(prepare) as root:
+        step = int(steps_of(killed_run, root) * where)
+    if scenario not in COMPLETE:
+        COMPLETE[scenario] = expected(prepare, run(A))
+    for recovery, want in ((run(A), COMPLETE[scenario]), (do_uninstall, PRISTINE)):
+        with fresh(prepare) as root:
+            with pytest.raises(Killed):
+                killed_run(Root(root, fault=dies_at(step)))
+            recovery(Root(root))
+            assert snapshot(root) == want, f"{scenario} killed at step {step}"
 
 
 def test_a_run_after_a_kill_does_not_back_up_earlyfws_own_files() -> None:

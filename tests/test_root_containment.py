@@ -35,7 +35,7 @@ from tests.test_install import EXAMPLE, snapshot
 CFG = config.load(EXAMPLE)
 # A tmpfs when there is one: each install fsyncs every file and directory it writes.
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None
-TARGETS = ["core", "systemd"]
+TARGETS = ["core", "systemd", "dracut"]
 # Where an image can hold a symlink on the way to what earlyfw writes.
 LOCATIONS = (
     "/etc",
@@ -57,6 +57,10 @@ LOCATIONS = (
     "/var/lib/earlyfw/manifest.json",
     "/var/lib/earlyfw/backup",
     "/var/lib/earlyfw/backup/etc",
+    "/usr",
+    "/usr/lib",
+    "/usr/lib/dracut",
+    "/usr/lib/dracut/modules.d",
     "/var.earlyfw-new",
     "/var/lib.earlyfw-new",
 )
@@ -138,7 +142,7 @@ def attempt(action: Any) -> None:
         action()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(LOCATIONS), st.sampled_from(KINDS)), min_size=1, max_size=4))
 def test_install_uninstall_reinstall_change_nothing_outside_the_root(links: list[tuple[str, str]]) -> None:
     with image(links) as (top, root, before):

@@ -264,7 +264,7 @@ def planted_backup(root: Path, mode: int, content: bytes) -> dict[str, Any]:
     return {"path": path, "fingerprint": f"sha256:{digest}", "mode": 0o644, "uid": 0, "gid": 0}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(sorted(MUTATIONS)), min_size=1, max_size=3, unique=True))
 def test_a_hostile_manifest_is_refused_with_nothing_touched(mutations: list[str]) -> None:
     with image([]) as (top, root, before_outside):
@@ -327,3 +327,33 @@ def test_cli_hostile_manifest_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert all(line.startswith("earlyfw: ") for line in lines) and "Traceback" not in result.stderr
     assert snapshot(root) == before
+
+
+def test_the_images_config_is_read_inside_the_image(tmp_path: Path) -> None:
+    """An image whose earlyfw.toml links to an absolute path gets the image's
+    file at that path, never the host's (which would be copied into the image)."""
+    root = tmp_path / "root"
+    (root / "etc/earlyfw").mkdir(parents=True)
+    host_config = tmp_path / "host.toml"
+    host_config.write_text(EXAMPLE.read_text().replace("198.51.100.7", "203.0.113.66"))
+    (root / "etc/earlyfw/earlyfw.toml").symlink_to(host_config)  # absolute: inside the image it is missing
+    result = subprocess.run(
+        [sys.executable, "-m", "earlyfw", "install", "--root", str(root), "--target", "core"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "no such config file in the image" in result.stderr
+    assert not (root / "var").exists()
+    in_image = root / str(host_config).lstrip("/")
+    in_image.parent.mkdir(parents=True)
+    in_image.write_text(EXAMPLE.read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "earlyfw", "install", "--root", str(root), "--target", "core"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "203.0.113.66" not in (root / "etc/earlyfw/blocked.nft").read_text()

@@ -30,8 +30,21 @@ class Context:
     runner: Runner
 
     def config(self, root: Root | None = None) -> configuration.Config:
-        path = self.config_path or (root or Root()) / str(configuration.DEFAULT_CONFIG_PATH)
-        return configuration.load(path)
+        if self.config_path is not None or root is None:
+            return configuration.load(self.config_path or configuration.DEFAULT_CONFIG_PATH)
+        # The image's own config, read inside the image: a symlink there is the image's path, never the host's.
+        where = str(configuration.DEFAULT_CONFIG_PATH)
+        source = root / where
+        try:
+            text = root.read_bytes(where).decode("utf-8")
+        except FileNotFoundError:
+            raise configuration.ConfigError(
+                f"{source}: no such config file in the image",
+                hint="put the image's config there, or pass --config",
+            ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise configuration.ConfigError(f"{source}: cannot read: {e}") from None
+        return configuration.parse(text, source=source)
 
 
 pass_context = click.make_pass_decorator(Context)

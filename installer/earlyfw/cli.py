@@ -15,7 +15,7 @@ import click
 from earlyfw import __version__, importers, nft, policy
 from earlyfw import config as configuration
 from earlyfw import install as installer
-from earlyfw.errors import EarlyfwError
+from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.policy import State
 from earlyfw.root import Root, describe_mode
 from earlyfw.run import Runner
@@ -38,12 +38,12 @@ class Context:
         try:
             text = root.read_bytes(where).decode("utf-8")
         except FileNotFoundError:
-            raise configuration.ConfigError(
+            raise ConfigError(
                 f"{source}: no such config file in the image",
                 hint="put the image's config there, or pass --config",
             ) from None
         except (OSError, UnicodeDecodeError) as e:
-            raise configuration.ConfigError(f"{source}: cannot read: {e}") from None
+            raise ConfigError(f"{source}: cannot read: {e}") from None
         return configuration.parse(text, source=source)
 
 

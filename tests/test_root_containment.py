@@ -357,3 +357,13 @@ def test_the_images_config_is_read_inside_the_image(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "203.0.113.66" not in (root / "etc/earlyfw/blocked.nft").read_text()
+
+
+def test_a_root_given_through_a_symlink_is_followed(tmp_path: Path) -> None:
+    """`--root` is the caller's own choice: a symlink to the image is fine."""
+    (tmp_path / "image").mkdir()
+    (tmp_path / "link").symlink_to("image")
+    install.install(CFG, Root(tmp_path / "link"), RecordingRunner(), ["core"])
+    assert (tmp_path / "image/etc/earlyfw/blocked.nft").is_file()
+    install.uninstall(Root(tmp_path / "link"), RecordingRunner())
+    assert list((tmp_path / "image").iterdir()) == []

@@ -50,6 +50,8 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted in an image never blocks an open
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: keep the bytes as given
 _O_DIR = getattr(os, "O_DIRECTORY", 0) | os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK
+# The root itself is the user's choice (`--root /mnt/image`, perhaps a symlink): followed.
+_O_ROOT = _O_DIR & ~_O_NOFOLLOW
 SPECIAL_MODE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 # A hook called before every change a Root makes, with the operation and the
@@ -148,7 +150,7 @@ class Root:
     def _open_root(self) -> _Dir:
         host = os.path.abspath(self.path)
         if _USE_FD:
-            return _Dir(os.open(host, _O_DIR), host, ())
+            return _Dir(os.open(host, _O_ROOT), host, ())
         return _Dir(None, host, ())
 
     def _walk(self, parts: tuple[str, ...], *, follow_last: bool, lenient: bool = False) -> tuple[_Dir, str, list[str]]:
@@ -402,7 +404,7 @@ class Root:
         if fcntl is None:  # Windows: one elevated installer at a time, by hand
             yield
             return
-        fd = os.open(os.path.abspath(self.path), _O_DIR)
+        fd = os.open(os.path.abspath(self.path), _O_ROOT)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

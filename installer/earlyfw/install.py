@@ -121,10 +121,10 @@ def _install_files(root: Root, targets: Sequence[Target], plans: Sequence[Plan])
             entries[artifact.path] = _entry_for(root, previous.entries.get(artifact.path), artifact)
     state_missing = root.missing_directories(STATE_DIR)
     wanted: list[str] = list(state_missing)
-    for entry in entries.values():
-        parents = [entry.path] + ([entry.backup.path] if entry.backup else [])
-        for path in parents:
-            wanted += [d for d in root.missing_directories(str(PurePosixPath(path).parent)) if d not in wanted]
+    parents = {str(PurePosixPath(path).parent) for e in entries.values() for path in (e.path, *_backup(e))}
+    for parent in sorted(parents):
+        if parent not in wanted:
+            wanted += [d for d in root.missing_directories(parent) if d not in wanted]
     directories = sorted(set(previous.directories) | set(wanted))  # parents before their children
     names = [t.name for t in targets]
     journal = Manifest(
@@ -137,8 +137,10 @@ def _install_files(root: Root, targets: Sequence[Target], plans: Sequence[Plan])
     report = Report()
     try:
         with Transaction(root) as txn:
-            for directory in wanted:
-                root.makedirs(directory, txn.created_directories)
+            for directory in wanted:  # parents first
+                if root.lstat(directory) is None:
+                    root.mkdir(directory)
+                    txn.created_directories.append(directory)
             for entry in entries.values():
                 if entry.backup is not None and root.lstat(entry.backup.path) is None:
                     txn.copy(entry.path, entry.backup.path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import earlyfw.root
 from earlyfw import config, install, policy
 from earlyfw.errors import CommandError, EarlyfwError
 from earlyfw.root import MANIFEST, Root
@@ -299,3 +300,23 @@ def test_uninstall_keeps_an_edited_config_and_says_where_the_original_is(tmp_pat
     ]
     assert f"kept {mine} (changed since install); the file it had replaced: {beside}" in result.stdout
     assert not (tmp_path / "var").exists(), "nothing else of earlyfw's is left"
+
+
+def test_the_path_walk_without_dir_fd_gives_the_same_trees(
+    tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows has no dir_fd: the same walk on path strings (forced here on
+    Linux) installs and uninstalls the same trees, and stays inside the root."""
+    (tmp_path / "fd").mkdir()
+    (tmp_path / "paths").mkdir()
+    for top in (tmp_path / "fd", tmp_path / "paths"):
+        (top / "usr/lib").mkdir(parents=True)
+        (top / "etc").symlink_to("/usr/lib")  # absolute: the image's /usr/lib
+    before = snapshot(tmp_path / "paths")
+    install.install(cfg, Root(tmp_path / "fd"), RecordingRunner(), ["core", "systemd"])
+    monkeypatch.setattr(earlyfw.root, "_USE_FD", False)
+    install.install(cfg, Root(tmp_path / "paths"), RecordingRunner(), ["core", "systemd"])
+    assert snapshot(tmp_path / "paths") == snapshot(tmp_path / "fd")
+    assert (tmp_path / "paths/usr/lib/earlyfw/blocked.nft").is_file()
+    install.uninstall(Root(tmp_path / "paths"), RecordingRunner())
+    assert snapshot(tmp_path / "paths") == before

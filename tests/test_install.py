@@ -320,3 +320,33 @@ def test_the_path_walk_without_dir_fd_gives_the_same_trees(
     assert (tmp_path / "paths/usr/lib/earlyfw/blocked.nft").is_file()
     install.uninstall(Root(tmp_path / "paths"), RecordingRunner())
     assert snapshot(tmp_path / "paths") == before
+
+
+def test_a_manifest_of_the_previous_format_still_uninstalls(tmp_path: Path, cfg: config.Config) -> None:
+    """Images installed by earlyfw before the journal (manifest without a
+    version, backups as bare paths) are uninstalled exactly."""
+    mine = tmp_path / "etc/earlyfw/blocked.nft"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("# the admin's own\n")
+    os.chmod(mine, 0o640)
+    before = snapshot(tmp_path)
+    install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])
+    manifest_file = tmp_path / MANIFEST.lstrip("/")
+    new = json.loads(manifest_file.read_text())
+    old = {
+        "entries": [
+            {
+                "path": e["path"],
+                "sha256": e["fingerprint"].removeprefix("sha256:"),
+                "link": None,
+                "mode": e["mode"],
+                "backup": e["backup"]["path"] if "backup" in e else None,
+            }
+            for e in new["entries"]
+        ],
+        "directories": new["directories"],
+        "targets": new["targets"],
+    }
+    manifest_file.write_text(json.dumps(old))
+    install.uninstall(Root(tmp_path), RecordingRunner())
+    assert snapshot(tmp_path) == before

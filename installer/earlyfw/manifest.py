@@ -78,8 +78,8 @@ class Manifest:
         except (OSError, ValueError) as e:
             raise ManifestError(f"{where}: unreadable manifest: {e}", hint=_HINT) from None
         try:
-            return parse(raw)
-        except ValueError as e:
+            return parse(_from_version_1(root, raw))
+        except (OSError, ValueError) as e:
             raise ManifestError(f"{where}: {e}", hint=_HINT) from None
 
     def dump(self) -> bytes:
@@ -173,6 +173,52 @@ def allowed_directories() -> frozenset[str]:
     for path in (*installable_paths(), *(backup_path(p) for p in installable_paths()), MANIFEST):
         found.update(str(p) for p in PurePosixPath(path).parents if str(p) != "/")
     return frozenset(found)
+
+
+_VERSION_1_KEYS = {"path", "sha256", "link", "mode", "backup"}
+
+
+def _from_version_1(root: Root, raw: object) -> object:
+    """A manifest of earlyfw before version 2 (no journal, backups as bare
+    paths), in version 2's form, so an upgraded earlyfw still uninstalls. It
+    recorded nothing about its backups: they are taken as found, and parse
+    and check_backups still refuse any that is not a plain file or symlink
+    or is setuid/setgid."""
+    if not isinstance(raw, dict) or "version" in raw or not isinstance(raw.get("entries"), list):
+        return raw
+    entries = []
+    for item in raw["entries"]:
+        if not isinstance(item, dict) or not {"path", "mode"} <= set(item) <= {
+            "path",
+            "sha256",
+            "link",
+            "mode",
+            "backup",
+        }:
+            return raw  # parse names what is wrong with it
+        link, digest = item.get("link"), item.get("sha256")
+        entry = {
+            "path": item["path"],
+            "mode": item["mode"],
+            "fingerprint": f"link:{link}" if link else f"sha256:{digest}",
+        }
+        backup = item.get("backup")
+        if isinstance(backup, str) and backup == backup_path(str(item["path"])):
+            st = root.lstat(backup)
+            found = fingerprint(root, backup) if st is not None else None
+            if st is not None and found is not None:
+                mode = 0o777 if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode)
+                entry["backup"] = {
+                    "path": backup,
+                    "fingerprint": found,
+                    "mode": mode,
+                    "uid": st.st_uid,
+                    "gid": st.st_gid,
+                }
+        elif backup is not None:
+            entry["backup"] = backup  # parse refuses it
+        entries.append(entry)
+    return {**raw, "version": VERSION, "entries": entries}
 
 
 def parse(raw: object) -> Manifest:

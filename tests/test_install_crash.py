@@ -180,14 +180,51 @@ def test_a_kill_with_every_file_target_is_recoverable(scenario: str, where: floa
     }[scenario]
     with fresh(prepare) as root:
         step = int(steps_of(killed_run, root) * where)
-    if scenario not in COMPLETE:
-        COMPLETE[scenario] = expected(prepare, run(A))
-    for recovery, want in ((run(A), COMPLETE[scenario]), (do_uninstall, PRISTINE)):
+    if "all " + scenario not in COMPLETE:
+        COMPLETE["all " + scenario] = expected(prepare, run(A))
+    for recovery, want in ((run(A), COMPLETE["all " + scenario]), (do_uninstall, PRISTINE)):
         with fresh(prepare) as root:
             with pytest.raises(Killed):
                 killed_run(Root(root, fault=dies_at(step)))
             recovery(Root(root))
             assert snapshot(root) == want, f"{scenario} killed at step {step}"
+
+
+def fails_then_dies(fail_at: int, die_after: int) -> Callable[[str, str], None]:
+    """A full disk at step `fail_at`, then a kill `die_after` steps into the rollback."""
+    count = 0
+
+    def fault(operation: str, path: str) -> None:
+        nonlocal count
+        count += 1
+        if count == fail_at + 1:
+            raise OSError(28, "No space left on device")
+        if count > fail_at + 1 + die_after:
+            raise Killed(f"rollback step {die_after}: {operation} {path}")
+
+    return fault
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["install", "re-install with a changed config"]),
+    st.floats(0, 1, exclude_max=True),
+    st.integers(0, 40),
+)
+def test_a_kill_during_the_rollback_of_a_failed_install_is_recoverable(scenario: str, where: float, into: int) -> None:
+    """An error rolls the install back; a kill part-way through that rollback
+    is recovered like any other kill."""
+    prepare, killed_run = SCENARIOS[scenario]
+    with fresh(prepare) as root:
+        step = int(steps_of(killed_run, root) * where)
+    if scenario not in COMPLETE:
+        COMPLETE[scenario] = expected(prepare, do_install(A))
+    for recovery, want in ((do_install(A), COMPLETE[scenario]), (do_uninstall, PRISTINE)):
+        with fresh(prepare) as root:
+            with pytest.raises((Killed, OSError)):
+                killed_run(Root(root, fault=fails_then_dies(step, into)))
+            recovery(Root(root))
+            assert snapshot(root) == want, f"{scenario}: failed at step {step}, killed {into} steps into the rollback"
 
 
 def test_a_run_after_a_kill_does_not_back_up_earlyfws_own_files() -> None:

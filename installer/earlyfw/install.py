@@ -135,8 +135,9 @@ def _install_files(root: Root, targets: Sequence[Target], plans: Sequence[Plan])
     )
     _write_journal(root, journal, state_missing)
     report = Report()
+    txn = Transaction(root)
     try:
-        with Transaction(root) as txn:
+        with txn:
             for directory in wanted:  # parents first
                 if root.lstat(directory) is None:
                     root.mkdir(directory)
@@ -151,11 +152,13 @@ def _install_files(root: Root, targets: Sequence[Target], plans: Sequence[Plan])
             for stale in sorted(set(previous.entries) - set(entries)):
                 _unwind(root, previous.entries[stale], report, txn)
     except BaseException:
-        # The files are as they were; so must the journal be.
-        if old is not None:
-            root.write(MANIFEST, old.dump(), mode=0o600)
-        else:
-            _remove_state(root, directories)
+        # Only once every file is as it was may the journal be too; otherwise
+        # (a failure while committing or rolling back) it must keep naming them all.
+        if txn.rolled_back:
+            if old is not None:
+                root.write(MANIFEST, old.dump(), mode=0o600)
+            else:
+                _remove_state(root, directories)
         raise
     # Directories only what is gone needed (a target or file dropped) go too.
     needed = {str(p) for e in entries.values() for path in (e.path, *_backup(e)) for p in PurePosixPath(path).parents}

@@ -343,10 +343,15 @@ class Root:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(d.p(tmp), **d.kw())
             os.symlink(link_target, d.p(tmp), dir_fd=d.fd)
-            if hasattr(os, "fchown"):
-                os.chown(d.p(tmp), uid, gid, follow_symlinks=False, **d.kw())
-            self._step("rename", path)
-            _replace(d, tmp, d, name)
+            try:
+                if hasattr(os, "fchown"):
+                    os.chown(d.p(tmp), uid, gid, follow_symlinks=False, **d.kw())
+                self._step("rename", path)
+                _replace(d, tmp, d, name)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(d.p(tmp), **d.kw())
+                raise
             d.fsync()
 
     def rename(self, source: str, destination: str) -> None:
@@ -461,6 +466,8 @@ class Transaction:
         self._touched: set[str] = set()
         # Directories this transaction created, parents first.
         self.created_directories: list[str] = []
+        # True once a rollback has undone every change (not when it failed part-way).
+        self.rolled_back = False
 
     def _save(self, path: str) -> None:
         if path in self._touched:
@@ -506,6 +513,7 @@ class Transaction:
         for directory in reversed(self.created_directories):
             self.root.rmdir_if_empty(directory)
         self.created_directories.clear()
+        self.rolled_back = True
 
     def __enter__(self) -> Transaction:
         return self

@@ -8,14 +8,16 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+import earlyfw.root
 from earlyfw import config, install, policy
-from earlyfw.errors import EarlyfwError
-from earlyfw.root import MANIFEST, Manifest, Root, Transaction
-from earlyfw.run import RecordingRunner
+from earlyfw.errors import CommandError, EarlyfwError
+from earlyfw.root import MANIFEST, Root
+from earlyfw.run import RecordingRunner, Result
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"
 CORE_FILES = {
@@ -99,7 +101,8 @@ def test_replaced_file_is_backed_up_and_restored(tmp_path: Path, cfg: config.Con
     assert mine.read_text() == policy.render(cfg, policy.State.BLOCKED)
     manifest = json.loads((tmp_path / MANIFEST.lstrip("/")).read_text())
     entry = next(e for e in manifest["entries"] if e["path"] == "/etc/earlyfw/blocked.nft")
-    assert entry["backup"] == "/var/lib/earlyfw/backup/etc/earlyfw/blocked.nft"
+    assert entry["backup"]["path"] == "/var/lib/earlyfw/backup/etc/earlyfw/blocked.nft"
+    assert (entry["backup"]["mode"], entry["backup"]["uid"], entry["backup"]["gid"]) == (0o640, 0, 4)
     install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])  # a reinstall keeps the backup
     install.uninstall(Root(tmp_path), RecordingRunner())
     assert snapshot(tmp_path) == before
@@ -134,21 +137,28 @@ def test_failure_mid_install_leaves_the_root_as_it_was(
     monkeypatch.setattr(Root, "write", failing_write)
     with pytest.raises(OSError, match="No space left"):
         install.install(changed, Root(tmp_path), RecordingRunner(), ["core"])
-    assert writes == 3
+    assert writes > 3, "the journal is restored after the failure"
     assert snapshot(tmp_path) == before
 
 
-def test_failure_on_a_fresh_root_leaves_it_empty(
-    tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def explode(self: Manifest, txn: Transaction) -> None:
-        raise RuntimeError("boom")
+def test_failure_at_the_last_step_is_finished_or_undone(tmp_path: Path, cfg: config.Config) -> None:
+    renames = 0
 
-    # The manifest is the last write: every artifact is on disk when it fails.
-    monkeypatch.setattr(Manifest, "save_to", explode)
+    def explode(operation: str, path: str) -> None:
+        nonlocal renames
+        renames += operation == "rename" and path == MANIFEST
+        if renames == 1:  # the final manifest (the journal was renamed into place with its directory)
+            raise RuntimeError("boom")
+
     with pytest.raises(RuntimeError):
-        install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])
+        install.install(cfg, Root(tmp_path, fault=explode), RecordingRunner(), ["core"])
+    # Every file is in place and the journal names them all: either way out works.
+    install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])
+    installed = snapshot(tmp_path)
+    install.uninstall(Root(tmp_path), RecordingRunner())
     assert snapshot(tmp_path) == {}
+    install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])
+    assert snapshot(tmp_path) == installed
 
 
 def test_unknown_target_is_refused_before_writing(tmp_path: Path, cfg: config.Config) -> None:
@@ -183,3 +193,160 @@ def test_cli_install_root_reads_the_config_inside_the_root(tmp_path: Path) -> No
     result = cli("install", "--root", str(tmp_path), "--target", "core")
     assert result.returncode == 0, result.stderr
     assert f"wrote {tmp_path}/etc/earlyfw/blocked.nft  -rw-r--r-- 0:0" in result.stdout
+
+
+class HostLike(Root):
+    """A tmp root that uninstall treats as the live system, so the after-steps
+    run (through a RecordingRunner: nothing reaches the real kernel or systemd)."""
+
+    @property
+    def is_host(self) -> bool:
+        return True
+
+
+HOST_TARGETS = ["core", "systemd", "watch", "initramfs-tools"]
+EARLYFW_TABLES = "table inet earlyfw\n"
+# The after-steps of an uninstall, by the command each runs.
+AFTER_STEPS = {
+    "delete the tables": ("nft", "-f", "-"),
+    "daemon-reload": ("systemctl", "daemon-reload"),
+    "stop the watcher": ("systemctl", "stop", "earlyfw-watch.service"),
+    "rebuild the initramfs": ("update-initramfs",),
+}
+
+
+def recording(failing: tuple[str, ...] | None) -> RecordingRunner:
+    def respond(argv: Sequence[str], input: str | None) -> Result:
+        args = tuple(argv)
+        if failing is not None and args[: len(failing)] == failing:
+            # As the Runner fails a command it cannot run at all, whatever `check`.
+            raise CommandError(f"{' '.join(args)}: injected failure")
+        if args[:3] == ("nft", "list", "tables"):
+            return Result(0, EARLYFW_TABLES, "")
+        return Result(0, "", "")
+
+    return RecordingRunner(respond=respond)
+
+
+def ran(runner: RecordingRunner, prefix: tuple[str, ...]) -> bool:
+    return any(argv[: len(prefix)] == prefix for argv in runner.argvs())
+
+
+@pytest.mark.parametrize("failing", sorted(AFTER_STEPS))
+def test_uninstall_runs_every_after_step_and_finishes_on_a_second_run(tmp_path: Path, failing: str) -> None:
+    (tmp_path / "run/systemd/system").mkdir(parents=True)  # a running systemd: its steps apply
+    before = snapshot(tmp_path)
+    install.install(config.load(EXAMPLE), HostLike(tmp_path), recording(None), HOST_TARGETS)
+    runner = recording(AFTER_STEPS[failing])
+    report = install.uninstall(HostLike(tmp_path), runner)
+    for step, prefix in AFTER_STEPS.items():
+        assert ran(runner, prefix), f"{step} did not run after {failing} failed"
+    assert report.failures and all("injected failure" in f for f in report.failures)
+    assert any(" ".join(AFTER_STEPS[failing]) in f for f in report.failures), report.failures
+    assert (tmp_path / MANIFEST.lstrip("/")).exists(), "what is left stays recorded"
+    assert not (tmp_path / "etc/systemd/system/earlyfw-block.service").exists()
+    # A second run does what is left, and only then is earlyfw gone.
+    again = recording(None)
+    assert install.uninstall(HostLike(tmp_path), again).failures == []
+    assert ran(again, AFTER_STEPS["rebuild the initramfs"]) and ran(again, AFTER_STEPS["delete the tables"])
+    assert snapshot(tmp_path) == before
+    with pytest.raises(EarlyfwError, match="not installed"):
+        install.uninstall(HostLike(tmp_path), recording(None))
+
+
+def test_cli_uninstall_lists_failed_steps_exits_1_and_finishes_when_run_again(tmp_path: Path) -> None:
+    """--rebuild-initramfs runs the generator in the image with chroot; this
+    image has none, so that step fails, for real."""
+    (tmp_path / "etc/earlyfw").mkdir(parents=True)
+    (tmp_path / "etc/earlyfw/earlyfw.toml").write_text(EXAMPLE.read_text())
+    before = snapshot(tmp_path)
+    assert cli("install", "--root", str(tmp_path), "--target", "initramfs-tools").returncode == 0
+    failed = cli("uninstall", "--root", str(tmp_path), "--rebuild-initramfs")
+    assert failed.returncode == 1, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("earlyfw: ")]
+    assert errors == [
+        f"earlyfw: failed: chroot {tmp_path} update-initramfs -u -k all: "
+        f"chroot {tmp_path} update-initramfs -u -k all failed with status 127",
+        "earlyfw: error: uninstall: 1 step(s) failed (listed above)",
+        "earlyfw: hint: fix the cause and run `earlyfw uninstall` again: it finishes what is left",
+    ]
+    assert (tmp_path / MANIFEST.lstrip("/")).exists()
+    done = cli("uninstall", "--root", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_uninstall_keeps_an_edited_config_and_says_where_the_original_is(tmp_path: Path) -> None:
+    """Item 10: the message and what happens agree. The image had its own
+    config, install replaced it (normalised), the user then edited earlyfw's:
+    uninstall keeps the edit and leaves the original beside it."""
+    mine = tmp_path / "etc/earlyfw/earlyfw.toml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(EXAMPLE.read_text())
+    os.chmod(mine, 0o640)
+    original = snapshot(tmp_path)["etc/earlyfw/earlyfw.toml"]
+    assert cli("install", "--root", str(tmp_path), "--target", "core").returncode == 0
+    assert mine.read_text() != EXAMPLE.read_text(), "install wrote its own rendering"
+    edited = mine.read_text() + "# my note\n"
+    mine.write_text(edited)
+    result = cli("uninstall", "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert mine.read_text() == edited, "the user's edit is kept"
+    beside = tmp_path / "etc/earlyfw/earlyfw.toml.pre-earlyfw"
+    assert snapshot(tmp_path)["etc/earlyfw/earlyfw.toml.pre-earlyfw"] == original
+    assert result.stderr.splitlines() == [
+        f"earlyfw: warning: {mine} was changed since install; kept your version, "
+        f"and the file earlyfw had replaced is beside it: {beside}"
+    ]
+    assert f"kept {mine} (changed since install); the file it had replaced: {beside}" in result.stdout
+    assert not (tmp_path / "var").exists(), "nothing else of earlyfw's is left"
+
+
+def test_the_path_walk_without_dir_fd_gives_the_same_trees(
+    tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows has no dir_fd: the same walk on path strings (forced here on
+    Linux) installs and uninstalls the same trees, and stays inside the root."""
+    (tmp_path / "fd").mkdir()
+    (tmp_path / "paths").mkdir()
+    for top in (tmp_path / "fd", tmp_path / "paths"):
+        (top / "usr/lib").mkdir(parents=True)
+        (top / "etc").symlink_to("/usr/lib")  # absolute: the image's /usr/lib
+    before = snapshot(tmp_path / "paths")
+    install.install(cfg, Root(tmp_path / "fd"), RecordingRunner(), ["core", "systemd"])
+    monkeypatch.setattr(earlyfw.root, "_USE_FD", False)
+    install.install(cfg, Root(tmp_path / "paths"), RecordingRunner(), ["core", "systemd"])
+    assert snapshot(tmp_path / "paths") == snapshot(tmp_path / "fd")
+    assert (tmp_path / "paths/usr/lib/earlyfw/blocked.nft").is_file()
+    install.uninstall(Root(tmp_path / "paths"), RecordingRunner())
+    assert snapshot(tmp_path / "paths") == before
+
+
+def test_a_manifest_of_the_previous_format_still_uninstalls(tmp_path: Path, cfg: config.Config) -> None:
+    """Images installed by earlyfw before the journal (manifest without a
+    version, backups as bare paths) are uninstalled exactly."""
+    mine = tmp_path / "etc/earlyfw/blocked.nft"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("# the admin's own\n")
+    os.chmod(mine, 0o640)
+    before = snapshot(tmp_path)
+    install.install(cfg, Root(tmp_path), RecordingRunner(), ["core"])
+    manifest_file = tmp_path / MANIFEST.lstrip("/")
+    new = json.loads(manifest_file.read_text())
+    old = {
+        "entries": [
+            {
+                "path": e["path"],
+                "sha256": e["fingerprint"].removeprefix("sha256:"),
+                "link": None,
+                "mode": e["mode"],
+                "backup": e["backup"]["path"] if "backup" in e else None,
+            }
+            for e in new["entries"]
+        ],
+        "directories": new["directories"],
+        "targets": new["targets"],
+    }
+    manifest_file.write_text(json.dumps(old))
+    install.uninstall(Root(tmp_path), RecordingRunner())
+    assert snapshot(tmp_path) == before

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +33,21 @@ class Context:
     runner: Runner
 
     def config(self, root: Root | None = None) -> configuration.Config:
-        path = self.config_path or (root or Root()) / str(configuration.DEFAULT_CONFIG_PATH)
-        return configuration.load(path)
+        if self.config_path is not None or root is None:
+            return configuration.load(self.config_path or configuration.DEFAULT_CONFIG_PATH)
+        # The image's own config, read inside the image: a symlink there is the image's path, never the host's.
+        where = str(configuration.DEFAULT_CONFIG_PATH)
+        source = root / where
+        try:
+            text = root.read_bytes(where).decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{source}: no such config file in the image",
+                hint="put the image's config there, or pass --config",
+            ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read: {e}") from None
+        return configuration.parse(text, source=source)
 
 
 pass_context = click.make_pass_decorator(Context)
@@ -199,11 +214,12 @@ def install(ctx: Context, root_dir: Path | None, targets: tuple[str, ...], now: 
     _check_rebuild(root, rebuild_initramfs)
     if root.is_host and not windows_cli.ON_WINDOWS:  # there: BFE refuses a non-admin
         nft.require_root_for("install")
-    report = installer.install(
-        ctx.config(root), root, ctx.runner, targets, now=now, rebuild_initramfs=rebuild_initramfs
-    )
+    config = ctx.config(root)
+    with _os_errors():
+        report = installer.install(config, root, ctx.runner, targets, now=now, rebuild_initramfs=rebuild_initramfs)
     for path in report.written:
-        click.echo(f"wrote {root / path}  {describe_mode(root / path)}")
+        st = root.lstat(path)
+        click.echo(f"wrote {root / path}  {describe_mode(st) if st else '(gone)'}")
     for path in report.removed:
         click.echo(f"removed {root / path}")
     for note in report.image_notes if not root.is_host else ():
@@ -220,13 +236,31 @@ def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool) -> N
     _check_rebuild(root, rebuild_initramfs)
     if root.is_host and not windows_cli.ON_WINDOWS:
         nft.require_root_for("uninstall")
-    report = installer.uninstall(root, ctx.runner, rebuild_initramfs=rebuild_initramfs)
+    with _os_errors():
+        report = installer.uninstall(root, ctx.runner, rebuild_initramfs=rebuild_initramfs)
     for path in report.removed:
         click.echo(f"removed {root / path}")
     for path in report.restored:
         click.echo(f"restored {root / path}")
+    for path, beside in report.kept_backups:
+        click.echo(f"kept {root / path} (changed since install); the file it had replaced: {root / beside}")
     for note in report.image_notes:
         click.echo(f"next: {note}")
+    for failure in report.failures:
+        click.echo(f"earlyfw: failed: {failure}", err=True)
+    if report.failures:
+        raise EarlyfwError(
+            f"uninstall: {len(report.failures)} step(s) failed (listed above)", hint=installer.AGAIN_HINT
+        )
+
+
+@contextlib.contextmanager
+def _os_errors() -> Iterator[None]:
+    """A file earlyfw cannot read or write in the root is one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise EarlyfwError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
 
 
 @cli.command("import")

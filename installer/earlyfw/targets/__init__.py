@@ -9,15 +9,18 @@ themselves by name, so adding a system is adding a module.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
+import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
-from earlyfw.config import Config
+from earlyfw.config import Config, TunnelKind
 from earlyfw.root import Root, Transaction
 from earlyfw.run import Runner
 
@@ -88,6 +91,10 @@ class Target(ABC):
     def after_install(self, config: Config) -> None:
         """Runs once every target's files are in place (host installs only)."""
 
+    # Files of the image that `plan` copies (macOS: wg). To list every path a
+    # plan can write, installable_paths plans against empty stand-ins for them.
+    reads: ClassVar[tuple[str, ...]] = ()
+
     def before_uninstall(self) -> None:
         """Runs before any file is removed (host installs only): what undoes
         kernel state goes here, so a failure leaves the files (manifest,
@@ -95,6 +102,10 @@ class Target(ABC):
 
     def after_uninstall(self) -> None:
         """Runs once every target's files are gone (host installs only)."""
+
+    def uninstall_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        """The after-uninstall steps, each run even if one before it failed."""
+        return [(f"{self.name}: after uninstall", self.after_uninstall)]
 
     def in_root_commands(self) -> tuple[tuple[str, ...], ...]:
         """What an image pipeline must run inside the root (chroot) after this
@@ -120,3 +131,35 @@ def load_all() -> dict[str, type[Target]]:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
     return dict(sorted(Target.registry.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def sample_configs() -> list[Config]:
+    """One config per tunnel kind (utun0: a name every system accepts): between
+    them they take every branch a
+    plan has, so their plans name every path earlyfw can install."""
+    return [
+        Config.from_dict(
+            {
+                "tunnel": {"kind": kind.value, "interface": "utun0"},
+                "endpoint": [{"address": "192.0.2.1", "port": 1194, "protocol": "udp"}],
+            }
+        )
+        for kind in TunnelKind
+    ]
+
+
+@functools.cache
+def installable_paths() -> frozenset[str]:
+    """Every path any target's plan can write: what a manifest read back from
+    an image may name (one source, the plans themselves, not a second list)."""
+    paths: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="earlyfw-plans-") as empty:
+        root = Root(Path(empty))
+        for cls in load_all().values():
+            for source in cls.reads[:1]:
+                root.makedirs(str(PurePosixPath(source).parent))
+                root.write(source, b"", mode=0o755)
+            target = cls(root, Runner(verbose=False))
+            for config in sample_configs():
+                paths.update(target.plan(config).paths())
+    return frozenset(paths)

@@ -243,6 +243,7 @@ def launchd_plist(layout: Layout = LAYOUT) -> bytes:
 class MacOS(Target):
     name: ClassVar[str] = "macos"
     system: ClassVar[System] = System.MACOS
+    reads = WG_SOURCES
 
     @classmethod
     def detect(cls, root: Root) -> bool:

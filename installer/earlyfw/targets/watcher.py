@@ -6,6 +6,7 @@ management socket, the --up/--down hook the watcher follows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from earlyfw import nft, templates
@@ -64,13 +65,20 @@ class Watcher(Target):
             print(f"earlyfw: next: {note}")
 
     def after_uninstall(self) -> None:
+        for _, step in self.uninstall_steps():
+            step()
+
+    def uninstall_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        # Separate steps, so that uninstall runs each even if one before it failed.
         if not self._systemd_running():
-            return
-        self.runner.run(["systemctl", "stop", WATCH_UNIT], check=False)
-        self.runner.run(["systemctl", "daemon-reload"])
-        # The core target removed the tables before this ran, and the watcher,
-        # still running then, put them back: remove them again.
-        nft.delete_tables(self.runner)
+            return []
+        return [
+            (f"systemctl stop {WATCH_UNIT}", lambda: self.runner.run(["systemctl", "stop", WATCH_UNIT], check=False)),
+            ("systemctl daemon-reload", lambda: self.runner.run(["systemctl", "daemon-reload"])),
+            # The core target removed the tables before this ran, and the watcher,
+            # still running then, put them back: remove them again.
+            ("delete earlyfw's nft tables", lambda: nft.delete_tables(self.runner)),
+        ]
 
     def _systemd_running(self) -> bool:
         return self.root.exists("/run/systemd/system")

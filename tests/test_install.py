@@ -216,13 +216,18 @@ AFTER_STEPS = {
 
 
 def recording(failing: tuple[str, ...] | None) -> RecordingRunner:
+    # A kernel of one table: loaded until a batch deletes it.
+    loaded = {"tables": EARLYFW_TABLES}
+
     def respond(argv: Sequence[str], input: str | None) -> Result:
         args = tuple(argv)
         if failing is not None and args[: len(failing)] == failing:
             # As the Runner fails a command it cannot run at all, whatever `check`.
             raise CommandError(f"{' '.join(args)}: injected failure")
         if args[:3] == ("nft", "list", "tables"):
-            return Result(0, EARLYFW_TABLES, "")
+            return Result(0, loaded["tables"], "")
+        if args[:2] == ("nft", "-f") and "delete table inet earlyfw" in (input or ""):
+            loaded["tables"] = ""
         return Result(0, "", "")
 
     return RecordingRunner(respond=respond)
@@ -251,7 +256,7 @@ def test_uninstall_runs_every_after_step_and_finishes_on_a_second_run(tmp_path: 
     assert ran(again, AFTER_STEPS["rebuild the initramfs"]) and ran(again, AFTER_STEPS["delete the tables"])
     assert snapshot(tmp_path) == before
     with pytest.raises(EarlyfwError, match="not installed"):
-        install.uninstall(HostLike(tmp_path), recording(None))
+        install.uninstall(HostLike(tmp_path), again)  # the same kernel, its tables gone
 
 
 def test_cli_uninstall_lists_failed_steps_exits_1_and_finishes_when_run_again(tmp_path: Path) -> None:
@@ -350,3 +355,14 @@ def test_a_manifest_of_the_previous_format_still_uninstalls(tmp_path: Path, cfg:
     manifest_file.write_text(json.dumps(old))
     install.uninstall(Root(tmp_path), RecordingRunner())
     assert snapshot(tmp_path) == before
+
+
+def test_uninstall_without_a_manifest_still_deletes_loaded_tables(tmp_path: Path) -> None:
+    # "Not installed" only when nothing of earlyfw remains: tables loaded by
+    # `earlyfw apply` alone, with no file installed, are still removed.
+    runner = recording(None)
+    report = install.uninstall(HostLike(tmp_path), runner)
+    assert report.removed == ["table inet earlyfw"]
+    assert ran(runner, ("nft", "-f", "-"))
+    with pytest.raises(EarlyfwError, match="not installed"):
+        install.uninstall(HostLike(tmp_path), runner)

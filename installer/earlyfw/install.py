@@ -341,6 +341,8 @@ def uninstall(root: Root, runner: Runner, *, rebuild_initramfs: bool = False) ->
             report.removed.append(STATE_DIR + NEW_SUFFIX)
             return report
         if manifest is None:
+            if root.is_host and _leftover_tables(runner, report):
+                return report
             raise EarlyfwError(f"earlyfw is not installed under {root.path} (no {MANIFEST})")
         if root.is_host:
             # Kernel state that needs the files to be undone (Windows: WFP objects, whose break-glass
@@ -363,6 +365,20 @@ def uninstall(root: Root, runner: Runner, *, rebuild_initramfs: bool = False) ->
                 root.rmdir_if_empty(directory)
         _remove_state(root, manifest.directories)
     return report
+
+
+def _leftover_tables(runner: Runner, report: Report) -> bool:
+    """With nothing recorded, earlyfw's tables may still be loaded (an
+    `earlyfw apply` without install, a run killed after its manifest was gone):
+    "not installed" only once none remains."""
+    try:
+        present = nft.tables(runner) & set(nft.MAIN_TABLES)
+    except (EarlyfwError, OSError):
+        return False  # no nft here (Windows, macOS): nothing of this kind to find
+    if present:
+        nft.delete_tables(runner)
+        report.removed.extend(f"table {family} {name}" for family, name in sorted(present))
+    return bool(present)
 
 
 def _after_uninstall(root: Root, runner: Runner, names: Sequence[str], report: Report, run: bool) -> list[str]:

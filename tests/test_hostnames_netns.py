@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config as configuration
+from earlyfw.config import IPAddress
 from earlyfw.watch.daemon import read_verdict
 from tests import netns
 from tests.conftest import require
@@ -310,9 +311,10 @@ def connected_and_relaxed(provider: Provider, *, watch: bool = False) -> tuple[P
     return out, watcher
 
 
-def reaches(provider: Provider, address: ipaddress.IPv4Address) -> bool:
+def reaches(provider: Provider, address: IPAddress) -> bool:
     """Whether a datagram to `address`:PORT from outside the tunnel gets
     through the client's tables (main and guard) onto the wire."""
+    assert isinstance(address, ipaddress.IPv4Address)
     payload = f"probe-{time.monotonic_ns()}".encode()
     with provider.pair.capture() as capture:
         send_udp(provider.client, address, PORT, payload)

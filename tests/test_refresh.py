@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import pytest
 
 from earlyfw import config, importers, resolve
 from earlyfw.config import Config, Endpoint, IPAddress, Protocol
-from earlyfw.endpoints import apply, refreshed, tunnel_flows
+from earlyfw.endpoints import apply, refreshed, running_watcher, tunnel_flows
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.policy import State
 from earlyfw.root import MANIFEST, Entry, Manifest, Root, sha256
@@ -336,8 +337,9 @@ def test_watcher_reload_swaps_the_pins_in_one_batch_and_keeps_the_verdict(tmp_pa
     # The verdict under the new config decides: the peer's endpoint gone locks.
     tunnel.verdict = Verdict(State.BLOCKED, "peer X is not a configured endpoint")
     path.write_text(pinned(("198.51.100.4", 1194, H1)).to_toml())
+    puts = len(rules.puts)
     _sighup(watcher)
-    assert rules.puts[-1] is State.BLOCKED and watcher.state is State.BLOCKED
+    assert rules.puts[puts:] == [State.BLOCKED] and watcher.state is State.BLOCKED, "still one batch"
     assert lines[-1].startswith("blocked: peer X is not a configured endpoint (after reloading")
     watcher.close()
 
@@ -395,3 +397,29 @@ def test_apply_puts_every_file_back_when_the_kernel_refuses(tmp_path: Path) -> N
     with pytest.raises(CommandError):
         apply(root, CONFIG_PATH, old, new, runner=RecordingRunner(respond=refuse), log=lambda _: None)
     assert {p: (tmp_path / p.lstrip("/")).read_bytes() for p in before} == before
+
+
+def test_only_a_live_watcher_of_this_namespace_is_signalled(tmp_path: Path) -> None:
+    """A verdict file left by a crashed watcher may name a reused pid: refresh
+    must not SIGHUP (and so end) whatever process has it now."""
+
+    def published(pid: int, **extra: object) -> None:
+        (tmp_path / "watch-tun9.json").write_text(json.dumps({"pid": pid, "stopped": False, **extra}))
+
+    code = "import time; time.sleep(30)"
+    stranger = subprocess.Popen([sys.executable, "-c", code])
+    watcher = subprocess.Popen([sys.executable, "-c", code, "earlyfw", "--quiet", "watch"])
+    try:
+        published(stranger.pid)
+        assert running_watcher("tun9", tmp_path) is None
+        published(watcher.pid)
+        assert running_watcher("tun9", tmp_path) == watcher.pid
+        published(watcher.pid, stopped=True)
+        assert running_watcher("tun9", tmp_path) is None
+        assert running_watcher("tun8", tmp_path) is None
+    finally:
+        for process in (stranger, watcher):
+            process.kill()
+            process.wait()
+    published(watcher.pid)
+    assert running_watcher("tun9", tmp_path) is None, "gone"

@@ -148,8 +148,7 @@ def apply(root: Root, config_path: str, old: Config, new: Config, *, runner: Run
     """Put `new`'s pins in the config, the installed boot rulesets and the
     kernel, or (on failure) nowhere."""
     files = boot_files(root, config_path, new, runner, log)
-    watcher = daemon.read_verdict(old.interface)
-    pid = watcher["pid"] if watcher and watcher["running"] and not watcher.get("stopped") else None
+    pid = running_watcher(old.interface)
     with Transaction(root) as txn:
         info = (root / config_path).stat()
         config_bytes = new.to_toml().encode()
@@ -192,6 +191,25 @@ def _record(root: Root, txn: Transaction, written: list[File]) -> None:
             changed = True
     if changed:
         manifest.save_to(txn)
+
+
+def running_watcher(interface: str, directory: Path = daemon.VERDICT_DIR, proc: Path = Path("/proc")) -> int | None:
+    """The pid of the `earlyfw watch` enforcing `interface` in this network
+    namespace, from its published verdict; None if there is none. The pid is
+    checked to be that watcher (a stale file after a crash may name a reused
+    pid, and SIGHUP would end most other processes)."""
+    verdict = daemon.read_verdict(interface, directory)
+    if verdict is None or not verdict["running"] or verdict.get("stopped"):
+        return None
+    pid = verdict["pid"]
+    try:
+        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+        same_net = (proc / str(pid) / "ns" / "net").stat().st_ino == (proc / "self" / "ns" / "net").stat().st_ino
+    except OSError:
+        return None
+    if not same_net or b"watch" not in argv or not any(b"earlyfw" in a for a in argv):
+        return None
+    return int(pid)
 
 
 def _signal(pid: int) -> None:

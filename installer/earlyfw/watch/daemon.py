@@ -330,6 +330,9 @@ class Watcher:
 
     def change(self, state: State, reason: str, situation: str | None = None) -> None:
         self.ruleset.put(state)
+        self._changed(state, reason, situation)
+
+    def _changed(self, state: State, reason: str, situation: str | None) -> None:
         self.state = state
         if state is State.RELAXED:
             self.locked_by = None
@@ -410,7 +413,10 @@ class Watcher:
         change = f"+{len(after - before)} -{len(before - after)} endpoint(s)"
         self.reloaded = {"ok": True, "at": self.clock.wall(), "error": None}
         if verdict.state is not self.state:
-            self.change(verdict.state, f"{verdict.reason} (after reloading {path}: {change})", self._situation(verdict))
+            # Already in place by the batch above: only recorded and said.
+            self._changed(
+                verdict.state, f"{verdict.reason} (after reloading {path}: {change})", self._situation(verdict)
+            )
         else:
             self.log(f"reloaded {path}: {change}; still {self.state}")
             self.publish()

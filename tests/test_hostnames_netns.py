@@ -28,11 +28,13 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config as configuration
+from earlyfw.config import IPAddress
+from earlyfw.watch.daemon import read_verdict
 from tests import netns
 from tests.conftest import require
 from tests.test_relaxed_wireguard import UDP_ECHO_PORT, echo_server
 from tests.test_watch_openvpn import openvpn
-from tests.watch_lab import PYTHON_MODULE, live_state
+from tests.watch_lab import PYTHON_MODULE, Watcher, live_state, send_udp, start_watcher
 
 pytestmark = pytest.mark.netns
 
@@ -285,26 +287,50 @@ class Pinger:
         return sorted(set(range(self.sent)) - self.received)
 
 
-def live_set(provider: Provider, version: int) -> str:
-    return provider.client.exec(["nft", "list", "set", "inet", "earlyfw", f"endpoints_v{version}"])
+def live_set(provider: Provider, version: int, table: str = "earlyfw") -> str:
+    return provider.client.exec(["nft", "list", "set", "inet", table, f"endpoints_v{version}"])
 
 
-def connected_and_relaxed(provider: Provider) -> Path:
+def connected_and_relaxed(provider: Provider, *, watch: bool = False) -> tuple[Path, Watcher | None]:
     """Imported, blocked, connected with the companion file (to X, the first
-    remote), then relaxed, as the OpenVPN hook would relax it."""
+    remote), then relaxed, as the OpenVPN hook would relax it; with `watch`,
+    under a running `earlyfw watch` (hook mode: it follows the relax)."""
     source = provider.write("provider.ovpn", provider_file(provider.tun, random=False))
     out, companion = provider.import_resolved(source)
     assert provider.earlyfw("--config", str(out), "lock").returncode == 0
     log = provider.workdir / "pinned.log"
     provider.client_openvpn(companion, log)
     assert wait_connected(log, 20) == f"{X}:{PORT}", log.read_text()
+    watcher = (
+        start_watcher(provider.lab, provider.client, PYTHON_MODULE, out, log_dir=provider.workdir) if watch else None
+    )
     relaxed = provider.earlyfw("--config", str(out), "relax")
     assert relaxed.returncode == 0, relaxed.stderr
-    return out
+    if watcher is not None:
+        watcher.wait_for(r"^relaxed: asked by")
+    return out, watcher
+
+
+def reaches(provider: Provider, address: IPAddress) -> bool:
+    """Whether a datagram to `address`:PORT from outside the tunnel gets
+    through the client's tables (main and guard) onto the wire."""
+    assert isinstance(address, ipaddress.IPv4Address)
+    payload = f"probe-{time.monotonic_ns()}".encode()
+    with provider.pair.capture() as capture:
+        send_udp(provider.client, address, PORT, payload)
+        seen = capture.wait_for(lambda f: f.dst == address and f.dport == PORT and payload in f.raw, 1)
+    return seen is not None
 
 
 def test_refresh_while_relaxed_asks_only_through_the_tunnel_and_swaps_without_a_gap(provider: Provider) -> None:
-    out = connected_and_relaxed(provider)
+    """With `earlyfw watch` running: the refresh reloads it, so its owned
+    guard table takes the new pins with the main table and the old-only pins
+    leave both (without the reload the guard kept the old pins and refused
+    the new ones: checked against the code before it)."""
+    out, watcher = connected_and_relaxed(provider, watch=True)
+    assert watcher is not None
+    # Control: before the refresh the new address W is refused.
+    assert not reaches(provider, W)
     # The provider rotated nl-free-01 from X (which the tunnel is using) to W,
     # and nl-free-02 from Y to Z; the VPN's resolver knows.
     vpn_dns_log = dnsmasq(
@@ -337,15 +363,23 @@ def test_refresh_while_relaxed_asks_only_through_the_tunnel_and_swaps_without_a_
     assert f"earlyfw: kept {X}:{PORT}/udp ({NAME_1}): no longer in DNS, but the tunnel is using it" in result.stdout
     assert f"earlyfw: added {Z}:{PORT}/udp ({NAME_2})" in result.stdout
     assert f"earlyfw: removed {Y}:{PORT}/udp ({NAME_2})" in result.stdout
-    v4 = live_set(provider, 4)
-    assert all(str(a) in v4 for a in (X, W, Z)) and str(Y) not in v4
-    status = provider.earlyfw("--config", str(out), "status")
-    assert status.returncode == 0, status.stdout + status.stderr
-    assert "state: relaxed (intact)" in status.stdout
+    for table in ("earlyfw", "earlyfw_guard"):
+        v4, v6 = live_set(provider, 4, table), live_set(provider, 6, table)
+        assert all(str(a) in v4 for a in (X, W, Z)) and str(Y) not in v4, (table, v4)
+        assert str(X6) in v6, (table, v6)
+    watcher.wait_for(rf"^reloaded {re.escape(str(out))}: \+2 -1 endpoint\(s\); still relaxed")
+    assert f"earlyfw watch (pid {watcher.process.pid}, its guard table too) now pin" in result.stdout
+    assert reaches(provider, W), "the new pin passes the main table and the guard"
+    assert not reaches(provider, Y), "the old-only pin is gone from both"
+    # (Not `earlyfw status`: nft 1.0.6 can abort listing the watcher's owned tables.)
+    verdict = read_verdict(provider.tun)
+    assert verdict is not None and verdict["running"] and verdict["state"] == "relaxed", verdict
+    assert verdict["endpoints"] == [str(e) for e in after.endpoints]
+    assert live_state(provider.client) == "relaxed"
 
 
 def test_refresh_that_cannot_resolve_keeps_the_pins(provider: Provider) -> None:
-    out = connected_and_relaxed(provider)
+    out, _ = connected_and_relaxed(provider)
     before = out.read_bytes()
     # No VPN resolver answers on 10.8.0.1: every query fails.
     result = provider.earlyfw("--config", str(out), "endpoints", "refresh")

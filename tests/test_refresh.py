@@ -4,7 +4,10 @@ runs the same code against real resolvers and a real tunnel)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -17,12 +20,19 @@ import pytest
 
 from earlyfw import config, importers, resolve
 from earlyfw.config import Config, Endpoint, IPAddress, Protocol
-from earlyfw.endpoints import refreshed, tunnel_flows
-from earlyfw.errors import ConfigError, EarlyfwError
-from earlyfw.root import Root
-from earlyfw.run import RecordingRunner
+from earlyfw.endpoints import apply, refreshed, running_watcher, tunnel_flows
+from earlyfw.errors import CommandError, ConfigError, EarlyfwError
+from earlyfw.manifest import Entry, Manifest
+from earlyfw.policy import State
+from earlyfw.root import MANIFEST, Root, sha256
+from earlyfw.run import RecordingRunner, Result
 from earlyfw.targets import File, Symlink, linux
+from earlyfw.targets.core import CONFIG_PATH, Core, ruleset_path
 from earlyfw.targets.refresh import REFRESH_SERVICE, REFRESH_TIMER, Refresh
+from earlyfw.watch.daemon import Watcher
+from earlyfw.watch.tunnels import Verdict
+from tests import netns
+from tests.test_watch_units import FakeClock, RecordingRuleset, ScriptedTunnel
 
 A = ipaddress.ip_address
 H1, H2 = "a.example-vpn.net", "b.example-vpn.net"
@@ -268,3 +278,158 @@ def test_the_pin_the_tunnel_uses_stays_until_it_does_not(tmp_path: Path) -> None
     missing = tunnel_flows(old, lines.append, tmp_path / "absent")
     assert missing == set()
     assert lines[-1].startswith("cannot tell which endpoint the tunnel uses")
+
+
+# --- applying the pins: the watcher's reload, the boot rulesets ----------------------------
+
+
+def _watcher(path: Path, state: State) -> tuple[Watcher, RecordingRuleset, ScriptedTunnel, list[str]]:
+    loaded = config.load(path)
+    rules = RecordingRuleset(loaded)
+    tunnel = ScriptedTunnel(Verdict(state, "the tunnel is live" if state is State.RELAXED else "waiting"))
+    lines: list[str] = []
+    watcher = Watcher(loaded, rules, tunnel, None, None, log=lines.append, clock=FakeClock().clock())
+    watcher.start()
+    watcher.step(0)
+    assert watcher.state is state
+    return watcher, rules, tunnel, lines
+
+
+def _sighup(watcher: Watcher) -> None:
+    watcher.request_reload()  # what the SIGHUP handler does
+    watcher.step(0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        'tunnel = "wireguard"\n',  # not a config at all
+        pinned(("127.0.0.1", 1194, H1)).to_toml(),  # an endpoint no config may have
+        dataclasses.replace(pinned(("198.51.100.2", 1194, H1)), interface="tun1").to_toml(),  # needs a restart
+    ],
+    ids=["unparsable", "loopback-endpoint", "interface-changed"],
+)
+def test_watcher_reload_of_a_bad_config_keeps_the_old_one_and_says_so_once(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "earlyfw.toml"
+    path.write_text(pinned(("198.51.100.1", 1194, H1)).to_toml())
+    watcher, rules, _, lines = _watcher(path, State.RELAXED)
+    before, puts, logged = watcher.config, list(rules.puts), len(lines)
+    path.write_text(bad)
+    _sighup(watcher)
+    assert watcher.config is before and rules.config is before
+    assert rules.puts == puts, "a refused reload changes nothing in the kernel"
+    assert watcher.state is State.RELAXED
+    assert len(lines) == logged + 1
+    assert lines[-1].startswith("reload refused, still enforcing the config it had: ")
+    assert watcher.reloaded is not None and watcher.reloaded["ok"] is False
+    watcher.close()
+
+
+def test_watcher_reload_swaps_the_pins_in_one_batch_and_keeps_the_verdict(tmp_path: Path) -> None:
+    path = tmp_path / "earlyfw.toml"
+    path.write_text(pinned(("198.51.100.1", 1194, H1), ("198.51.100.2", 1194, H2)).to_toml())
+    watcher, rules, tunnel, lines = _watcher(path, State.RELAXED)
+    puts = len(rules.puts)
+    new = pinned(("198.51.100.1", 1194, H1), ("198.51.100.3", 1194, H2))
+    path.write_text(new.to_toml())
+    _sighup(watcher)
+    assert [str(e) for e in watcher.config.endpoints] == [str(e) for e in new.endpoints]
+    assert rules.config is watcher.config
+    assert rules.puts[puts:] == [State.RELAXED], "one batch, in the state the verdict keeps"
+    assert lines[-1] == f"reloaded {path}: +1 -1 endpoint(s); still relaxed"
+    # The verdict under the new config decides: the peer's endpoint gone locks.
+    tunnel.verdict = Verdict(State.BLOCKED, "peer X is not a configured endpoint")
+    path.write_text(pinned(("198.51.100.4", 1194, H1)).to_toml())
+    puts = len(rules.puts)
+    _sighup(watcher)
+    assert rules.puts[puts:] == [State.BLOCKED] and watcher.state is State.BLOCKED, "still one batch"
+    assert lines[-1].startswith("blocked: peer X is not a configured endpoint (after reloading")
+    watcher.close()
+
+
+def _installed(root: Root, old: Config) -> None:
+    """What `earlyfw install` leaves of the core and the egress ruleset, with its manifest."""
+    files = [*Core(root, RecordingRunner()).plan(old).artifacts, File(linux.EGRESS_RULESET, linux.egress_ruleset(old))]
+    manifest = Manifest(targets=["core", "systemd"])
+    for file in files:
+        assert isinstance(file, File)
+        root.makedirs(os.path.dirname(file.path))
+        root.write(file.path, file.content, mode=file.mode, uid=os.geteuid(), gid=os.getegid())
+        manifest.entries[file.path] = Entry(file.path, fingerprint="sha256:" + sha256(file.content), mode=file.mode)
+    root.makedirs(os.path.dirname(MANIFEST))
+    root.write(MANIFEST, manifest.dump(), mode=0o600, uid=os.geteuid(), gid=os.getegid())
+
+
+def test_apply_rewrites_the_boot_rulesets_and_keeps_them_earlyfws(tmp_path: Path) -> None:
+    root = Root(tmp_path)
+    old = dataclasses.replace(
+        pinned(("198.51.100.1", 1194, H1)), interface=f"eft{os.getpid()}", egress_interfaces=("eth0",)
+    )
+    new = dataclasses.replace(old, endpoints=(Endpoint(A("198.51.100.7"), 1194, Protocol.UDP, H1),))
+    _installed(root, old)
+    runner, lines = RecordingRunner(), list[str]()
+    apply(root, CONFIG_PATH, old, new, runner=runner, log=lines.append)
+    blocked = root.read_bytes(ruleset_path(State.BLOCKED)).decode()
+    assert "198.51.100.7" in blocked and "198.51.100.1" not in blocked
+    for state in State:
+        assert "198.51.100.1" not in root.read_bytes(ruleset_path(state)).decode(), state
+    assert "198.51.100.1" not in root.read_bytes(linux.EGRESS_RULESET).decode()
+    assert config.load(root / CONFIG_PATH).endpoints == new.endpoints
+    manifest = Manifest.load(root)
+    assert manifest is not None
+    assert all(manifest.owns(root, p) for p in manifest.entries), "uninstall still knows them as earlyfw's"
+    assert any("initramfs keeps its copy of the old pins until it is rebuilt" in line for line in lines)
+    scripts = [i for argv, i in runner.calls if argv[:2] == ("nft", "-f")]
+    assert len(scripts) == 1 and scripts[0] is not None
+    assert scripts[0].index("add element") < scripts[0].index("delete element"), "new before old"
+
+
+def test_apply_puts_every_file_back_when_the_kernel_refuses(tmp_path: Path) -> None:
+    root = Root(tmp_path)
+    old = dataclasses.replace(
+        pinned(("198.51.100.1", 1194, H1)), interface=f"efu{os.getpid()}", egress_interfaces=("eth0",)
+    )
+    new = dataclasses.replace(old, endpoints=(Endpoint(A("198.51.100.7"), 1194, Protocol.UDP, H1),))
+    _installed(root, old)
+    before = {p: (tmp_path / p.lstrip("/")).read_bytes() for p in (CONFIG_PATH, ruleset_path(State.BLOCKED), MANIFEST)}
+
+    def refuse(argv: Sequence[str], input: str | None) -> Result:
+        if list(argv[:2]) == ["nft", "-f"]:
+            raise CommandError("nft: Operation not permitted")
+        return Result(0, "", "")
+
+    with pytest.raises(CommandError):
+        apply(root, CONFIG_PATH, old, new, runner=RecordingRunner(respond=refuse), log=lambda _: None)
+    assert {p: (tmp_path / p.lstrip("/")).read_bytes() for p in before} == before
+
+
+def _execd(pid: int) -> bool:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:2] == [b"-c"]
+
+
+def test_only_a_live_watcher_of_this_namespace_is_signalled(tmp_path: Path) -> None:
+    """A verdict file left by a crashed watcher may name a reused pid: refresh
+    must not SIGHUP (and so end) whatever process has it now."""
+
+    def published(pid: int, **extra: object) -> None:
+        (tmp_path / "watch-tun9.json").write_text(json.dumps({"pid": pid, "stopped": False, **extra}))
+
+    code = "import time; time.sleep(30)"
+    stranger = subprocess.Popen([sys.executable, "-c", code])
+    watcher = subprocess.Popen([sys.executable, "-c", code, "earlyfw", "--quiet", "watch"])
+    for child in (stranger, watcher):  # until each has exec'd (before, /proc shows pytest's command line)
+        netns.wait_until(functools.partial(_execd, child.pid), 10, "exec")
+    try:
+        published(stranger.pid)
+        assert running_watcher("tun9", tmp_path) is None
+        published(watcher.pid)
+        assert running_watcher("tun9", tmp_path) == watcher.pid
+        published(watcher.pid, stopped=True)
+        assert running_watcher("tun9", tmp_path) is None
+        assert running_watcher("tun8", tmp_path) is None
+    finally:
+        for process in (stranger, watcher):
+            process.kill()
+            process.wait()
+    published(watcher.pid)
+    assert running_watcher("tun9", tmp_path) is None, "gone"

@@ -702,7 +702,7 @@ class RecordingRuleset(Ruleset):
         self.finding = Finding()
         self.fail = False
 
-    def put(self, state: State, *, repair: bool = False) -> None:
+    def put(self, state: State, *, repair: bool = False, wake_group: int | None = None) -> None:
         if self.fail:
             raise CommandError("nft: Operation not permitted")
         self.puts.append(state)

@@ -338,8 +338,9 @@ def endpoints() -> None:
 @pass_context
 def refresh(ctx: Context) -> None:
     """Re-resolve the endpoints' hostnames through the tunnel only (the VPN's
-    resolvers, while relaxed) and swap the pins in the config and the live
-    sets, new before old. A host that cannot be resolved keeps its pins."""
+    resolvers, while relaxed) and swap the pins in the config, the installed
+    boot rulesets and the live sets (through a running watcher, which reloads),
+    new before old. A host that cannot be resolved keeps its pins."""
     nft.require_root_for("endpoints refresh")
     path = ctx.config_path or configuration.DEFAULT_CONFIG_PATH
     config = configuration.load(path)
@@ -363,27 +364,7 @@ def refresh(ctx: Context) -> None:
         click.echo("earlyfw: endpoints unchanged")
         return
     ctx.runner.verbose = True
-    nft.swap_endpoints(ctx.runner, config, new)
-    info = path.stat()
-    try:
-        Root().write(
-            str(path.resolve()), new.to_toml().encode(), mode=info.st_mode & 0o7777, uid=info.st_uid, gid=info.st_gid
-        )
-    except BaseException:
-        nft.swap_endpoints(ctx.runner, new, config)  # the config and the kernel never disagree
-        raise
-    click.echo(
-        f"earlyfw: {path} and the live sets now pin {len(new.endpoints)} endpoint(s); "
-        "boot rulesets keep the old pins until `earlyfw install` runs again"
-    )
-    if ctx.runner.run([nft.NFT, "-t", "list", "table", "inet", nft.GUARD_TABLE], check=False).returncode == 0:
-        # The watcher's owned copy can be changed only by the watcher, which
-        # reads the config when it starts.
-        click.echo(
-            f"earlyfw: warning: earlyfw watch still enforces the old pins in table inet {nft.GUARD_TABLE}: "
-            "the new addresses work once it restarts (systemctl restart earlyfw-watch)",
-            err=True,
-        )
+    endpoints_refresh.apply(Root(), str(path.resolve()), config, new, runner=ctx.runner, log=log)
 
 
 cli.add_command(windows_cli.windows)

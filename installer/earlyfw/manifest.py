@@ -91,6 +91,11 @@ class Manifest:
         }
         return (json.dumps(data, indent=2) + "\n").encode()
 
+    def owns(self, root: Root, path: str) -> bool:
+        """`path` holds what earlyfw last wrote there (not an admin's edit)."""
+        entry = self.entries.get(path)
+        return entry is not None and fingerprint(root, path) == entry.fingerprint
+
     def paths(self) -> set[str]:
         """Every path this manifest may have left something at."""
         found = {MANIFEST}

@@ -142,6 +142,8 @@ def sample_configs() -> list[Config]:
             {
                 "tunnel": {"kind": kind.value, "interface": "utun0"},
                 "endpoint": [{"address": "192.0.2.1", "port": 1194, "protocol": "udp"}],
+                # Optional files are written only when their section is set.
+                "egress": {"interfaces": ["eth0"]},
             }
         )
         for kind in TunnelKind

@@ -11,6 +11,12 @@ Invariants:
 - An outside `earlyfw lock` (the sleep hook runs one) is obeyed at once and
   makes every handshake older than it worthless; an outside `earlyfw relax`
   decides only where the tunnel kind follows requests (manual, OpenVPN hooks).
+- SIGHUP reloads the config (`earlyfw endpoints refresh` sends it): a valid
+  one replaces both tables, the guard and the wake table in one batch, in the
+  state the tunnel's verdict under the new config gives (a relaxed tunnel whose
+  peer is still configured stays relaxed, and no packet sees a moment without
+  the endpoints both configs allow); an invalid one changes nothing and is
+  said in one line.
 - What it decided, and why, is published in /run/earlyfw/watch-IF.json for
   `earlyfw status`, and said in the journal whenever the state or the
   situation within it changes; advice repeats when a situation recurs, at
@@ -19,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -32,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from earlyfw import config as configuration
 from earlyfw import nft
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
@@ -49,6 +57,8 @@ from earlyfw.watch.tunnels import Tunnel, Verdict, WireGuardTunnel, make_tunnel
 SUSPEND_GAP = 0.5
 # The same advice again, when its situation recurs, at most this often.
 HINT_INTERVAL = 300.0
+# What the tunnel reader and the sockets were set up from: a change needs a restart.
+FIXED_ON_START = ("tunnel_kind", "interface", "openvpn_management")
 # Where the watcher publishes its verdict (its unit's RuntimeDirectory).
 VERDICT_DIR = Path("/run/earlyfw")
 
@@ -143,6 +153,12 @@ class Watcher:
             if source is not None:
                 self.selector.register(source.fileno(), selectors.EVENT_READ, source)
         self._tunnel_fd: int | None = None
+        # SIGHUP's handler writes here, so a reload wakes the loop at once
+        # (a signal alone would not: select() resumes after the handler).
+        self._reload_r, self._reload_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._reload_r, selectors.EVENT_READ, self.request_reload)
+        # The last reload's outcome, for `earlyfw endpoints refresh` to wait on.
+        self.reloaded: dict[str, Any] | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -212,6 +228,8 @@ class Watcher:
 
     def close(self) -> None:
         self.selector.close()
+        os.close(self._reload_r)
+        os.close(self._reload_w)
         self.tunnel.close()
         for source in (self.tables, self.links, self.wake):
             if source is not None:
@@ -225,9 +243,18 @@ class Watcher:
         if max_wait is not None:
             timeout = min(timeout, max_wait)
         outside: list[Generation] = []
+        reload = False
         for key, _ in self.selector.select(timeout):
             source = key.data
-            if source is self.tables and self.tables is not None:
+            if source == self.request_reload:
+                while True:
+                    try:
+                        if not os.read(self._reload_r, 64):
+                            break
+                    except BlockingIOError:
+                        break
+                reload = True
+            elif source is self.tables and self.tables is not None:
                 outside += [g for g in self.tables.read() if g.pid != self.pid and g.touches(WATCHED_TABLES)]
             elif source is self.links and self.links is not None:
                 if self.links.read():
@@ -240,6 +267,8 @@ class Watcher:
                 self.tunnel.on_readable()
                 self.due = 0.0
         self._check_suspend()
+        if reload:
+            self.reload()
         if outside:
             self.check_tables(outside)
         if self.clock.monotonic() >= self.due:
@@ -301,6 +330,9 @@ class Watcher:
 
     def change(self, state: State, reason: str, situation: str | None = None) -> None:
         self.ruleset.put(state)
+        self._changed(state, reason, situation)
+
+    def _changed(self, state: State, reason: str, situation: str | None) -> None:
         self.state = state
         if state is State.RELAXED:
             self.locked_by = None
@@ -322,6 +354,9 @@ class Watcher:
             "reason": self.reason,
             "since": self.situation_since,
             "stopped": stopped,
+            # What it enforces now, and how the last reload went.
+            "endpoints": [str(e) for e in self.config.endpoints],
+            "reloaded": self.reloaded,
         }
         try:
             self.verdict_dir.mkdir(mode=0o755, exist_ok=True)
@@ -336,6 +371,60 @@ class Watcher:
             if not self._publish_failed:
                 self._publish_failed = True
                 self.log(f"warning: cannot publish the verdict for `earlyfw status`: {e}")
+
+    # --- reload -----------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Safe from a signal handler: only wakes the loop."""
+        with contextlib.suppress(BlockingIOError):  # a reload is pending already
+            os.write(self._reload_w, b"r")
+
+    def reload(self) -> None:
+        """Read the config again. Valid: the new endpoints take effect in
+        the tables, the guards and the wake table in one batch, in the state
+        the new config's verdict gives. Invalid: nothing changes."""
+        path = self.config.source
+        try:
+            if path is None:
+                raise EarlyfwError("the watcher was not started from a config file")
+            new = configuration.load(path)
+            fixed = [name for name in FIXED_ON_START if getattr(new, name) != getattr(self.config, name)]
+            if fixed:
+                raise EarlyfwError(f"{', '.join(fixed)} changed, which needs `systemctl restart earlyfw-watch`")
+        except EarlyfwError as e:
+            self.log(f"reload refused, still enforcing the config it had: {e}")
+            self.reloaded = {"ok": False, "at": self.clock.wall(), "error": str(e)}
+            self.publish()
+            return
+        old = self.config
+        self._use(new)
+        verdict = self.tunnel.evaluate(self.clock.wall, self.not_before)
+        try:
+            self.ruleset.put(verdict.state, wake_group=self.wake.group if self.wake is not None else None)
+        except EarlyfwError as e:
+            # The batch is atomic: the kernel still holds the old config's tables.
+            self._use(old)
+            self.log(f"reload failed, still enforcing the config it had: {e}")
+            self.reloaded = {"ok": False, "at": self.clock.wall(), "error": str(e)}
+            self.publish()
+            return
+        self.due = self.clock.monotonic() + verdict.recheck
+        before, after = {str(e) for e in old.endpoints}, {str(e) for e in new.endpoints}
+        change = f"+{len(after - before)} -{len(before - after)} endpoint(s)"
+        self.reloaded = {"ok": True, "at": self.clock.wall(), "error": None}
+        if verdict.state is not self.state:
+            # Already in place by the batch above: only recorded and said.
+            self._changed(
+                verdict.state, f"{verdict.reason} (after reloading {path}: {change})", self._situation(verdict)
+            )
+        else:
+            self.log(f"reloaded {path}: {change}; still {self.state}")
+            self.publish()
+
+    def _use(self, config: Config) -> None:
+        self.config = self.ruleset.config = config
+        # Every tunnel keeps its config here; what it has observed stays.
+        self.tunnel.config = config  # type: ignore[attr-defined]
 
     # --- outside changes --------------------------------------------------------
 
@@ -412,7 +501,7 @@ def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *
         tables,
         links,
         log=log,
-        fallback_lock=lambda: nft.put_state(runner, config, State.BLOCKED),
+        fallback_lock=lambda: nft.put_state(runner, watcher.config, State.BLOCKED),
         wake=wake,
         verdict_dir=VERDICT_DIR,
     )
@@ -421,8 +510,9 @@ def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *
         if not watcher.stopping:
             raise Stopped(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: watcher.request_reload())
     try:
         return watcher.run()
     finally:

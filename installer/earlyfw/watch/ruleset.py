@@ -129,30 +129,33 @@ class Ruleset:
         self.nft = nft_ctx
         self.guarded = guard
         self.notes: list[str] = []
-        self._devices = devices or (lambda: nft.present_devices(config.egress_interfaces, sys_class_net))
+        # Read at each change: a reload may bring other [egress] interfaces.
+        self._devices = devices or (lambda: nft.present_devices(self.config.egress_interfaces, sys_class_net))
         # Without a guard, the reference for "intact" is what the watcher itself
         # listed right after its last change.
         self._reference: dict[str, str | None] = {}
         # The counter values the main tables got at the last change.
         self._carried: dict[str, tuple[int, int]] = {}
 
-    def put(self, state: State, *, repair: bool = False) -> None:
+    def put(self, state: State, *, repair: bool = False, wake_group: int | None = None) -> None:
         """Replace earlyfw's tables (and the guards) with `state`, atomically,
         carrying the refuse counters over. A repair leaves the guards alone:
         no other process can have changed them, so they still hold `state`,
-        and the batch is half the size."""
+        and the batch is half the size. `wake_group`: the wake table is
+        replaced in the same batch (a reload: its endpoints changed too)."""
         counters = self._counters(with_guard=self.guarded and not repair)
         script = policy.render(self.config, state, counters=counters, egress_devices=self._devices())
-        self._put(script, repair=repair)
+        self._put(script, repair=repair, wake_group=wake_group)
         self._carried = counters
 
-    def _put(self, script: str, *, repair: bool) -> None:
+    def _put(self, script: str, *, repair: bool, wake_group: int | None = None) -> None:
         if self.guarded and repair:
             self.nft.run(script)
             return
         if self.guarded:
+            wake = wake_script(self.config, wake_group) if wake_group is not None else ""
             try:
-                self.nft.run(script + guard_script(script))
+                self.nft.run(script + guard_script(script) + wake)
             except CommandError as e:
                 if "Operation not supported" not in str(e):
                     raise

@@ -77,9 +77,12 @@ def host_tables() -> str:
     return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
 
 
-def in_chroot(root: Path, command: str) -> subprocess.CompletedProcess[str]:
+def in_chroot(
+    root: Path, command: str, *, cwd: str = CLONE, netns: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """`command` in `root` with /proc, /sys, /dev, in a private mount namespace
-    (mounts and any `ip netns` it makes go away with it)."""
+    (mounts and any `ip netns` it makes go away with it); in the network
+    namespace `netns` when given."""
     apt, pip = DOWNLOADS / "apt", DOWNLOADS / "pip"
     (apt / "partial").mkdir(parents=True, exist_ok=True)
     pip.mkdir(parents=True, exist_ok=True)
@@ -90,9 +93,10 @@ def in_chroot(root: Path, command: str) -> subprocess.CompletedProcess[str]:
         f" && mount --bind {shlex.quote(str(apt))} {r}/var/cache/apt/archives"
         f" && mount --bind {shlex.quote(str(pip))} {r}/root/.cache/pip"
     )
-    enter = shlex.join(["chroot", str(root), *CLEAN_ENV, "sh", "-c", f"cd {CLONE} && {command}"])
+    enter = shlex.join(["chroot", str(root), *CLEAN_ENV, "sh", "-c", f"cd {cwd} && {command}"])
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", f"{mounts} && exec {enter}"],
+        [*prefix, "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", f"{mounts} && exec {enter}"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

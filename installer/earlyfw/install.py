@@ -7,7 +7,7 @@ import os
 import shlex
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from earlyfw import nft
@@ -16,7 +16,7 @@ from earlyfw.errors import EarlyfwError
 from earlyfw.policy import State
 from earlyfw.root import BACKUP_DIR, MANIFEST, Entry, Manifest, Root, Transaction, sha256
 from earlyfw.run import Runner
-from earlyfw.targets import Artifact, File, Plan, System, Target, load_all
+from earlyfw.targets import Artifact, File, Plan, System, Target, linux, load_all
 
 
 @dataclass
@@ -61,6 +61,7 @@ def install(
     *,
     now: bool = False,
     rebuild_initramfs: bool = False,
+    initramfs_trigger: bool = False,
 ) -> Report:
     targets = [cls(root, runner) for cls in select(root, target_names)]
     plans = plan(config, targets)  # everything renders before anything is written
@@ -80,13 +81,27 @@ def install(
         new.directories += [d for d in txn.created_directories if d not in new.directories]
         new.save_to(txn)
     if root.is_host:
-        for target in targets:
-            target.after_install(config)
+        _finish_host(runner, targets, lambda t: t.after_install(config), trigger=initramfs_trigger)
         if now:
             nft.put_state(runner, config, State.BLOCKED)
     else:
         _finish_image(root, runner, targets, report, run=rebuild_initramfs)
     return report
+
+
+def _finish_host(runner: Runner, targets: Sequence[Target], finish: Callable[[Target], None], *, trigger: bool) -> None:
+    """Each target's step on the live system once the files are in or out. With
+    `trigger` (a Debian package's maintainer script) no generator runs here:
+    its dpkg trigger is activated and dpkg rebuilds the initramfs once, at the
+    end of the run, as Debian's policy for initramfs hooks has it."""
+    deferred = False
+    for target in targets:
+        if trigger and target.in_root_commands():
+            deferred = True
+        else:
+            finish(target)
+    if deferred:
+        runner.run(["dpkg-trigger", "--no-await", linux.INITRAMFS_TRIGGER])
 
 
 def _finish_image(root: Root, runner: Runner, targets: Sequence[Target], report: Report, *, run: bool) -> None:
@@ -138,7 +153,9 @@ def _remove_entry(root: Root, manifest: Manifest, entry: Entry, txn: Transaction
         report.restored.append(entry.path)
 
 
-def uninstall(root: Root, runner: Runner, *, rebuild_initramfs: bool = False) -> Report:
+def uninstall(
+    root: Root, runner: Runner, *, rebuild_initramfs: bool = False, initramfs_trigger: bool = False
+) -> Report:
     manifest = Manifest.load(root)
     report = Report()
     if not manifest.entries and not root.exists(MANIFEST):
@@ -152,8 +169,7 @@ def uninstall(root: Root, runner: Runner, *, rebuild_initramfs: bool = False) ->
         root.rmdir_if_empty(directory)
     targets = [registry[name](root, runner) for name in manifest.targets if name in registry]
     if root.is_host:
-        for target in targets:
-            target.after_uninstall()
+        _finish_host(runner, targets, lambda t: t.after_uninstall(), trigger=initramfs_trigger)
     else:
         _finish_image(root, runner, targets, report, run=rebuild_initramfs)
     return report

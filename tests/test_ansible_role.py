@@ -71,7 +71,7 @@ def test_role_present_idempotent_handler_absent(package: Path, tmp_path: Path, n
         (root / "usr/sbin/policy-rc.d").chmod(0o755)
         (root / "tmp" / package.name).write_bytes(package.read_bytes())
         fetch = f"apt-get install -y -qq python3-apt && apt-get install -y -qq --download-only /tmp/{package.name}"
-        fetched = in_chroot(root, f"apt-get update -qq && {fetch}", cwd="/")
+        fetched = in_chroot(root, f"apt-get update -qq && {fetch}", cwd="/", cache="ansible")
         assert fetched.returncode == 0, fetched.stderr[-3000:]
         (tmp_path / "inventory").write_text(
             f"machine ansible_host={root} ansible_connection=community.general.chroot"

@@ -91,7 +91,7 @@ def test_install_configure_upgrade_remove_purge(package: Path, tmp_path: Path, n
         deb = f"/tmp/{package.name}"
 
         def step(command: str, *, network: bool = False) -> str:
-            result = in_chroot(root, command, cwd="/", netns=None if network else netns)
+            result = in_chroot(root, command, cwd="/", netns=None if network else netns, cache="deb")
             output = result.stdout + result.stderr
             assert result.returncode == 0, f"{command}:\n{output[-4000:]}"
             return output

@@ -78,12 +78,13 @@ def host_tables() -> str:
 
 
 def in_chroot(
-    root: Path, command: str, *, cwd: str = CLONE, netns: str | None = None
+    root: Path, command: str, *, cwd: str = CLONE, netns: str | None = None, cache: str = "fresh"
 ) -> subprocess.CompletedProcess[str]:
     """`command` in `root` with /proc, /sys, /dev, in a private mount namespace
     (mounts and any `ip netns` it makes go away with it); in the network
-    namespace `netns` when given."""
-    apt, pip = DOWNLOADS / "apt", DOWNLOADS / "pip"
+    namespace `netns` when given. `cache` names the download cache (apt locks
+    its cache, so tests that may run at once use their own)."""
+    apt, pip = DOWNLOADS / cache / "apt", DOWNLOADS / cache / "pip"
     (apt / "partial").mkdir(parents=True, exist_ok=True)
     pip.mkdir(parents=True, exist_ok=True)
     (root / "root/.cache/pip").mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import pytest
 
 from tests.test_boot_targets_generators import overlay, scratch_root
 from tests.test_debian_package import package  # noqa: F401  (fixture)
-from tests.test_fresh_machine import FRESH_ROOT, in_chroot
+from tests.test_fresh_machine import FRESH_ROOT, chroot_mounts, in_chroot
 
 TOP = Path(__file__).parent.parent
 ROLES = TOP / "payload/ansible/roles"
@@ -83,9 +84,12 @@ def test_role_present_idempotent_handler_absent(package: Path, tmp_path: Path, n
             variables = json.dumps({**VARS, "earlyfw_deb": str(package), **extra})
             argv = ["ansible-playbook", "-i", str(tmp_path / "inventory"), "-e", variables, str(tmp_path / "site.yml")]
             env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_NOCOLOR": "1"}
+            # The same mounts and apt cache as the download step, in the test's netns.
+            inside = f"{chroot_mounts(root, 'ansible')} && exec {shlex.join(argv)}"
             return subprocess.run(
-                ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=False, timeout=900, env=env
-            )
+                ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private", "sh", "-c", inside],
+                capture_output=True, text=True, check=False, timeout=900, env=env,
+            )  # fmt: skip
 
         def play(**extra: object) -> tuple[dict[str, int], str]:
             result = playbook(**extra)

@@ -77,6 +77,21 @@ def host_tables() -> str:
     return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
 
 
+def chroot_mounts(root: Path, cache: str) -> str:
+    """Shell commands mounting what a chroot needs into `root` (to run in a
+    private mount namespace): /proc, /sys, /dev, and the download caches."""
+    apt, pip = DOWNLOADS / cache / "apt", DOWNLOADS / cache / "pip"
+    (apt / "partial").mkdir(parents=True, exist_ok=True)
+    pip.mkdir(parents=True, exist_ok=True)
+    (root / "root/.cache/pip").mkdir(parents=True, exist_ok=True)
+    r = shlex.quote(str(root))
+    return (
+        f"mount -t proc proc {r}/proc && mount -t sysfs sys {r}/sys && mount --rbind /dev {r}/dev"
+        f" && mount --bind {shlex.quote(str(apt))} {r}/var/cache/apt/archives"
+        f" && mount --bind {shlex.quote(str(pip))} {r}/root/.cache/pip"
+    )
+
+
 def in_chroot(
     root: Path, command: str, *, cwd: str = CLONE, netns: str | None = None, cache: str = "fresh"
 ) -> subprocess.CompletedProcess[str]:
@@ -84,16 +99,7 @@ def in_chroot(
     (mounts and any `ip netns` it makes go away with it); in the network
     namespace `netns` when given. `cache` names the download cache (apt locks
     its cache, so tests that may run at once use their own)."""
-    apt, pip = DOWNLOADS / cache / "apt", DOWNLOADS / cache / "pip"
-    (apt / "partial").mkdir(parents=True, exist_ok=True)
-    pip.mkdir(parents=True, exist_ok=True)
-    (root / "root/.cache/pip").mkdir(parents=True, exist_ok=True)
-    r = shlex.quote(str(root))
-    mounts = (
-        f"mount -t proc proc {r}/proc && mount -t sysfs sys {r}/sys && mount --rbind /dev {r}/dev"
-        f" && mount --bind {shlex.quote(str(apt))} {r}/var/cache/apt/archives"
-        f" && mount --bind {shlex.quote(str(pip))} {r}/root/.cache/pip"
-    )
+    mounts = chroot_mounts(root, cache)
     enter = shlex.join(["chroot", str(root), *CLEAN_ENV, "sh", "-c", f"cd {cwd} && {command}"])
     prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.run(

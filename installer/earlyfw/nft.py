@@ -27,17 +27,24 @@ def load(runner: Runner, script: str) -> None:
     runner.run([NFT, "-f", "-"], input=script)
 
 
+def private_netns() -> list[str]:
+    """A network namespace of its own, where nft can touch nothing real: root
+    makes one directly, which also works inside a chroot (the kernel refuses a
+    new user namespace to a chrooted process); anyone else through a user
+    namespace that maps them to root."""
+    return ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--net"]
+
+
 def check(runner: Runner, script: str) -> None:
-    """`nft -c` needs privileges even to parse, so check in a private user and
-    network namespace where it can touch nothing real."""
-    runner.run(["unshare", "--map-root-user", "--net", NFT, "-c", "-f", "-"], input=script)
+    """`nft -c` needs privileges even to parse, so check in a private network namespace."""
+    runner.run([*private_netns(), NFT, "-c", "-f", "-"], input=script)
 
 
 def canonical(runner: Runner, script: str) -> str:
     """How the kernel lists `script`'s table once loaded, with no counter values:
     the form a live table is compared against to tell whether it is intact."""
     result = runner.run(
-        ["unshare", "--map-root-user", "--net", "sh", "-c", f'"$0" -f - && "$0" -s list table inet {TABLE}', NFT],
+        [*private_netns(), "sh", "-c", f'"$0" -f - && "$0" -s list table inet {TABLE}', NFT],
         input=script,
     )
     return result.stdout

@@ -34,7 +34,9 @@ def test_wheel_contains_every_module_and_template(tmp_path: Path) -> None:
     # a package missing from pyproject.toml.
     source = tmp_path / "src"
     shutil.copytree(
-        TOP, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "cache", ".*_cache")
+        TOP,
+        source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "cache", ".*_cache"),
     )
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from earlyfw import __version__, importers, nft, policy
+from earlyfw import __version__, importers, metrics, nft, policy
 from earlyfw import config as configuration
 from earlyfw import endpoints as endpoints_refresh
 from earlyfw import install as installer
@@ -56,9 +56,14 @@ STATE = click.Choice([s.value for s in State])
 REBUILD_HELP = "With --root: also rebuild the image's initramfs inside it (chroot); on / it always is."
 
 
-def _check_rebuild(root: Root, rebuild_initramfs: bool) -> None:
+TRIGGER_HELP = "On /: activate the initramfs generator's dpkg trigger instead of rebuilding now (maintainer scripts)."
+
+
+def _check_rebuild(root: Root, rebuild_initramfs: bool, initramfs_trigger: bool = False) -> None:
     if rebuild_initramfs and root.is_host:
         raise click.UsageError("--rebuild-initramfs goes with --root; on / the initramfs is always rebuilt")
+    if initramfs_trigger and not root.is_host:
+        raise click.UsageError("--initramfs-trigger goes with /, under dpkg; for --root use --rebuild-initramfs")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,17 +142,28 @@ def watch(ctx: Context, source: str) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema: README, Fleets).")
+@click.option(
+    "--prometheus",
+    "textfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the metrics for node_exporter's textfile collector to this file (atomically).",
+)
 @pass_context
-def status(ctx: Context, as_json: bool) -> None:
+def status(ctx: Context, as_json: bool, textfile: Path | None) -> None:
     """Show the live state, whether earlyfw's tables are intact, and what was refused."""
     nft.require_root_for("status")
     config = ctx.config()
     ctx.runner.verbose = False
     result = nft.status(ctx.runner, config)
     verdict = daemon.read_verdict(config.interface)
+    document = metrics.status_document(
+        {**result.to_json(), "watcher": verdict}, last_handshake=metrics.last_handshake(config, ctx.runner)
+    )
+    if textfile is not None:
+        metrics.write_textfile(textfile, metrics.prometheus(document, now=metrics.now()))
     if as_json:
-        click.echo(json.dumps({**result.to_json(), "watcher": verdict}, indent=2))
+        click.echo(json.dumps(document, indent=2))
     else:
         click.echo(f"table inet earlyfw: {'present' if result.present else 'ABSENT'}")
         if result.present:
@@ -205,18 +221,34 @@ def verify(ctx: Context) -> None:
 @click.option("--target", "targets", multiple=True, help="Install these targets, not the detected ones.")
 @click.option("--now", is_flag=True, help="Also load the blocked state right away (host only).")
 @click.option("--rebuild-initramfs", is_flag=True, help=REBUILD_HELP)
+@click.option("--initramfs-trigger", is_flag=True, help=TRIGGER_HELP)
 @pass_context
-def install(ctx: Context, root_dir: Path | None, targets: tuple[str, ...], now: bool, rebuild_initramfs: bool) -> None:
+def install(  # noqa: PLR0917  (click: one parameter per option)
+    ctx: Context,
+    root_dir: Path | None,
+    targets: tuple[str, ...],
+    now: bool,
+    rebuild_initramfs: bool,
+    initramfs_trigger: bool,
+) -> None:
     """Write earlyfw's files (config, rulesets, boot hooks) into / or --root."""
     root = Root(root_dir or Path("/"))
     if now and not root.is_host:
         raise click.UsageError("--now loads the ruleset into the running kernel; it cannot go with --root")
-    _check_rebuild(root, rebuild_initramfs)
+    _check_rebuild(root, rebuild_initramfs, initramfs_trigger)
     if root.is_host and not windows_cli.ON_WINDOWS:  # there: BFE refuses a non-admin
         nft.require_root_for("install")
     config = ctx.config(root)
     with _os_errors():
-        report = installer.install(config, root, ctx.runner, targets, now=now, rebuild_initramfs=rebuild_initramfs)
+        report = installer.install(
+            config,
+            root,
+            ctx.runner,
+            targets,
+            now=now,
+            rebuild_initramfs=rebuild_initramfs,
+            initramfs_trigger=initramfs_trigger,
+        )
     for path in report.written:
         st = root.lstat(path)
         click.echo(f"wrote {root / path}  {describe_mode(st) if st else '(gone)'}")
@@ -229,15 +261,18 @@ def install(ctx: Context, root_dir: Path | None, targets: tuple[str, ...], now: 
 @cli.command()
 @click.option("--root", "root_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--rebuild-initramfs", is_flag=True, help=REBUILD_HELP)
+@click.option("--initramfs-trigger", is_flag=True, help=TRIGGER_HELP)
 @pass_context
-def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool) -> None:
+def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool, initramfs_trigger: bool) -> None:
     """Remove exactly what install wrote, and restore what it replaced."""
     root = Root(root_dir or Path("/"))
-    _check_rebuild(root, rebuild_initramfs)
+    _check_rebuild(root, rebuild_initramfs, initramfs_trigger)
     if root.is_host and not windows_cli.ON_WINDOWS:
         nft.require_root_for("uninstall")
     with _os_errors():
-        report = installer.uninstall(root, ctx.runner, rebuild_initramfs=rebuild_initramfs)
+        report = installer.uninstall(
+            root, ctx.runner, rebuild_initramfs=rebuild_initramfs, initramfs_trigger=initramfs_trigger
+        )
     for path in report.removed:
         click.echo(f"removed {root / path}")
     for path in report.restored:

@@ -33,7 +33,7 @@ from earlyfw.manifest import Entry, Manifest, Saved, backup_path, check_backups
 from earlyfw.policy import State
 from earlyfw.root import MANIFEST, NEW_SUFFIX, STATE_DIR, UNDO_SUFFIX, Root, Transaction, copy, fingerprint, sha256
 from earlyfw.run import Runner
-from earlyfw.targets import Artifact, File, Plan, System, Target, load_all
+from earlyfw.targets import Artifact, File, Plan, System, Target, linux, load_all
 
 # Where uninstall leaves the file earlyfw replaced when the user changed
 # earlyfw's version of it: beside their version, which it keeps.
@@ -94,14 +94,14 @@ def install(
     *,
     now: bool = False,
     rebuild_initramfs: bool = False,
+    initramfs_trigger: bool = False,
 ) -> Report:
     targets = [cls(root, runner) for cls in select(root, target_names)]
     plans = plan(config, targets)  # everything renders before anything is written
     with root.locked():
         report = _install_files(root, targets, plans)
         if root.is_host:
-            for target in targets:
-                target.after_install(config)
+            _finish_host(runner, targets, lambda t: t.after_install(config), trigger=initramfs_trigger)
             if now:
                 nft.put_state(runner, config, State.BLOCKED)
         else:
@@ -252,6 +252,21 @@ def _remove_state(root: Root, directories: Sequence[str]) -> None:
     root.rmtree(top + NEW_SUFFIX)
 
 
+def _finish_host(runner: Runner, targets: Sequence[Target], finish: Callable[[Target], None], *, trigger: bool) -> None:
+    """Each target's step on the live system once the files are in or out. With
+    `trigger` (a Debian package's maintainer script) no generator runs here:
+    its dpkg trigger is activated and dpkg rebuilds the initramfs once, at the
+    end of the run, as Debian's policy for initramfs hooks has it."""
+    deferred = False
+    for target in targets:
+        if trigger and target.in_root_commands():
+            deferred = True
+        else:
+            finish(target)
+    if deferred:
+        runner.run(["dpkg-trigger", "--no-await", linux.INITRAMFS_TRIGGER])
+
+
 def _finish_image(root: Root, runner: Runner, targets: Sequence[Target], report: Report, *, run: bool) -> None:
     """What must run inside an image once earlyfw's files are in or out of it
     (an initramfs rebuild): run it there with chroot, or tell the pipeline."""
@@ -331,7 +346,9 @@ def _move(root: Root, source: str, destination: str, txn: Transaction | None) ->
         root.remove(source)
 
 
-def uninstall(root: Root, runner: Runner, *, rebuild_initramfs: bool = False) -> Report:
+def uninstall(
+    root: Root, runner: Runner, *, rebuild_initramfs: bool = False, initramfs_trigger: bool = False
+) -> Report:
     report = Report()
     with root.locked():
         manifest = Manifest.load(root)
@@ -356,7 +373,9 @@ def uninstall(root: Root, runner: Runner, *, rebuild_initramfs: bool = False) ->
         # The files are done; what is left is recorded until it is done too.
         remaining = Manifest(directories=manifest.directories, targets=manifest.targets)
         root.write(MANIFEST, remaining.dump(), mode=0o600)
-        report.failures = _after_uninstall(root, runner, manifest.targets, report, rebuild_initramfs)
+        report.failures = _after_uninstall(
+            root, runner, manifest.targets, report, run=rebuild_initramfs, trigger=initramfs_trigger
+        )
         if report.failures:
             return report
         chain = set(STATE_CHAIN)
@@ -381,13 +400,20 @@ def _leftover_tables(runner: Runner, report: Report) -> bool:
     return bool(present)
 
 
-def _after_uninstall(root: Root, runner: Runner, names: Sequence[str], report: Report, run: bool) -> list[str]:
-    """Run every after-step, whatever fails before it; say which failed."""
+def _after_uninstall(
+    root: Root, runner: Runner, names: Sequence[str], report: Report, *, run: bool, trigger: bool
+) -> list[str]:
+    """Run every after-step, whatever fails before it; say which failed. With
+    `trigger` the initramfs is rebuilt by dpkg's trigger (see _finish_host)."""
     registry = load_all()
     targets = [cls(root, runner) for name, cls in registry.items() if name in names]
     steps: list[tuple[str, Callable[[], object]]] = []
     if root.is_host:
-        steps = [step for t in targets for step in t.uninstall_steps()]
+        rebuilt_by_dpkg = [t for t in targets if trigger and t.in_root_commands()]
+        steps = [step for t in targets if t not in rebuilt_by_dpkg for step in t.uninstall_steps()]
+        if rebuilt_by_dpkg:
+            trigger_argv = ["dpkg-trigger", "--no-await", linux.INITRAMFS_TRIGGER]
+            steps.append((shlex.join(trigger_argv), lambda: runner.run(trigger_argv)))
     else:
         for command in _image_commands(root, targets):
             if run:

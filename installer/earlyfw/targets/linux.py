@@ -35,6 +35,11 @@ BLOCKED_RULESET = ruleset_path(State.BLOCKED)
 # Drop-everything table for when the rendered ruleset cannot be loaded.
 FALLBACK_RULESET = f"{CONFIG_DIR}/fallback.nft"
 
+# The dpkg trigger Debian's initramfs-tools and dracut both take an interest in:
+# activated from a package's maintainer script, dpkg runs the generator once, at
+# the end of the run (`earlyfw install --initramfs-trigger`).
+INITRAMFS_TRIGGER = "update-initramfs"
+
 # The kernel command-line switch that skips the block for one boot.
 BREAK_GLASS = "earlyfw=off"
 # The one reading of that switch for the units (units/earlyfw-switch.j2); the

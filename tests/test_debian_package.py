@@ -1,0 +1,143 @@
+"""The Debian package, built the standard way (`dpkg-buildpackage -us -uc -b`
+from a copy of the tree, with Debian's own python3 first on PATH, as on any
+Debian machine), checked by lintian, then installed with `apt-get install
+./earlyfw_*.deb` into a fresh Debian 12 root (mmdebstrap: a kernel,
+initramfs-tools, systemd, nftables; cached) and removed and purged there.
+
+The dependencies are downloaded into the root with the host's network first;
+every step that runs a maintainer script then runs in a network namespace the
+test made, so the tables those scripts load or delete are that namespace's,
+never the host's, and the test reads them there.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from earlyfw import __version__
+from tests.test_boot_targets import CONFIG_TEXT
+from tests.test_boot_targets_generators import INITRAMFS_TOOLS_ROOT, overlay, scratch_root
+from tests.test_fresh_machine import in_chroot
+
+TOP = Path(__file__).parent.parent
+DEBIAN_PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+HOOK = "etc/initramfs-tools/hooks/earlyfw"
+MANIFEST = "var/lib/earlyfw/manifest.json"
+
+
+def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """earlyfw_<version>_all.deb, built from the tracked and new files of the tree."""
+    out = tmp_path_factory.mktemp("deb")
+    source = out / "earlyfw"
+    source.mkdir()
+    files = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=TOP).stdout
+    tar = subprocess.run(["tar", "-C", str(TOP), "--null", "-T", "-", "-cf", "-"], input=files.encode(),
+                         capture_output=True, check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-C", str(source), "-xf", "-"], input=tar, check=True)
+    built = run(["env", DEBIAN_PATH, "dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    deb = out / f"earlyfw_{__version__}_all.deb"
+    assert deb.exists(), sorted(p.name for p in out.iterdir())
+    return deb
+
+
+def test_lintian_clean(package: Path) -> None:
+    """Clean at --pedantic with info tags; each override says why in debian/earlyfw.lintian-overrides."""
+    changes = next(package.parent.glob("earlyfw_*.changes"))
+    result = run(["env", DEBIAN_PATH, "lintian", "--pedantic", "-I", str(changes)])
+    tags = [line for line in result.stdout.splitlines() if re.match(r"[EWIPX]: ", line)]
+    assert tags == [], "\n".join(tags)
+
+
+def test_depends_on_debians_own_libraries(package: Path) -> None:
+    depends = run(["dpkg-deb", "-f", str(package), "Depends"]).stdout
+    for name in ("python3-click", "python3-jinja2", "python3-distro", "python3-plumbum", "python3-tomli-w",
+                 "python3-pyroute2", "nftables"):  # fmt: skip
+        assert re.search(rf"(^|, ){re.escape(name)}(,|$| )", depends.strip()), (name, depends)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"efw-deb-{id(object()) % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def tables(netns: str) -> str:
+    return run(["ip", "netns", "exec", netns, "nft", "list", "tables"]).stdout
+
+
+@pytest.mark.slow
+def test_install_configure_upgrade_remove_purge(package: Path, tmp_path: Path, netns: str) -> None:
+    lower = scratch_root(INITRAMFS_TOOLS_ROOT)
+    host_before = run(["nft", "list", "tables"]).stdout
+    with overlay(lower, tmp_path) as root:
+        (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\n# chroot: no daemon starts\nexit 101\n")
+        (root / "usr/sbin/policy-rc.d").chmod(0o755)
+        (root / "tmp" / package.name).write_bytes(package.read_bytes())
+        deb = f"/tmp/{package.name}"
+
+        def step(command: str, *, network: bool = False) -> str:
+            result = in_chroot(root, command, cwd="/", netns=None if network else netns, cache="deb")
+            output = result.stdout + result.stderr
+            assert result.returncode == 0, f"{command}:\n{output[-4000:]}"
+            return output
+
+        def in_initramfs() -> list[str]:
+            listing = step("lsinitramfs /boot/initrd.img-*")
+            return [line for line in listing.splitlines() if "earlyfw" in line]
+
+        # Downloads need the host's network; nothing is configured yet.
+        step(f"apt-get update -qq && apt-get install -y -qq --download-only {deb}", network=True)
+
+        # Installed without a config: files shipped, nothing enabled, nothing loaded.
+        step(f"apt-get install -y -qq {deb}")
+        assert (root / "usr/bin/earlyfw").exists()
+        assert not (root / MANIFEST).exists()
+        assert not (root / HOOK).exists()
+        assert "earlyfw" not in tables(netns)
+        step("apt-get remove -y -qq earlyfw")
+
+        # Installed with a config (an image pipeline or Ansible writes it first):
+        # configuring does what `earlyfw install` does, initramfs by the trigger.
+        (root / "etc/earlyfw").mkdir()
+        (root / "etc/earlyfw/earlyfw.toml").write_text(CONFIG_TEXT)
+        out = step(f"apt-get install -y {deb}")
+        assert "rebuilding the initramfs" not in out, "the generator ran directly, not through its trigger"
+        assert re.search(r"Processing triggers for initramfs-tools", out), out[-3000:]
+        assert (root / MANIFEST).exists()
+        assert (root / HOOK).exists()
+        assert any(line.endswith("init-top/earlyfw") for line in in_initramfs()), in_initramfs()
+
+        # The block is live (as after a boot); an upgrade in place keeps it.
+        step("earlyfw --quiet apply --state blocked")
+        assert "table inet earlyfw" in tables(netns)
+        step(f"apt-get install -y -qq --reinstall {deb}")
+        assert "table inet earlyfw" in tables(netns)
+
+        # Remove: the network works (no table), no hook in the next initramfs, config kept.
+        out = step("apt-get remove -y earlyfw")
+        assert "table inet earlyfw" not in tables(netns)
+        assert not (root / HOOK).exists()
+        assert in_initramfs() == []
+        assert not (root / "usr/bin/earlyfw").exists()
+        assert (root / "etc/earlyfw/earlyfw.toml").read_text() == CONFIG_TEXT
+
+        # Purge: config and state gone.
+        step("apt-get purge -y -qq earlyfw")
+        assert not (root / "etc/earlyfw").exists()
+        assert not (root / "var/lib/earlyfw").exists()
+    assert run(["nft", "list", "tables"]).stdout == host_before

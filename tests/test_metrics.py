@@ -22,7 +22,7 @@ from tests.test_cli_netns import earlyfw, netns  # noqa: F401  (fixture)
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)  # type: ignore[no-untyped-call]
+        for family in text_string_to_metric_families(text)
         for s in family.samples
     }
 

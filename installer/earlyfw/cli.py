@@ -37,17 +37,12 @@ class Context:
             return configuration.load(self.config_path or configuration.DEFAULT_CONFIG_PATH)
         # The image's own config, read inside the image: a symlink there is the image's path, never the host's.
         where = str(configuration.DEFAULT_CONFIG_PATH)
-        source = root / where
-        try:
-            text = root.read_bytes(where).decode("utf-8")
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{source}: no such config file in the image",
-                hint="put the image's config there, or pass --config",
-            ) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{source}: cannot read: {e}") from None
-        return configuration.parse(text, source=source)
+        return configuration.load(
+            root / where,
+            lambda: root.read_bytes(where),
+            missing=" in the image",
+            hint="put the image's config there, or pass --config",
+        )
 
 
 pass_context = click.make_pass_decorator(Context)

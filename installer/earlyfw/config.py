@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -213,14 +213,16 @@ class Config:
         return tomli_w.dumps(self.to_dict())
 
 
-def load(path: Path) -> Config:
+MISSING_HINT = "create one (see payload/examples/earlyfw.toml) or `earlyfw import wg /etc/wireguard/wg0.conf`"
+
+
+def load(path: Path, read: Callable[[], bytes] | None = None, *, missing: str = "", hint: str = MISSING_HINT) -> Config:
+    """The config at `path`, read by `read` (an image's Root reads inside the
+    image) or from the file system; any failure is one ConfigError line."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = (read or path.read_bytes)().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: no such config file",
-            hint="create one (see payload/examples/earlyfw.toml) or `earlyfw import wg /etc/wireguard/wg0.conf`",
-        ) from None
+        raise ConfigError(f"{path}: no such config file{missing}", hint=hint) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     return parse(text, source=path)

@@ -4,7 +4,8 @@ network namespace, behind slirp's gateway 10.0.2.2 (slirp hands the guest's
 datagrams to 127.0.0.1:51820 there).
 
 This module holds what the guest gets beyond the common proof files (the
-frozen earlyfw binary that `ExecStart=earlyfw --quiet watch` finds, wg0, the
+frozen earlyfw, one directory under /usr/local/lib/earlyfw linked from
+/usr/local/bin/earlyfw, which `ExecStart=earlyfw --quiet watch` finds; wg0, the
 tunnel probe, the report's extra part, `wg` from Debian's wireguard-tools) and
 the peer's side. It imports no other harness module but `sh` and `base`, so
 guest.py can use it without a cycle.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -41,6 +43,8 @@ PEER_PORT = 51820
 KEEPALIVE = 5
 
 LIBEXEC = "/usr/local/libexec/earlyfw-qemu"
+# The one-directory build where an image would put it, and the link on PATH.
+FROZEN_DIR = "/usr/local/lib/earlyfw"
 BINARY = "/usr/local/bin/earlyfw"
 NETDEV = "/etc/systemd/network/40-wg0.netdev"
 SPEC = REPO / "installer" / "earlyfw.spec"
@@ -114,14 +118,15 @@ def frozen_key() -> str:
     return h.hexdigest()
 
 
-def frozen_binary(cache: Path = CACHE) -> Path:
-    """The single-file earlyfw for these sources, built (about 80 s) only when
-    no build of the same sources is cached."""
+def frozen_build(cache: Path = CACHE) -> Path:
+    """The one-directory earlyfw for these sources (the executable `earlyfw`
+    beside _internal/), built (about 30 s) only when no build of the same
+    sources is cached."""
     k = frozen_key()
     directory = cache / f"frozen-{k[:16]}"
-    binary = directory / "dist" / "earlyfw"
+    build = directory / "dist" / "earlyfw"
     if (directory / "done").exists():
-        return binary
+        return build
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -133,12 +138,27 @@ def frozen_binary(cache: Path = CACHE) -> Path:
         log=staging / "build.log",
     )
     shutil.rmtree(staging / "work")
+    if not (staging / "dist" / "earlyfw" / "earlyfw").is_file():
+        raise sh.HarnessError(f"PyInstaller left no one-directory build in {staging / 'dist'}")
     (staging / "done").write_text(k + "\n")
     for stale in cache.glob("frozen-*"):
         if stale != staging:
             shutil.rmtree(stale, ignore_errors=True)
     staging.rename(directory)
-    return binary
+    return build
+
+
+def install_frozen(root: Path, build: Path) -> None:
+    """The build under FROZEN_DIR, root-owned, and BINARY linked to its executable."""
+    target = root / FROZEN_DIR.lstrip("/")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(build, target, symlinks=True)
+    for path in (target, *target.rglob("*")):
+        os.lchown(path, 0, 0)
+    link = root / BINARY.lstrip("/")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(f"{FROZEN_DIR}/earlyfw")
 
 
 def wg_deb(cache: Path = CACHE) -> Path:
@@ -173,7 +193,7 @@ def install(root: Path, log: Path, cache: Path = CACHE) -> None:
     shutil.copyfile(deb, root / "tmp" / deb.name)
     sh.chroot(root, ["dpkg", "-i", f"/tmp/{deb.name}"], log=log)
     (root / "tmp" / deb.name).unlink()
-    install_file(root, BINARY, frozen_binary(cache).read_bytes(), 0o755)
+    install_frozen(root, frozen_build(cache))
     for f in GUEST_FILES_WG:
         install_file(root, f.path, (GUEST_FILES / f.source).read_bytes(), f.mode)
     # networkd reads a key only from a file its own group may read and others may not.

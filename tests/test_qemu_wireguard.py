@@ -80,10 +80,11 @@ def test_the_peer_matches_the_guest() -> None:
     ):
         derived = subprocess.run(["wg", "pubkey"], input=private + "\n", capture_output=True, text=True, check=True)
         assert derived.stdout.strip() == public
-    netdev = wireguard.netdev().decode()
-    assert f"PublicKey={wireguard.PEER_PUBLIC}" in netdev
-    assert f"Endpoint={wireguard.ENDPOINT}" in netdev
-    assert f"AllowedIPs={wireguard.PEER_TUNNEL}/32" in netdev
+    conf = wireguard.wg_quick_conf().decode()
+    assert f"PublicKey = {wireguard.PEER_PUBLIC}" in conf
+    assert f"Endpoint = {wireguard.ENDPOINT}" in conf
+    assert f"AllowedIPs = {wireguard.PEER_TUNNEL}/32" in conf
+    assert f"PrivateKey = {wireguard.GUEST_PRIVATE}" in conf
     assert f"PublicKey = {wireguard.GUEST_PUBLIC}" in wireguard.peer_config()
 
 

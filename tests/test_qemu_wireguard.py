@@ -1,9 +1,9 @@
 """The WireGuard boot proof (qemu/wireguard.py, qemu/handshake.py): a real
 Debian 12 guest under QEMU TCG brings up wg0 (kernel WireGuard, from
-systemd-networkd) to a wireguard-go peer running in QEMU's own private network
-namespace, and earlyfw-watch.service, hardened as shipped and running the
-frozen single-file earlyfw under the guest's real systemd, relaxes the boot
-block on the handshake.
+wg-quick@wg0 once the network is online) to a wireguard-go peer running in
+QEMU's own private network namespace, and earlyfw-watch.service, hardened as
+shipped and running the frozen one-directory earlyfw under the guest's real
+systemd, relaxes the boot block on the handshake.
 
 The control is the same guest without the watcher: its tunnel completes the
 same handshake, yet no probe ever gets through it. So the relax, and nothing

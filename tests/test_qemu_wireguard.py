@@ -67,6 +67,36 @@ def test_parse_journal_finds_blocked_then_relaxed() -> None:
     assert tunnel.security == (1.4, "OK")
 
 
+def test_a_handshake_the_peer_began_after_the_lock_counts_as_the_fresh_one() -> None:
+    """wireguard-go may begin a handshake itself once the guest's traffic
+    stops at the outside lock; the guest's response completes it, and the
+    watcher's relax after it is the relax on a newer handshake, not a failure."""
+    journal = handshake.parse_journal(
+        JOURNAL
+        + "[   17.652138] earlyfw-guest earlyfw[301]: blocked: locked by pid 576 (nft); relaxing again needs a newer"
+        " handshake\n"
+        + "[   18.091891] earlyfw-guest earlyfw[301]: relaxed: peer 90+ZCyi4… at 10.0.2.2:51820: handshake 0.02s ago\n"
+    )
+    common = {
+        "attempts": handshake.parse_attempts("17.70 17.72 fail\n18.50 18.52 ok\n19.60 19.62 ok\n"),
+        "journal": journal,
+        "unit": {},
+        "latest_handshake": None,
+        "security": None,
+        "initiations": (14.2,),
+        "responses": (14.5,),
+        "events": handshake.parse_events("lock 17.61\nlocked 17.67\nrehandshake 19.71\n"),
+    }
+    peer_began = handshake.Tunnel(**common, tunnelled=(14.65, 18.116), answered=(18.073,))  # type: ignore[arg-type]
+    assert peer_began.second_response == 18.073
+    assert peer_began.completed == (14.5, 18.073)
+    assert handshake._second_round(peer_began) == []
+    # Without that handshake the same relax came too early, and the packet after it leaked through the lock.
+    too_early = handshake.Tunnel(**common, tunnelled=(14.65, 18.116))  # type: ignore[arg-type]
+    problems = handshake._second_round(too_early)
+    assert any("did not relax again" in p or "before the fresh handshake" in p for p in problems), problems
+
+
 def test_no_handshake_and_no_score_parse_as_none() -> None:
     assert handshake.parse_handshake("FHcrfqPx=\t0\n") is None
     assert handshake.parse_security("Unit earlyfw-watch.service not found.\n") is None

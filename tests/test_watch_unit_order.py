@@ -156,6 +156,7 @@ def test_the_watch_unit_verifies_clean(image: Path) -> None:
         timeout=120,
         check=False,
     )
-    # earlyfw itself is not on this host's PATH: that is the only complaint allowed.
-    complaints = [line for line in result.stderr.splitlines() if line and "earlyfw" not in line.split(":", 1)[-1]]
-    assert complaints == [], result.stderr
+    # earlyfw itself is not installed on this host (systemd looks on its own
+    # fixed path): that is the only complaint allowed.
+    missing = f"{watcher.WATCH_UNIT}: Command earlyfw is not executable: No such file or directory"
+    assert [line for line in result.stderr.splitlines() if line and line != missing] == [], result.stderr

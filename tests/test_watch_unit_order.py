@@ -160,3 +160,22 @@ def test_the_watch_unit_verifies_clean(image: Path) -> None:
     # fixed path): that is the only complaint allowed.
     missing = f"{watcher.WATCH_UNIT}: Command earlyfw is not executable: No such file or directory"
     assert [line for line in result.stderr.splitlines() if line and line != missing] == [], result.stderr
+
+
+def test_the_ordering_drop_ins_verify_clean(image: Path) -> None:
+    """wg-quick@wg0 (the host's real unit) with the watcher's drop-in: systemd
+    reads it, and has nothing to say about it."""
+    need("systemd-analyze")
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "wg-quick@wg0.service"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYSTEMD_UNIT_PATH": unit_path(image)},
+        timeout=120,
+        check=False,
+    )
+    assert watcher.ORDER_DROP_IN not in result.stderr, result.stderr
+    units = transaction(image)
+    drop_in = f"{image}/image{UNIT_DIR}/wg-quick@.service.d/{watcher.ORDER_DROP_IN}"
+    assert f"DropIn Path: {drop_in}" in units["wg-quick@wg0.service"]
+    assert f"After: {watcher.WATCH_UNIT} (origin-file)" in units["wg-quick@wg0.service"]

@@ -97,9 +97,10 @@ class GuestReport:
         m = EARLYFW_STATE.search(self.sections.get("earlyfw-table", ""))
         return m.group(1) if m else None
 
-    def unit_seconds(self, unit: str) -> float | None:
-        """How long systemd took to start `unit`. Before journald runs, systemd
-        logs to the kernel log only, so both logs are searched."""
+    def unit_times(self, unit: str) -> dict[str, float]:
+        """When systemd started ("start") and finished starting ("end") `unit`,
+        in uptime. Before journald runs, systemd logs to the kernel log only,
+        so both logs are searched."""
         lines = [*self.kernel_log]
         for text in self.sections.get("journal", "").splitlines():
             m = DMESG_LINE.match(text)
@@ -110,6 +111,11 @@ class GuestReport:
             verb = re.search(rf"systemd\[1\]: (Starting|Finished|Started) {re.escape(unit)}\b", line.text)
             if verb:
                 times.setdefault("start" if verb.group(1) == "Starting" else "end", line.uptime)
+        return times
+
+    def unit_seconds(self, unit: str) -> float | None:
+        """How long systemd took to start `unit`."""
+        times = self.unit_times(unit)
         return round(times["end"] - times["start"], 3) if {"start", "end"} <= times.keys() else None
 
 

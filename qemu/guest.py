@@ -18,7 +18,9 @@ from pathlib import Path
 
 from earlyfw import config as configuration
 from earlyfw import install as installer
+from earlyfw import policy
 from earlyfw.config import Config
+from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
 from earlyfw.targets import File, Symlink
@@ -44,6 +46,9 @@ GENERATOR_FILES = {
     Generator.INITRAMFS_TOOLS: (),
 }
 ENABLED_UNITS = ("systemd-networkd.service", "earlyfw-qemu-leak.service", "earlyfw-qemu-login.service")
+# The anchor's early-boot unit and where it finds its ruleset (earlyfw's blocked.nft).
+ANCHOR_UNIT = GuestFile("anchor-block.service", "/etc/systemd/system/anchor-block.service")
+ANCHOR_RULESET = "/etc/anchor/blocked.nft"
 
 
 class Change(StrEnum):
@@ -63,6 +68,10 @@ class Change(StrEnum):
     # wg0 to a wireguard-go peer in QEMU's namespace, the frozen earlyfw
     # binary and the tunnel probe (qemu.wireguard).
     WIREGUARD = "wireguard"
+    # No earlyfw: the anchor's (Mullvad's) approach, a oneshot unit loading
+    # earlyfw's blocked ruleset before network-pre.target, nothing in the
+    # initramfs. A comparison for bench/boot.py, not a proof.
+    ANCHOR = "anchor"
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,8 @@ class Variant:
         """The controls and the mutant must leak: if they do not, the leak
         sources or the capture are broken and no "no leak" result means anything."""
         raw_control = self.change is Change.RAW_EGRESS and not self.egress
-        return not self.earlyfw or self.change is Change.IP_ONLY or self.break_glass or raw_control
+        no_block = not self.earlyfw and self.change is not Change.ANCHOR
+        return no_block or self.change is Change.IP_ONLY or self.break_glass or raw_control
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -155,6 +165,23 @@ VARIANTS = {
             summary="wg0 to a wireguard-go peer; earlyfw-watch.service relaxes on the handshake",
         ),
         Variant(
+            "wireguard-no-earlyfw",
+            Generator.INITRAMFS_TOOLS,
+            earlyfw=False,
+            change=Change.WIREGUARD,
+            summary="control: the same WireGuard guest without earlyfw (no block, no watcher): the tunnel's pace",
+        ),
+        *(
+            Variant(
+                f"anchor-{generator}",
+                generator,
+                earlyfw=False,
+                change=Change.ANCHOR,
+                summary=f"the anchor's early-boot unit instead of earlyfw ({generator}): bench/boot.py's comparison",
+            )
+            for generator in Generator
+        ),
+        Variant(
             "wireguard-no-watch",
             Generator.INITRAMFS_TOOLS,
             change=Change.WIREGUARD,
@@ -213,6 +240,8 @@ def key(variant: Variant, base: Base) -> str:
     h.update(config_text(variant).encode())
     if variant.change is Change.RAW_EGRESS:
         h.update(RAW_LEAK_SOURCE.read_bytes() + (GUEST_FILES / RAW_LEAK_UNIT.source).read_bytes())
+    if variant.change is Change.ANCHOR:
+        h.update((GUEST_FILES / ANCHOR_UNIT.source).read_bytes() + b"\0" + anchor_ruleset())
     for f in (*PROOF_FILES, *GENERATOR_FILES[variant.generator]):
         h.update(f"{f.source} {f.path} {f.mode:o}\0".encode() + (GUEST_FILES / f.source).read_bytes())
     for artifact in rendered(variant):
@@ -286,6 +315,10 @@ def _apply(change: Change, root: Path, log: Path) -> None:
             install_file(root, path, BROKEN_RULESET, 0o644)
     elif change is Change.WIREGUARD:
         wireguard.install(root, log)
+    elif change is Change.ANCHOR:
+        install_file(root, ANCHOR_RULESET, anchor_ruleset(), 0o644)
+        install_file(root, ANCHOR_UNIT.path, (GUEST_FILES / ANCHOR_UNIT.source).read_bytes(), ANCHOR_UNIT.mode)
+        sh.chroot(root, ["systemctl", "enable", ANCHOR_UNIT.source], log=log)
     elif change is Change.NFTABLES_SERVICE:
         statements = [s for s in (root / "etc/nftables.conf").read_text().splitlines() if s and not s.startswith("#")]
         if statements[:1] != ["flush ruleset"]:
@@ -301,6 +334,12 @@ def _install_raw_leak(staging: Path, root: Path, log: Path) -> None:
     unit = RAW_LEAK_UNIT
     install_file(root, unit.path, (GUEST_FILES / unit.source).read_bytes(), unit.mode)
     sh.chroot(root, ["systemctl", "enable", unit.path.rsplit("/", 1)[1]], log=log)
+
+
+def anchor_ruleset() -> bytes:
+    """The anchor's ruleset: earlyfw's blocked state for the guest's config, so
+    the comparison is only where and when it is loaded."""
+    return policy.render(guest_config(), State.BLOCKED).encode()
 
 
 def ip_only(script: str) -> str:

@@ -1,10 +1,12 @@
-"""The WireGuard boot: a guest whose wg0 (kernel WireGuard, set up by
-systemd-networkd) talks to a wireguard-go peer that runs in QEMU's own private
+"""The WireGuard boot: a guest whose wg0 (kernel WireGuard, brought up by
+wg-quick@wg0.service once the network is online, as most users have it)
+talks to a wireguard-go peer that runs in QEMU's own private
 network namespace, behind slirp's gateway 10.0.2.2 (slirp hands the guest's
 datagrams to 127.0.0.1:51820 there).
 
 This module holds what the guest gets beyond the common proof files (the
-frozen earlyfw binary that `ExecStart=earlyfw --quiet watch` finds, wg0, the
+frozen earlyfw, one directory under /usr/local/lib/earlyfw linked from
+/usr/local/bin/earlyfw, which `ExecStart=earlyfw --quiet watch` finds; wg0, the
 tunnel probe, the report's extra part, `wg` from Debian's wireguard-tools) and
 the peer's side. It imports no other harness module but `sh` and `base`, so
 guest.py can use it without a cycle.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -41,8 +44,10 @@ PEER_PORT = 51820
 KEEPALIVE = 5
 
 LIBEXEC = "/usr/local/libexec/earlyfw-qemu"
+# The one-directory build where an image would put it, and the link on PATH.
+FROZEN_DIR = "/usr/local/lib/earlyfw"
 BINARY = "/usr/local/bin/earlyfw"
-NETDEV = "/etc/systemd/network/40-wg0.netdev"
+WG_QUICK_CONF = "/etc/wireguard/wg0.conf"
 SPEC = REPO / "installer" / "earlyfw.spec"
 # Everything the spec puts into the binary: keyed on these, never on the
 # binary, which PyInstaller does not build byte for byte the same twice.
@@ -55,21 +60,27 @@ GUEST_FILES_WG = (
     GuestFile("tunnel-probe", f"{LIBEXEC}/tunnel-probe", 0o755),
     GuestFile("wireguard-report", f"{LIBEXEC}/report-extra", 0o755),
     GuestFile("earlyfw-qemu-probe.service", "/etc/systemd/system/earlyfw-qemu-probe.service"),
-    GuestFile("40-wg0.network", "/etc/systemd/network/40-wg0.network"),
+    GuestFile(
+        "wait-online-ipv4.conf", "/etc/systemd/system/systemd-networkd-wait-online.service.d/50-earlyfw-qemu.conf"
+    ),
 )
-ENABLED_UNITS = ("earlyfw-qemu-probe.service",)
+# wg-quick@ waits for network-online.target, which means something only with
+# networkd's wait-online (not enabled by Debian's networkd): the tunnel's
+# first handshake then goes out once the NIC has its address, never into a
+# missing route (WireGuard would retry only 5 s later), so boots with and
+# without earlyfw time the first packet through the tunnel alike.
+ENABLED_UNITS = ("earlyfw-qemu-probe.service", "wg-quick@wg0.service", "systemd-networkd-wait-online.service")
 
 
-def netdev() -> bytes:
-    """wg0 as systemd-networkd creates it: kernel WireGuard, one peer at the
-    configured endpoint, keepalives so it starts a handshake with nothing to send."""
+def wg_quick_conf() -> bytes:
+    """wg0 as wg-quick brings it up: kernel WireGuard, one peer at the
+    configured endpoint, keepalives so it starts a handshake with nothing to
+    send; only the peer's address is routed into the tunnel."""
     return (
-        "# The guest's tunnel, created by systemd-networkd before earlyfw's watcher\n"
-        "# runs; its handshake is what the watcher waits for.\n"
-        "[NetDev]\nName=wg0\nKind=wireguard\n\n"
-        f"[WireGuard]\nPrivateKey={GUEST_PRIVATE}\n\n"
-        f"[WireGuardPeer]\nPublicKey={PEER_PUBLIC}\nEndpoint={ENDPOINT}\n"
-        f"AllowedIPs={PEER_TUNNEL}/32\nPersistentKeepalive={KEEPALIVE}\n"
+        "# The guest's tunnel; its handshake is what earlyfw's watcher waits for.\n"
+        f"[Interface]\nPrivateKey = {GUEST_PRIVATE}\nAddress = {GUEST_TUNNEL}/{TUNNEL_PREFIX}\n\n"
+        f"[Peer]\nPublicKey = {PEER_PUBLIC}\nEndpoint = {ENDPOINT}\n"
+        f"AllowedIPs = {PEER_TUNNEL}/32\nPersistentKeepalive = {KEEPALIVE}\n"
     ).encode()
 
 
@@ -114,14 +125,15 @@ def frozen_key() -> str:
     return h.hexdigest()
 
 
-def frozen_binary(cache: Path = CACHE) -> Path:
-    """The single-file earlyfw for these sources, built (about 80 s) only when
-    no build of the same sources is cached."""
+def frozen_build(cache: Path = CACHE) -> Path:
+    """The one-directory earlyfw for these sources (the executable `earlyfw`
+    beside _internal/), built (about 30 s) only when no build of the same
+    sources is cached."""
     k = frozen_key()
     directory = cache / f"frozen-{k[:16]}"
-    binary = directory / "dist" / "earlyfw"
+    build = directory / "dist" / "earlyfw"
     if (directory / "done").exists():
-        return binary
+        return build
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -133,12 +145,27 @@ def frozen_binary(cache: Path = CACHE) -> Path:
         log=staging / "build.log",
     )
     shutil.rmtree(staging / "work")
+    if not (staging / "dist" / "earlyfw" / "earlyfw").is_file():
+        raise sh.HarnessError(f"PyInstaller left no one-directory build in {staging / 'dist'}")
     (staging / "done").write_text(k + "\n")
     for stale in cache.glob("frozen-*"):
         if stale != staging:
             shutil.rmtree(stale, ignore_errors=True)
     staging.rename(directory)
-    return binary
+    return build
+
+
+def install_frozen(root: Path, build: Path) -> None:
+    """The build under FROZEN_DIR, root-owned, and BINARY linked to its executable."""
+    target = root / FROZEN_DIR.lstrip("/")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(build, target, symlinks=True)
+    for path in (target, *target.rglob("*")):
+        os.lchown(path, 0, 0)
+    link = root / BINARY.lstrip("/")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(f"{FROZEN_DIR}/earlyfw")
 
 
 def wg_deb(cache: Path = CACHE) -> Path:
@@ -158,7 +185,7 @@ def wg_deb(cache: Path = CACHE) -> Path:
 
 def key_parts(cache: Path = CACHE) -> bytes:
     """What the guest's cache key must cover beyond the common proof files."""
-    h = hashlib.sha256(frozen_key().encode() + b"\0" + netdev() + b"\0")
+    h = hashlib.sha256(frozen_key().encode() + b"\0" + wg_quick_conf() + b"\0")
     deb = wg_deb(cache)
     h.update(deb.name.encode() + b"\0" + deb.read_bytes())
     for f in GUEST_FILES_WG:
@@ -173,10 +200,8 @@ def install(root: Path, log: Path, cache: Path = CACHE) -> None:
     shutil.copyfile(deb, root / "tmp" / deb.name)
     sh.chroot(root, ["dpkg", "-i", f"/tmp/{deb.name}"], log=log)
     (root / "tmp" / deb.name).unlink()
-    install_file(root, BINARY, frozen_binary(cache).read_bytes(), 0o755)
+    install_frozen(root, frozen_build(cache))
     for f in GUEST_FILES_WG:
         install_file(root, f.path, (GUEST_FILES / f.source).read_bytes(), f.mode)
-    # networkd reads a key only from a file its own group may read and others may not.
-    install_file(root, NETDEV, netdev(), 0o640)
-    sh.chroot(root, ["chgrp", "systemd-network", NETDEV], log=log)
+    install_file(root, WG_QUICK_CONF, wg_quick_conf(), 0o600)
     sh.chroot(root, ["systemctl", "enable", *ENABLED_UNITS], log=log)

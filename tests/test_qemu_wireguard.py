@@ -1,9 +1,9 @@
 """The WireGuard boot proof (qemu/wireguard.py, qemu/handshake.py): a real
 Debian 12 guest under QEMU TCG brings up wg0 (kernel WireGuard, from
-systemd-networkd) to a wireguard-go peer running in QEMU's own private network
-namespace, and earlyfw-watch.service, hardened as shipped and running the
-frozen single-file earlyfw under the guest's real systemd, relaxes the boot
-block on the handshake.
+wg-quick@wg0 once the network is online) to a wireguard-go peer running in
+QEMU's own private network namespace, and earlyfw-watch.service, hardened as
+shipped and running the frozen one-directory earlyfw under the guest's real
+systemd, relaxes the boot block on the handshake.
 
 The control is the same guest without the watcher: its tunnel completes the
 same handshake, yet no probe ever gets through it. So the relax, and nothing
@@ -67,6 +67,36 @@ def test_parse_journal_finds_blocked_then_relaxed() -> None:
     assert tunnel.security == (1.4, "OK")
 
 
+def test_a_handshake_the_peer_began_after_the_lock_counts_as_the_fresh_one() -> None:
+    """wireguard-go may begin a handshake itself once the guest's traffic
+    stops at the outside lock; the guest's response completes it, and the
+    watcher's relax after it is the relax on a newer handshake, not a failure."""
+    journal = handshake.parse_journal(
+        JOURNAL
+        + "[   17.652138] earlyfw-guest earlyfw[301]: blocked: locked by pid 576 (nft); relaxing again needs a newer"
+        " handshake\n"
+        + "[   18.091891] earlyfw-guest earlyfw[301]: relaxed: peer 90+ZCyi4… at 10.0.2.2:51820: handshake 0.02s ago\n"
+    )
+    common = {
+        "attempts": handshake.parse_attempts("17.70 17.72 fail\n18.50 18.52 ok\n19.60 19.62 ok\n"),
+        "journal": journal,
+        "unit": {},
+        "latest_handshake": None,
+        "security": None,
+        "initiations": (14.2,),
+        "responses": (14.5,),
+        "events": handshake.parse_events("lock 17.61\nlocked 17.67\nrehandshake 19.71\n"),
+    }
+    peer_began = handshake.Tunnel(**common, tunnelled=(14.65, 18.116), answered=(18.073,))  # type: ignore[arg-type]
+    assert peer_began.second_response == 18.073
+    assert peer_began.completed == (14.5, 18.073)
+    assert handshake._second_round(peer_began) == []
+    # Without that handshake the same relax came too early, and the packet after it leaked through the lock.
+    too_early = handshake.Tunnel(**common, tunnelled=(14.65, 18.116))  # type: ignore[arg-type]
+    problems = handshake._second_round(too_early)
+    assert any("did not relax again" in p or "before the fresh handshake" in p for p in problems), problems
+
+
 def test_no_handshake_and_no_score_parse_as_none() -> None:
     assert handshake.parse_handshake("FHcrfqPx=\t0\n") is None
     assert handshake.parse_security("Unit earlyfw-watch.service not found.\n") is None
@@ -80,10 +110,11 @@ def test_the_peer_matches_the_guest() -> None:
     ):
         derived = subprocess.run(["wg", "pubkey"], input=private + "\n", capture_output=True, text=True, check=True)
         assert derived.stdout.strip() == public
-    netdev = wireguard.netdev().decode()
-    assert f"PublicKey={wireguard.PEER_PUBLIC}" in netdev
-    assert f"Endpoint={wireguard.ENDPOINT}" in netdev
-    assert f"AllowedIPs={wireguard.PEER_TUNNEL}/32" in netdev
+    conf = wireguard.wg_quick_conf().decode()
+    assert f"PublicKey = {wireguard.PEER_PUBLIC}" in conf
+    assert f"Endpoint = {wireguard.ENDPOINT}" in conf
+    assert f"AllowedIPs = {wireguard.PEER_TUNNEL}/32" in conf
+    assert f"PrivateKey = {wireguard.GUEST_PRIVATE}" in conf
     assert f"PublicKey = {wireguard.GUEST_PUBLIC}" in wireguard.peer_config()
 
 
@@ -129,7 +160,10 @@ def test_no_peer_starts_outside_a_private_namespace(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("peer_tools")
 def test_peer_comes_up_in_the_namespace_and_goes_away(tmp_path: Path) -> None:
     """In the private namespace: the peer's interface holds the tunnel address
-    with the guest as its one peer; when the command ends, its socket is gone."""
+    with the guest as its one peer; when the command ends, its socket is gone.
+    (Peers of other runs going on meanwhile share the socket directory: only
+    the sockets that were not there before are this run's.)"""
+    before = {str(p) for p in isolated.UAPI_DIR.glob("efwpeer*.sock")} if isolated.UAPI_DIR.exists() else set()
     done = isolated_with_peer(
         tmp_path,
         "unshare", "--map-root-user", "--net", "--",
@@ -139,7 +173,8 @@ def test_peer_comes_up_in_the_namespace_and_goes_away(tmp_path: Path) -> None:
     assert f"{wireguard.PEER_TUNNEL}/{wireguard.TUNNEL_PREFIX}" in done.stdout
     assert wireguard.GUEST_PUBLIC in done.stdout
     sockets = [line.split("=", 1)[1] for line in done.stdout.splitlines() if line.startswith("s=")]
-    assert sockets and all(not Path(s).exists() for s in sockets), done.stdout
+    ours = [s for s in sockets if s not in before]
+    assert ours and all(not Path(s).exists() for s in ours), done.stdout
 
 
 # -- the boots ------------------------------------------------------------------

@@ -31,7 +31,7 @@ from earlyfw.errors import CommandError, ConfigError
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner, Result
-from earlyfw.targets import File, Symlink, linux
+from earlyfw.targets import File, Symlink
 from earlyfw.targets import watcher as watcher_target
 from earlyfw.watch import daemon, events, openvpn, ruleset, sources, tunnels
 from earlyfw.watch.daemon import Clock, Stopped, Watcher
@@ -945,7 +945,12 @@ def test_watcher_target_plans_units_enabled_and_the_openvpn_hook_only_for_openvp
     files = {a.path: a for a in plan.artifacts if isinstance(a, File)}
     links = {a.path: a.target for a in plan.artifacts if isinstance(a, Symlink)}
     units = "/etc/systemd/system"
-    assert set(files) == {f"{units}/earlyfw-watch.service", f"{units}/earlyfw-sleep.service"}
+    assert set(files) == {
+        f"{units}/earlyfw-watch.service",
+        f"{units}/earlyfw-sleep.service",
+        f"{units}/ifup@.service.d/earlyfw-watch.conf",
+        f"{units}/wg-quick@.service.d/earlyfw-watch.conf",
+    }
     assert links == {
         f"{units}/multi-user.target.wants/earlyfw-watch.service": f"{units}/earlyfw-watch.service",
         f"{units}/sleep.target.wants/earlyfw-sleep.service": f"{units}/earlyfw-sleep.service",
@@ -983,7 +988,7 @@ def test_units_are_hardened(tmp_path: Path, unit: str) -> None:
         pytest.fail("systemd-analyze is missing: apt-get install systemd", pytrace=False)
     directory = tmp_path / "etc/systemd/system"
     directory.mkdir(parents=True)
-    (directory / unit).write_bytes(linux.render(f"units/{unit}.j2"))
+    (directory / unit).write_bytes(watcher_target.render_unit(unit))
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", f"--root={tmp_path}", "--threshold=15", unit],
         capture_output=True,

@@ -64,6 +64,8 @@ def select(root: Root, names: Sequence[str] = ()) -> list[type[Target]]:
     chosen = [cls for name, cls in registry.items() if name == "core" or name in names]
     if not names:
         chosen = [cls for cls in registry.values() if cls.detect(root)]
+    needed = {r for cls in chosen for r in cls.requires}
+    chosen = [cls for cls in registry.values() if cls in chosen or cls.name in needed]
     if root.is_host and sys.platform == "win32":  # Linux's files mean nothing to a live Windows
         chosen = [cls for cls in chosen if cls.system is System.WINDOWS]
     return chosen

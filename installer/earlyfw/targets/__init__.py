@@ -91,6 +91,8 @@ class Target(ABC):
     def after_install(self, config: Config) -> None:
         """Runs once every target's files are in place (host installs only)."""
 
+    # Targets whose files this one's need (chosen with it, also under --target).
+    requires: ClassVar[tuple[str, ...]] = ()
     # Files of the image that `plan` copies (macOS: wg). To list every path a
     # plan can write, installable_paths plans against empty stand-ins for them.
     reads: ClassVar[tuple[str, ...]] = ()

@@ -13,12 +13,24 @@ from earlyfw import nft, templates
 from earlyfw.config import Config, TunnelKind
 from earlyfw.root import Root
 from earlyfw.targets import Artifact, File, Plan, Symlink, System, Target, linux
-from earlyfw.targets.systemd import UNIT_DIR
+from earlyfw.targets.systemd import NETWORK_MANAGERS, UNIT_DIR
 
 WATCH_UNIT = "earlyfw-watch.service"
 SLEEP_UNIT = "earlyfw-sleep.service"
 WANTS = {WATCH_UNIT: "multi-user.target", SLEEP_UNIT: "sleep.target"}
+# What can bring a tunnel up starts only once the watcher is ready: the
+# watcher names these in Before= (besides network-pre.target, which orders the
+# rest)...
+ORDERED_BEFORE = tuple(unit for unit in NETWORK_MANAGERS if "@." not in unit)
+# ...and templates, which Before= cannot name, get a drop-in ordering every
+# instance after it (wg-quick@ comes after network-online.target anyway).
+ORDER_TEMPLATES = (*(unit for unit in NETWORK_MANAGERS if "@." in unit), "wg-quick@.service")
+ORDER_DROP_IN = "earlyfw-watch.conf"
 OPENVPN_HOOK = "/usr/lib/earlyfw/openvpn-hook"
+
+
+def render_unit(unit: str) -> bytes:
+    return linux.render(f"units/{unit}.j2", network_managers=ORDERED_BEFORE)
 
 
 def openvpn_notes(config: Config) -> tuple[str, ...]:
@@ -40,6 +52,8 @@ class Watcher(Target):
     system: ClassVar[System] = System.LINUX
     # After the systemd target, whose earlyfw-block.service this unit follows.
     order: ClassVar[int] = 25
+    # Its units run the switch script (earlyfw=off) that the systemd target installs.
+    requires: ClassVar[tuple[str, ...]] = ("systemd",)
 
     @classmethod
     def detect(cls, root: Root) -> bool:
@@ -48,8 +62,10 @@ class Watcher(Target):
     def plan(self, config: Config) -> Plan:
         artifacts: list[Artifact] = []
         for unit, target in WANTS.items():
-            artifacts.append(File(f"{UNIT_DIR}/{unit}", linux.render(f"units/{unit}.j2")))
+            artifacts.append(File(f"{UNIT_DIR}/{unit}", render_unit(unit)))
             artifacts.append(Symlink(f"{UNIT_DIR}/{target}.wants/{unit}", f"{UNIT_DIR}/{unit}"))
+        order = linux.render("units/watch-order.conf.j2")
+        artifacts += [File(f"{UNIT_DIR}/{unit}.d/{ORDER_DROP_IN}", order) for unit in ORDER_TEMPLATES]
         if config.tunnel_kind is TunnelKind.OPENVPN:
             hook = templates.read("payload", "openvpn/earlyfw-openvpn-hook").encode()
             artifacts.append(File(OPENVPN_HOOK, hook, 0o755))

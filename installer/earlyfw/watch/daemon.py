@@ -30,6 +30,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -92,6 +93,22 @@ Log = Callable[[str], None]
 def log_to_stderr(message: str) -> None:
     # One line each; journald adds the time and the unit.
     print(message, file=sys.stderr, flush=True)
+
+
+def notify_ready() -> None:
+    """sd_notify(3) READY=1 for Type=notify: the block is in place and the
+    watcher listens, so systemd may start the network managers ordered after
+    it. The protocol is one datagram; outside systemd there is no socket."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(b"READY=1", address)
+    except OSError as e:
+        # systemd then gives the start up after TimeoutStartSec: still blocked.
+        raise EarlyfwError(f"could not tell systemd the watcher is ready ({path}): {e}") from None
 
 
 class Stopped(Exception):
@@ -181,6 +198,7 @@ class Watcher:
         """Until a signal (exit 0) or an error (exit 1); BLOCKED either way."""
         try:
             self.start()
+            notify_ready()
             while True:
                 self.step()
         except Stopped as e:

@@ -142,7 +142,9 @@ def provider(tmp_path: Path) -> Iterator[Provider]:
             pair.world,
             key,
             "0",
-            *("--dev", server_if, "--lport", str(PORT), "--multihome"),
+            # udp6: one dual-stack socket, so a client that picks the IPv6 pin
+            # (remote-random) finds the server there too.
+            *("--dev", server_if, "--proto", "udp6", "--lport", str(PORT), "--multihome"),
             *("--ifconfig", TUNNEL_SERVER, TUNNEL_CLIENT),
             log=tmp_path / "server.log",
         )

@@ -271,7 +271,11 @@ def test_sleep_lock_holds_until_a_handshake_newer_than_it(lab: netns.Lab, tmp_pa
     exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
     blocked = tmp_path / "blocked.nft"
     blocked.write_text(policy.render(config, State.BLOCKED))
-    argv = exec_start.replace(linux.BLOCKED_RULESET, str(blocked)).split()
+    switch = tmp_path / "earlyfw-switch"  # the unit runs nft through the installed switch script
+    switch.write_bytes(linux.render("units/earlyfw-switch.j2"))
+    switch.chmod(0o755)
+    argv = exec_start.replace(linux.BLOCKED_RULESET, str(blocked)).replace(linux.SWITCH, str(switch)).split()
+    assert argv[:2] == [str(switch), "on"], argv
     before = len(watcher.lines())
     locked_at = time.time()
     pair.client.exec(argv)

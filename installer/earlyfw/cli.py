@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -10,21 +11,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import click
 
-from earlyfw import __version__, importers, metrics, nft, policy
+# Only what every command needs is imported here; each command imports its own
+# modules (plumbum, jinja2, dnspython, the targets, WFP...) when it runs, so
+# `earlyfw watch`, started at boot before any tunnel, loads only the watcher's.
+# tests/test_cli_imports.py holds the watcher's path to that.
+from earlyfw import __version__, importers
 from earlyfw import config as configuration
-from earlyfw import endpoints as endpoints_refresh
-from earlyfw import install as installer
-from earlyfw import resolve as resolver
 from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.policy import State
-from earlyfw.root import Root, describe_mode
+from earlyfw.root import Root
 from earlyfw.run import Runner
-from earlyfw.targets import macos
-from earlyfw.watch import daemon, sources
-from earlyfw.wfp import cli as windows_cli
 
 
 @dataclass
@@ -61,7 +61,25 @@ def _check_rebuild(root: Root, rebuild_initramfs: bool, initramfs_trigger: bool 
         raise click.UsageError("--initramfs-trigger goes with /, under dpkg; for --root use --rebuild-initramfs")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The top-level group: its platform-specific subgroups are imported only
+    when named (or listed by --help)."""
+
+    LAZY: ClassVar[dict[str, tuple[str, str]]] = {"windows": ("earlyfw.wfp.cli", "windows")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY:
+            module, name = self.LAZY[cmd_name]
+            command = getattr(importlib.import_module(module), name)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="earlyfw")
 @click.option(
     "--config",
@@ -81,6 +99,8 @@ def cli(ctx: click.Context, config_path: Path | None, quiet: bool) -> None:
 @pass_context
 def render(ctx: Context, state: str) -> None:
     """Print the nft script for a state (loads nothing)."""
+    from earlyfw import policy  # noqa: PLC0415
+
     click.echo(policy.render(ctx.config(), State(state)), nl=False)
 
 
@@ -107,6 +127,10 @@ def lock(ctx: Context) -> None:
 
 
 def _put(ctx: Context, state: State) -> None:
+    from earlyfw import nft  # noqa: PLC0415
+    from earlyfw.targets import macos  # noqa: PLC0415
+    from earlyfw.wfp import cli as windows_cli  # noqa: PLC0415
+
     if windows_cli.ON_WINDOWS:  # WFP filters in BFE, not nft (see earlyfw.wfp)
         windows_cli.put_state(ctx, state)
         click.echo(f"earlyfw: {state}")
@@ -132,6 +156,8 @@ def _put(ctx: Context, state: State) -> None:
 def watch(ctx: Context, source: str) -> None:
     """Relax the block only once the tunnel's handshake completes; lock it again
     when the tunnel stops being live; repair earlyfw's table if it is removed."""
+    from earlyfw.watch import daemon, sources  # noqa: PLC0415
+
     ctx.runner.verbose = False
     sys.exit(daemon.main(ctx.config(), ctx.runner, sources.SourceKind(source)))
 
@@ -147,6 +173,9 @@ def watch(ctx: Context, source: str) -> None:
 @pass_context
 def status(ctx: Context, as_json: bool, textfile: Path | None) -> None:
     """Show the live state, whether earlyfw's tables are intact, and what was refused."""
+    from earlyfw import metrics, nft, policy  # noqa: PLC0415
+    from earlyfw.watch import daemon  # noqa: PLC0415
+
     nft.require_root_for("status")
     config = ctx.config()
     ctx.runner.verbose = False
@@ -199,6 +228,8 @@ def _summary(items: list[str], shown: int = 10) -> str:
 @pass_context
 def verify(ctx: Context) -> None:
     """Check the config, and load every rendered state into a private namespace."""
+    from earlyfw import nft  # noqa: PLC0415
+
     config = ctx.config()
     click.echo(f"config {config.source}: ok")
     for state in State:
@@ -227,6 +258,11 @@ def install(  # noqa: PLR0917  (click: one parameter per option)
     initramfs_trigger: bool,
 ) -> None:
     """Write earlyfw's files (config, rulesets, boot hooks) into / or --root."""
+    from earlyfw import install as installer  # noqa: PLC0415
+    from earlyfw import nft  # noqa: PLC0415
+    from earlyfw.root import describe_mode  # noqa: PLC0415
+    from earlyfw.wfp import cli as windows_cli  # noqa: PLC0415
+
     root = Root(root_dir or Path("/"))
     if now and not root.is_host:
         raise click.UsageError("--now loads the ruleset into the running kernel; it cannot go with --root")
@@ -260,6 +296,10 @@ def install(  # noqa: PLR0917  (click: one parameter per option)
 @pass_context
 def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool, initramfs_trigger: bool) -> None:
     """Remove exactly what install wrote, and restore what it replaced."""
+    from earlyfw import install as installer  # noqa: PLC0415
+    from earlyfw import nft  # noqa: PLC0415
+    from earlyfw.wfp import cli as windows_cli  # noqa: PLC0415
+
     root = Root(root_dir or Path("/"))
     _check_rebuild(root, rebuild_initramfs, initramfs_trigger)
     if root.is_host and not windows_cli.ON_WINDOWS:
@@ -313,6 +353,8 @@ def import_(
     ctx: Context, kind: str, source: Path, *, output: str | None, force: bool, resolve: bool, client_out: Path | None
 ) -> None:
     """Write an earlyfw config from a WireGuard or OpenVPN client file."""
+    from earlyfw import resolve as resolver  # noqa: PLC0415
+
     imported = importers.READERS[kind](source)
     targets = (
         [] if output == "-" else [Path(output) if output else (ctx.config_path or configuration.DEFAULT_CONFIG_PATH)]
@@ -349,6 +391,8 @@ def _write(target: Path, data: bytes, mode: int) -> None:
 
 
 def _refuse_dns_while_blocked(runner: Runner) -> None:
+    from earlyfw import nft  # noqa: PLC0415
+
     runner.verbose = False
     state = nft.live_state(runner)
     if state is not None and not state.allows_tunnel:
@@ -371,6 +415,10 @@ def refresh(ctx: Context) -> None:
     resolvers, while relaxed) and swap the pins in the config, the installed
     boot rulesets and the live sets (through a running watcher, which reloads),
     new before old. A host that cannot be resolved keeps its pins."""
+    from earlyfw import endpoints as endpoints_refresh  # noqa: PLC0415
+    from earlyfw import nft  # noqa: PLC0415
+    from earlyfw import resolve as resolver  # noqa: PLC0415
+
     nft.require_root_for("endpoints refresh")
     path = ctx.config_path or configuration.DEFAULT_CONFIG_PATH
     config = configuration.load(path)
@@ -395,9 +443,6 @@ def refresh(ctx: Context) -> None:
         return
     ctx.runner.verbose = True
     endpoints_refresh.apply(Root(), str(path.resolve()), config, new, runner=ctx.runner, log=log)
-
-
-cli.add_command(windows_cli.windows)
 
 
 def main() -> None:

@@ -10,11 +10,25 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-from plumbum import local
-from plumbum.commands.processes import CommandNotFound
+from typing import TYPE_CHECKING
 
 from earlyfw.errors import CommandError
+
+if TYPE_CHECKING:
+    from plumbum.machines import LocalCommand
+
+
+def _command(name: str) -> LocalCommand:
+    # plumbum is imported on the first command run, not with this module: the
+    # watcher holds a Runner from its start but runs commands only when
+    # libnftables fails it (or for `wg show`).
+    from plumbum import local  # noqa: PLC0415
+    from plumbum.commands.processes import CommandNotFound  # noqa: PLC0415
+
+    try:
+        return local[name]
+    except CommandNotFound:
+        raise CommandError(f"{name}: command not found", hint="install it and try again") from None
 
 
 @dataclass(frozen=True)
@@ -45,20 +59,14 @@ class Runner:
         return result
 
     def _execute(self, argv: Sequence[str], input: str | None) -> Result:
-        try:
-            command = local[argv[0]]
-        except CommandNotFound:
-            raise CommandError(f"{argv[0]}: command not found", hint="install it and try again") from None
+        command = _command(argv[0])
         bound = command[list(argv[1:])]
         runnable = bound if input is None else bound << input
         code, out, err = runnable.run(retcode=None)
         return Result(code, out, err)
 
     def _stream(self, argv: Sequence[str]) -> Result:
-        try:
-            command = local[argv[0]]
-        except CommandNotFound:
-            raise CommandError(f"{argv[0]}: command not found", hint="install it and try again") from None
+        command = _command(argv[0])
         sys.stderr.flush()
         # Straight to file descriptor 2, whatever Python-level stderr is.
         process = command[list(argv[1:])].popen(stdin=None, stdout=2, stderr=2)

@@ -16,17 +16,31 @@ both ends), and what it costs at rest.
           reads) and as a line from `nft monitor` (the alternative).
   idle:   CPU and RSS of the watcher relaxed (1 Hz checks) and blocked
           waiting for a handshake (polls at 50 Hz), over --idle seconds.
+  idle tunnel: a peer without PersistentKeepalive comes up under the
+          watcher, then nothing at all goes through the tunnel for
+          --idle-minutes (real time: WireGuard's session ends 180 s after the
+          handshake and its keys are wiped at 540 s; its timers cannot be
+          shortened without faking them). Proof of the silence: both ends'
+          transfer counters and a capture on the link; proof the block held
+          meanwhile: a datagram outside the tunnel once a minute, none
+          arriving (the control, after the watcher stops and the ruleset is
+          flushed, arrives). Then one datagram into the tunnel: answered or
+          not, the application's errors, the time to the answer (WireGuard's
+          new handshake included), and every state the watcher published.
 
-  python3 bench/relax.py [--rounds 200] [--idle 20] [--executable /path/to/frozen/earlyfw]
+  python3 bench/relax.py [--only timings|idle-tunnel] [--rounds 200] [--idle 20] [--idle-minutes 10]
+                         [--executable /path/to/frozen/earlyfw]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import queue
 import select
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,17 +48,33 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import netns
-from tests.watch_lab import PYTHON_MODULE, WgPair, config_for, live_state, start_watcher, wg_pair, write_config
+from tests.watch_lab import (
+    PROBE_PORT,
+    PYTHON_MODULE,
+    WG_PORT,
+    Watcher,
+    WgPair,
+    WireGuard,
+    config_for,
+    echo_through_tunnel,
+    live_state,
+    received,
+    send_udp,
+    start_watcher,
+    wg_pair,
+    write_config,
+)
 
 from earlyfw import policy
 from earlyfw.policy import State
-from earlyfw.targets import linux
-from earlyfw.watch import sources
+from earlyfw.targets.watcher import WATCH_UNIT, render_unit
+from earlyfw.watch import daemon, sources, tunnels
 from earlyfw.watch.events import Generation, NftablesEvents
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -218,22 +248,11 @@ def idle(pid: int, seconds: float) -> tuple[float, int]:
 
 def unit_nice() -> int:
     """The niceness earlyfw-watch.service gives the watcher."""
-    unit = linux.render("units/earlyfw-watch.service.j2").decode()
+    unit = render_unit(WATCH_UNIT).decode()
     return next((int(line.split("=", 1)[1]) for line in unit.splitlines() if line.startswith("Nice=")), 0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--idle", type=float, default=20.0)
-    parser.add_argument("--executable", help="a frozen earlyfw binary (default: python -m earlyfw)")
-    parser.add_argument(
-        "--nice", type=int, default=unit_nice(), help="the watcher's niceness [default: its unit's, %(default)s]"
-    )
-    args = parser.parse_args()
-    executable: tuple[str, ...] = (args.executable,) if args.executable else PYTHON_MODULE
-    netns.require_tools(["ip", "nft", "wireguard-go", "wg", "setpriv", "stdbuf"])
-
+def timings(args: argparse.Namespace, executable: tuple[str, ...]) -> None:
     with netns.Lab() as lab, tempfile.TemporaryDirectory(prefix="efw-bench-") as tmp:
         directory = Path(tmp)
         pair = wg_pair(lab)
@@ -276,6 +295,220 @@ def main() -> None:
         watcher.stop()
         delays, monitor_rss = monitor_rounds(pair, clock, min(args.rounds, 100))
         print(summary("nft monitor line after raw", delays) + f"   nft monitor rss {monitor_rss / 1024:.1f} MiB")
+
+
+Counters = tuple[int, int, int, int]
+
+
+def tunnel_counters(pair: WgPair) -> Counters:
+    """Both ends' WireGuard byte counters (client rx, tx; server rx, tx):
+    everything that went through the tunnel, handshakes and keepalives included."""
+    return (*pair.client_wg.transfer(pair.server_wg.public), *pair.server_wg.transfer(pair.client_wg.public))
+
+
+class Verdicts:
+    """Every (state, situation) the watcher publishes, as seen by polling the
+    file `earlyfw status` reads, with the wall time it was first seen."""
+
+    def __init__(self, wg: WireGuard) -> None:
+        self.interface = wg.name
+        self.seen: list[tuple[float, str]] = []
+
+    def poll(self) -> None:
+        verdict = daemon.read_verdict(self.interface) or {}
+        text = f"{verdict.get('state')}, {verdict.get('situation')}"
+        if not self.seen or self.seen[-1][1] != text:
+            since = verdict.get("since")
+            self.seen.append((since if isinstance(since, float) else time.time(), text))
+
+    def since(self, start: float) -> list[tuple[float, str]]:
+        """The verdict in force at `start` and every change after it."""
+        before = [v for v in self.seen if v[0] <= start][-1:]
+        return before + [v for v in self.seen if v[0] > start]
+
+
+def is_wireguard(frame: netns.Frame) -> bool:
+    return frame.proto == 17 and WG_PORT in (frame.sport, frame.dport)
+
+
+def is_probe(frame: netns.Frame) -> bool:
+    return frame.proto == 17 and frame.dst == netns.WORLD_V4 and frame.dport == PROBE_PORT
+
+
+def settle(pair: WgPair, verdicts: Verdicts, quiet: float = 15.0) -> tuple[Counters, float]:
+    """Wait until nothing has gone through the tunnel for `quiet` seconds (the
+    initiator's confirming keepalive leaves right after the handshake); the
+    counters then, and when they last changed."""
+    counters, changed = tunnel_counters(pair), time.time()
+    while time.time() - changed < quiet:
+        time.sleep(1)
+        verdicts.poll()
+        if (now := tunnel_counters(pair)) != counters:
+            counters, changed = now, time.time()
+    return counters, changed
+
+
+@dataclass
+class Silence:
+    """What happened while the tunnel idled."""
+
+    counters: Counters
+    frames: list[netns.Frame]
+    transactions: int
+    states: set[str | None]
+    probes: int
+    probes_through: int
+    log: list[str]
+
+
+@dataclass
+class IdleLab:
+    pair: WgPair
+    watcher: Watcher
+    clock: EventClock
+    verdicts: Verdicts
+    # Where a datagram sent outside the tunnel would arrive.
+    outside: socket.socket
+
+
+def keep_silent(idle_lab: IdleLab, until: float) -> Silence:
+    """Send nothing into the tunnel until `until`; once a minute, a datagram
+    outside it, which the block must refuse."""
+    pair, watcher, clock, verdicts, outside = (
+        idle_lab.pair,
+        idle_lab.watcher,
+        idle_lab.clock,
+        idle_lab.verdicts,
+        idle_lab.outside,
+    )
+    capture = pair.lab.enter_context(pair.topology.capture())
+    log_mark = len(watcher.lines())
+    clock.drain()
+    states: set[str | None] = set()
+    probes = probes_through = 0
+    next_probe = time.time()
+    while (left := until - time.time()) > 0:
+        verdicts.poll()
+        if time.time() >= next_probe:
+            probes += 1
+            send_udp(pair.client, netns.WORLD_V4, PROBE_PORT, b"outside the tunnel")
+            probes_through += len(received(outside, 0.2))
+            states.add(live_state(pair.client))
+            next_probe += 60
+        time.sleep(min(1.0, left))
+    verdicts.poll()
+    states.add(live_state(pair.client))
+    return Silence(
+        tunnel_counters(pair),
+        capture.since(0),
+        clock.queue.qsize(),
+        states,
+        probes,
+        probes_through,
+        watcher.lines()[log_mark:],
+    )
+
+
+def next_datagram(pair: WgPair) -> tuple[bool, str, float]:
+    """One datagram into the tunnel as an application sends it, echoed by the
+    server: answered, the application's error if any, ms to the answer."""
+    start = time.monotonic()
+    try:
+        echo_through_tunnel(pair, b"after the idle minutes")
+    except (AssertionError, OSError) as e:
+        return False, str(e), (time.monotonic() - start) * 1000
+    return True, "", (time.monotonic() - start) * 1000
+
+
+def control_leaks(pair: WgPair, outside: socket.socket) -> int:
+    """The control for the refused probes: with the watcher stopped and the
+    ruleset flushed, the same datagram arrives (1)."""
+    pair.client.exec(["nft", "flush", "ruleset"])
+    send_udp(pair.client, netns.WORLD_V4, PROBE_PORT, b"outside the tunnel")
+    return len(received(outside, 0.5))
+
+
+def idle_tunnel(args: argparse.Namespace, executable: tuple[str, ...]) -> None:
+    with netns.Lab() as lab, tempfile.TemporaryDirectory(prefix="efw-bench-") as tmp:
+        # No PersistentKeepalive from the start: the watcher makes WireGuard shake hands.
+        pair = wg_pair(lab, keepalive=None)
+        clock = EventClock(pair.client)
+        watcher = start_watcher(
+            lab,
+            pair.client,
+            executable,
+            write_config(Path(tmp), config_for(pair.client_wg.name)),
+            log_dir=Path(tmp),
+            prefix=("nice", "-n", str(args.nice)),
+        )
+        verdicts = Verdicts(pair.client_wg)
+        watcher.wait_for(r"^relaxed: ")
+        verdicts.poll()
+        print(f"idle tunnel: watcher {' '.join(executable)} (nice {args.nice}), no PersistentKeepalive")
+        print(f"load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+        if pair.client_keepalive() != "off":
+            raise RuntimeError(f"the client's keepalive is {pair.client_keepalive()}, not off")
+        handshake = pair.latest_handshake()
+        counters, idle_start = settle(pair, verdicts)
+        outside = pair.outside_listener()
+        silence = keep_silent(IdleLab(pair, watcher, clock, verdicts, outside), idle_start + args.idle_minutes * 60)
+        sent_at = time.time()
+        log_mark = len(watcher.lines())
+        answered, error, answer_ms = next_datagram(pair)
+        new_handshake = pair.latest_handshake() > handshake
+        time.sleep(2)
+        verdicts.poll()
+        after = (live_state(pair.client), watcher.lines()[log_mark:])
+        watcher.stop()
+        control = control_leaks(pair, outside)
+
+    print(
+        f"idle: {(sent_at - idle_start) / 60:.1f} min from the last byte through the tunnel to the next datagram "
+        f"({sent_at - handshake:.0f} s after the handshake; WireGuard's session ends at "
+        f"{tunnels.REJECT_AFTER_TIME} s, its keys are wiped at {3 * tunnels.REJECT_AFTER_TIME} s)"
+    )
+    print(f"  tunnel counters (client rx, tx; server rx, tx): {counters} -> {silence.counters}")
+    kinds = collections.Counter(f.describe() for f in silence.frames)
+    print(
+        f"  link frames meanwhile: {len(silence.frames)} ({', '.join(f'{n} {k}' for k, n in kinds.items())}); "
+        f"WireGuard {sum(map(is_wireguard, silence.frames))}, outside-the-tunnel datagrams "
+        f"{sum(map(is_probe, silence.frames))}"
+    )
+    states = ", ".join(sorted(map(str, silence.states)))
+    print(f"  nftables transactions meanwhile: {silence.transactions}; ruleset states seen: {states}")
+    print(
+        f"  outside-the-tunnel datagrams: {silence.probes} sent, {silence.probes_through} arrived "
+        f"(control, watcher stopped and ruleset flushed: {control} of 1 arrived)"
+    )
+    print(f"  watcher log meanwhile ({len(silence.log)} lines):", *(f"    {line}" for line in silence.log), sep="\n")
+    print("  watcher verdicts (s from idle start):")
+    for when, text in verdicts.since(idle_start):
+        print(f"    {when - idle_start:+8.1f} s  {text}")
+    print(
+        f"next datagram: {'answered' if answered else 'NOT answered'} in {answer_ms:.1f} ms; "
+        f"application errors: {1 if error else 0}{f' ({error})' if error else ''}; "
+        f"new handshake: {'yes' if new_handshake else 'no'}; ruleset after: {after[0]}"
+    )
+    print(f"  watcher log after it ({len(after[1])} lines):", *(f"    {line}" for line in after[1]), sep="\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("timings", "idle-tunnel"), help="run one scenario [default: both]")
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--idle", type=float, default=20.0)
+    parser.add_argument("--idle-minutes", type=float, default=10.0, help="the idle tunnel's silence [%(default)s]")
+    parser.add_argument("--executable", help="a frozen earlyfw binary (default: python -m earlyfw)")
+    parser.add_argument(
+        "--nice", type=int, default=unit_nice(), help="the watcher's niceness [default: its unit's, %(default)s]"
+    )
+    args = parser.parse_args()
+    executable: tuple[str, ...] = (args.executable,) if args.executable else PYTHON_MODULE
+    netns.require_tools(["ip", "nft", "wireguard-go", "wg", "setpriv", "stdbuf"])
+    if args.only in (None, "timings"):
+        timings(args, executable)
+    if args.only in (None, "idle-tunnel"):
+        idle_tunnel(args, executable)
 
 
 if __name__ == "__main__":

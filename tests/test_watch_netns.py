@@ -39,6 +39,7 @@ from tests.watch_lab import (
     Watcher,
     WgPair,
     config_for,
+    echo_through_tunnel,
     live_state,
     received,
     send_udp,
@@ -441,35 +442,6 @@ def test_handshake_packets_from_the_endpoint_wake_the_watcher(lab: netns.Lab) ->
 
 
 # --- issue 11: a tunnel that comes up, and stays up, under the kill switch ---------------------
-
-
-def echo_through_tunnel(pair: WgPair, payload: bytes, wait: float = 5.0) -> bytes:
-    """A datagram from the client into the tunnel, answered by the server
-    through it: the reply, or an AssertionError naming what failed (an
-    application error on send, or no answer)."""
-    with (
-        pair.world.socket(socket.AF_INET, socket.SOCK_DGRAM) as server,
-        pair.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
-    ):
-        server.bind((str(TUNNEL_SERVER), PROBE_PORT))
-        server.settimeout(0.05)
-        client.settimeout(wait)
-        try:
-            client.sendto(payload, (str(TUNNEL_SERVER), PROBE_PORT))
-        except OSError as e:
-            raise AssertionError(f"the application got an error sending into the tunnel: {e}") from None
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                data, source = server.recvfrom(2048)
-            except TimeoutError:
-                continue
-            server.sendto(data, source)
-            break
-        try:
-            return client.recv(2048)
-        except TimeoutError:
-            raise AssertionError("no answer through the tunnel") from None
 
 
 def watcher_status(pair: WgPair) -> str:

@@ -123,6 +123,15 @@ class WireGuard:
     def remove_peer(self, public: str) -> None:
         self.ns.exec(["wg", "set", self.name, "peer", public, "remove"])
 
+    def transfer(self, public: str) -> tuple[int, int]:
+        """Bytes received from and sent to peer `public`, handshakes included."""
+        for line in self.ns.exec(["wg", "show", self.name, "transfer"]).splitlines():
+            key, _, counts = line.partition("\t")
+            if key == public:
+                rx, _, tx = counts.partition("\t")
+                return int(rx), int(tx)
+        return 0, 0
+
     def latest_handshake(self, public: str) -> float:
         for line in self.ns.exec(["wg", "show", self.name, "latest-handshakes"]).splitlines():
             key, _, seconds = line.partition("\t")
@@ -195,8 +204,7 @@ class WgPair:
 
     def client_tx(self) -> int:
         """Bytes the client's WireGuard sent to the server, handshakes included."""
-        out = self.client.exec(["wg", "show", self.client_wg.name, "transfer"])
-        return int(out.split("\t")[2]) if out.count("\t") == 2 else 0
+        return self.client_wg.transfer(self.server_wg.public)[1]
 
     def latest_handshake(self) -> float:
         return self.client_wg.latest_handshake(self.server_wg.public)
@@ -380,3 +388,32 @@ def received(sock: socket.socket, wait: float = 1.0) -> list[bytes]:
         except TimeoutError:
             continue
     return got
+
+
+def echo_through_tunnel(pair: WgPair, payload: bytes, wait: float = 5.0) -> bytes:
+    """A datagram from the client into the tunnel, answered by the server
+    through it: the reply, or an AssertionError naming what failed (an
+    application error on send, or no answer)."""
+    with (
+        pair.world.socket(socket.AF_INET, socket.SOCK_DGRAM) as server,
+        pair.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        server.bind((str(TUNNEL_SERVER), PROBE_PORT))
+        server.settimeout(0.05)
+        client.settimeout(wait)
+        try:
+            client.sendto(payload, (str(TUNNEL_SERVER), PROBE_PORT))
+        except OSError as e:
+            raise AssertionError(f"the application got an error sending into the tunnel: {e}") from None
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                data, source = server.recvfrom(2048)
+            except TimeoutError:
+                continue
+            server.sendto(data, source)
+            break
+        try:
+            return client.recv(2048)
+        except TimeoutError:
+            raise AssertionError("no answer through the tunnel") from None

@@ -395,7 +395,14 @@ class AutoSource:
         if not (self.sys_class_net / self.interface).exists():
             raise InterfaceGone(f"interface {self.interface} does not exist")
         self.current = self.uapi if self.uapi.path.exists() else self.kernel
-        return self.current.peers()
+        try:
+            return self.current.peers()
+        except SourceError:
+            # A userspace device going away removes its socket before its link:
+            # the kernel reader then fails on a link that is about to vanish.
+            if not (self.sys_class_net / self.interface).exists():
+                raise InterfaceGone(f"interface {self.interface} does not exist") from None
+            raise
 
     def set_keepalive(self, public_key: str, seconds: int) -> None:
         self.current.set_keepalive(public_key, seconds)

@@ -235,6 +235,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
+def resolver(lab: Lab, ns: Namespace, listen: Sequence[str], options: Sequence[str], workdir: Path) -> None:
+    """A DNS server of the test's own in `ns` (dnsmasq with no config file, no
+    upstream, no hosts file): it answers only what `options` say, on `listen`."""
+    name = f"dnsmasq-{listen[0]}"
+    lab.spawn(
+        ns,
+        [
+            *("dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts"),
+            "--bind-interfaces",
+            *(f"--listen-address={address}" for address in listen),
+            *options,
+            f"--pid-file={workdir / f'{name}.pid'}",
+            "--user=root",
+        ],
+        log=workdir / f"{name}.out",
+    )
+    wait_until(lambda: f"{listen[0]}:53 " in ns.exec(["ss", "-Hlun"]), 5, f"dnsmasq on {listen[0]}:53")
+
+
 # --- captures ---------------------------------------------------------------
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -66,27 +66,14 @@ dhcp-option DNS {TUNNEL_SERVER}
 
 def dnsmasq(lab: netns.Lab, ns: netns.Namespace, listen: str, records: dict[str, str], workdir: Path) -> Path:
     log = workdir / f"dnsmasq-{listen}.log"
-    lab.spawn(
-        ns,
-        [
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            f"--listen-address={listen}",
-            # Answer for the provider's domain alone: NODATA, not REFUSED, for a missing AAAA.
-            "--local=/example-vpn.net/",
-            *(f"--host-record={name},{addresses}" for name, addresses in records.items()),
-            "--log-queries",
-            f"--log-facility={log}",
-            f"--pid-file={workdir / f'dnsmasq-{listen}.pid'}",
-            "--user=root",
-        ],
-        log=workdir / f"dnsmasq-{listen}.out",
-    )
-    netns.wait_until(lambda: f"{listen}:53 " in ns.exec(["ss", "-Hlun"]), 5, f"dnsmasq on {listen}:53")
+    options = [
+        # Answer for the provider's domain alone: NODATA, not REFUSED, for a missing AAAA.
+        "--local=/example-vpn.net/",
+        *(f"--host-record={name},{addresses}" for name, addresses in records.items()),
+        "--log-queries",
+        f"--log-facility={log}",
+    ]
+    netns.resolver(lab, ns, [listen], options, workdir)
     return log
 
 

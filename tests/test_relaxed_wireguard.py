@@ -184,23 +184,9 @@ def tunnel(module_lab: netns.Lab, tmp_path_factory: pytest.TempPathFactory) -> T
             f"link set {server_wg} up",
         ]
     )
-    lab.spawn(
-        pair.world,
-        [
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            *(f"--listen-address={a}" for a in (SERVER, SERVER_V6, OTHER_RESOLVER)),
-            f"--address=/{NAME}/192.0.2.99",
-            f"--pid-file={workdir / 'dnsmasq.pid'}",
-            "--user=root",
-        ],
-        log=workdir / "dnsmasq.log",
+    netns.resolver(
+        lab, pair.world, [str(SERVER), str(SERVER_V6), str(OTHER_RESOLVER)], [f"--address=/{NAME}/192.0.2.99"], workdir
     )
-    netns.wait_until(lambda: f"{SERVER}:53 " in pair.world.exec(["ss", "-Hltn"]), 5, "dnsmasq on 10.64.0.1:53")
     echo_server(lab, pair.world, (SERVER, INTERNET))
     listener(lab, pair.world, "", TCP_PORT)
     listener(lab, pair.world, str(OTHER_RESOLVER), 853)

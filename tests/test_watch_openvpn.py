@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from tests.watch_lab import (
     PYTHON_MODULE,
     TUNNEL_CLIENT,
     TUNNEL_SERVER,
+    Watcher,
     config_for,
     live_state,
     received,
@@ -74,50 +76,57 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(5)
 
 
-def test_real_openvpn_connected_relaxes_reconnecting_and_exiting_lock(lab: netns.Lab, tmp_path: Path) -> None:
-    topology = netns.client_world(lab, [], tag="eo")
+@dataclass
+class RealOpenVPN:
+    """A static-key OpenVPN server in the world and `earlyfw watch` on the
+    client, following the client's management socket."""
+
+    topology: netns.ClientWorld
+    watcher: Watcher
+    server: subprocess.Popen[bytes]
+    key: Path
+    client_if: str
+    management: Path
+
+    def client(self, lab: netns.Lab, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+        return openvpn(
+            lab,
+            self.topology.client,
+            self.key,
+            "1",
+            *("--dev", self.client_if, "--remote", str(WORLD), str(OPENVPN_PORT)),
+            *("--ifconfig", str(TUNNEL_CLIENT), str(TUNNEL_SERVER)),
+            *("--management", str(self.management), "unix", *extra),
+            log=log,
+        )
+
+
+def real_openvpn(lab: netns.Lab, tmp_path: Path, tag: str) -> RealOpenVPN:
+    topology = netns.client_world(lab, [], tag=tag)
     key = tmp_path / "static.key"
     subprocess.run(["openvpn", "--genkey", "secret", str(key)], check=True, capture_output=True)
     server_if, client_if = netns.unique("efvs"), netns.unique("efvc")
     management = tmp_path / "mgmt.sock"
     config = config_for(client_if, ((str(WORLD), OPENVPN_PORT),), kind=TunnelKind.OPENVPN, management=management)
     watcher = start_watcher(lab, topology.client, PYTHON_MODULE, write_config(tmp_path, config), log_dir=tmp_path)
-
-    openvpn(
+    server = openvpn(
         lab,
         topology.world,
         key,
         "0",
-        "--dev",
-        server_if,
-        "--lport",
-        str(OPENVPN_PORT),
-        "--ifconfig",
-        str(TUNNEL_SERVER),
-        str(TUNNEL_CLIENT),
+        *("--dev", server_if, "--lport", str(OPENVPN_PORT)),
+        *("--ifconfig", str(TUNNEL_SERVER), str(TUNNEL_CLIENT)),
         log=tmp_path / "server.log",
     )
-    client = openvpn(
-        lab,
-        topology.client,
-        key,
-        "1",
-        "--dev",
-        client_if,
-        "--remote",
-        str(WORLD),
-        str(OPENVPN_PORT),
-        "--ifconfig",
-        str(TUNNEL_CLIENT),
-        str(TUNNEL_SERVER),
-        "--management",
-        str(management),
-        "unix",
-        # Keep the device across the soft restart below, so the lock comes
-        # from OpenVPN's RECONNECTING and not from the device going away.
-        "--persist-tun",
-        log=tmp_path / "client.log",
-    )
+    return RealOpenVPN(topology, watcher, server, key, client_if, management)
+
+
+def test_real_openvpn_connected_relaxes_reconnecting_and_exiting_lock(lab: netns.Lab, tmp_path: Path) -> None:
+    real = real_openvpn(lab, tmp_path, "eo")
+    topology, watcher = real.topology, real.watcher
+    # Keep the device across the soft restart below, so the lock comes
+    # from OpenVPN's RECONNECTING and not from the device going away.
+    client = real.client(lab, tmp_path / "client.log", "--persist-tun")
     # Blocked, OpenVPN's packets to the endpoint still get out: it connects.
     line = watcher.wait_for(r"^relaxed: OpenVPN CONNECTED to 192\.0\.2\.1:1194", 30)
     assert line
@@ -248,32 +257,9 @@ def test_real_openvpn_idle_stays_relaxed_and_dead_locks(lab: netns.Lab, tmp_path
     decide when the tunnel is dead. Idle past the ping-restart time with no
     traffic of the user's: still relaxed, and the next packet is answered.
     The server gone: OpenVPN's ping-restart gives up, RECONNECTING, locked."""
-    topology = netns.client_world(lab, [], tag="ei")
-    key = tmp_path / "static.key"
-    subprocess.run(["openvpn", "--genkey", "secret", str(key)], check=True, capture_output=True)
-    server_if, client_if = netns.unique("efvs"), netns.unique("efvc")
-    management = tmp_path / "mgmt.sock"
-    config = config_for(client_if, ((str(WORLD), OPENVPN_PORT),), kind=TunnelKind.OPENVPN, management=management)
-    watcher = start_watcher(lab, topology.client, PYTHON_MODULE, write_config(tmp_path, config), log_dir=tmp_path)
-    server = openvpn(
-        lab,
-        topology.world,
-        key,
-        "0",
-        *("--dev", server_if, "--lport", str(OPENVPN_PORT)),
-        *("--ifconfig", str(TUNNEL_SERVER), str(TUNNEL_CLIENT)),
-        log=tmp_path / "server.log",
-    )
-    openvpn(
-        lab,
-        topology.client,
-        key,
-        "1",
-        *("--dev", client_if, "--remote", str(WORLD), str(OPENVPN_PORT)),
-        *("--ifconfig", str(TUNNEL_CLIENT), str(TUNNEL_SERVER)),
-        *("--management", str(management), "unix", "--ping-restart", str(PING_RESTART), "--persist-tun"),
-        log=tmp_path / "client.log",
-    )
+    real = real_openvpn(lab, tmp_path, "ei")
+    topology, watcher, server = real.topology, real.watcher, real.server
+    real.client(lab, tmp_path / "client.log", "--ping-restart", str(PING_RESTART), "--persist-tun")
     watcher.wait_for(r"^relaxed: OpenVPN CONNECTED to 192\.0\.2\.1:1194", 30)
     relaxed = len(watcher.lines())
 

@@ -137,10 +137,16 @@ def test_verify_does_read_our_files(image: Path, tmp_path: Path) -> None:
 def boot_transaction(image: Path, *, with_earlyfw: bool = True) -> dict[str, list[str]]:
     """Every unit systemd would load to reach a target that wants sysinit.target,
     the network managers and nftables.service: unit name -> its dump lines."""
-    need("setpriv")
     stubs = image / "stubs"
     wanted = " ".join(instance(u) for u in (*systemd.NETWORK_MANAGERS, "nftables.service"))
     (stubs / "earlyfw-test.target").write_text(f"[Unit]\nWants=sysinit.target {wanted}\n")
+    return systemd_transaction(unit_path(image, with_earlyfw=with_earlyfw), os.environ["PATH"])
+
+
+def systemd_transaction(unit_path: str, path: str) -> dict[str, list[str]]:
+    """systemd's own transaction (`systemd --test`, unprivileged) for
+    earlyfw-test.target on `unit_path`: unit name -> its dump lines."""
+    need("setpriv")
     assert SYSTEMD is not None
     result = subprocess.run(
         [
@@ -149,7 +155,7 @@ def boot_transaction(image: Path, *, with_earlyfw: bool = True) -> dict[str, lis
         ],
         capture_output=True,
         text=True,
-        env={"PATH": os.environ["PATH"], "SYSTEMD_UNIT_PATH": unit_path(image, with_earlyfw=with_earlyfw)},
+        env={"PATH": path, "SYSTEMD_UNIT_PATH": unit_path},
         cwd="/",
         timeout=120,
         check=False,

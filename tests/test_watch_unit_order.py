@@ -25,7 +25,7 @@ from earlyfw.root import Root
 from earlyfw.run import RecordingRunner
 from earlyfw.targets import systemd, watcher
 from tests.test_boot_targets import CONFIG_TEXT
-from tests.test_units import OVERLAY_USR_LIB, SYSTEMD, UNIT_DIR, instance, need, unit_path
+from tests.test_units import OVERLAY_USR_LIB, UNIT_DIR, instance, need, systemd_transaction, unit_path
 
 # What brings tunnels up: every network manager earlyfw knows, and wg-quick
 # (the host's real wg-quick@.service, from wireguard-tools).
@@ -63,28 +63,7 @@ def image() -> Iterator[Path]:
 
 def transaction(image: Path) -> dict[str, list[str]]:
     """systemd's boot transaction for the test target: unit -> its dump lines."""
-    assert SYSTEMD is not None
-    result = subprocess.run(
-        [
-            *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
-            *(SYSTEMD, "--test", "--system", "--unit=earlyfw-test.target", "--no-pager"),
-        ],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYSTEMD_UNIT_PATH": unit_path(image)},
-        cwd="/",
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    units: dict[str, list[str]] = {}
-    current: list[str] = []
-    for line in result.stdout.splitlines():
-        if line.startswith("\t-> Unit "):
-            current = units.setdefault(line.removeprefix("\t-> Unit ").rstrip(":"), [])
-        elif line.startswith("\t\t"):
-            current.append(line.strip())
-    return units
+    return systemd_transaction(unit_path(image), "/usr/sbin:/usr/bin:/sbin:/bin")
 
 
 def started_after(units: dict[str, list[str]], first: str) -> set[str]:

@@ -32,7 +32,10 @@ RTC_EPOCH = calendar.timegm(time.strptime(RTC_BASE, "%Y-%m-%dT%H:%M:%S"))
 # this option on when udev loads the module, wherever that happens.
 # `quiet` keeps the console (an emulated UART, slow under TCG) to warnings;
 # the kernel log itself keeps everything and reaches the host in the report.
-CMDLINE = "root=/dev/vda rw console=ttyS0 quiet virtio_net.dyndbg=+p"
+# log_buf_len: virtio_net's debug lines (one per packet, for its registration
+# time) would push the early lines out of the default buffer in a long boot
+# with a busy tunnel, and the checks read them back at the end.
+CMDLINE = "root=/dev/vda rw console=ttyS0 quiet virtio_net.dyndbg=+p log_buf_len=16M"
 # With -icount, idle time (waiting for the disk or for QEMU's network) still
 # passes at the host's pace; sleep=off would instead jump the guest clock to its
 # next timer, seconds at a time, at moments that depend on the host.

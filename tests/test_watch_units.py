@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 from dataclasses import dataclass, field
@@ -1070,3 +1071,23 @@ def test_a_longer_reject_after_relaxes_on_an_older_handshake_but_not_past_a_dead
     tunnel.evaluate(lambda: NOW + 301, 0)
     dead = tunnel.evaluate(lambda: NOW + 301 + tunnels.DEAD_AFTER, 0)
     assert dead.state is State.BLOCKED, "dead within WireGuard's limits, however long reject_after is"
+
+
+def test_the_verdict_is_published_where_chown_is_forbidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """earlyfw-watch.service's SystemCallFilter (~@privileged) makes any
+    chown fail with EPERM, even to the caller itself: publishing must not need one
+    (in the QEMU guest it did, and `earlyfw status` never saw the watcher)."""
+
+    def forbidden(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", forbidden)
+    tunnel = ScriptedTunnel(Verdict(State.BLOCKED, "wg0 has no peer", situation="no peer"))
+    lines: list[str] = []
+    watcher = Watcher(CONFIG, RecordingRuleset(CONFIG), tunnel, None, None, log=lines.append, verdict_dir=tmp_path)
+    watcher.start()
+    watcher.step(0)
+    assert not [line for line in lines if "cannot publish" in line], lines
+    published = daemon.read_verdict("wg0", tmp_path)
+    assert published is not None and published["situation"] == "no peer"
+    assert stat.S_IMODE((tmp_path / "watch-wg0.json").stat().st_mode) == 0o644

@@ -325,7 +325,11 @@ class Root:
                     f.write(data)
                     f.flush()
                     if hasattr(os, "fchown"):  # POSIX owners and modes; Windows uses ACLs
-                        os.fchown(f.fileno(), uid, gid)
+                        # Only when it differs: a sandboxed caller (earlyfw-watch.service's
+                        # SystemCallFilter) may not chown, not even to itself.
+                        st = os.fstat(f.fileno())
+                        if (st.st_uid, st.st_gid) != (uid, gid):
+                            os.fchown(f.fileno(), uid, gid)
                         os.fchmod(f.fileno(), mode)
                     os.fsync(f.fileno())
                 self._step("rename", path)

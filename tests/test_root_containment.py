@@ -337,24 +337,19 @@ def test_the_images_config_is_read_inside_the_image(tmp_path: Path) -> None:
     host_config = tmp_path / "host.toml"
     host_config.write_text(EXAMPLE.read_text().replace("198.51.100.7", "203.0.113.66"))
     (root / "etc/earlyfw/earlyfw.toml").symlink_to(host_config)  # absolute: inside the image it is missing
-    result = subprocess.run(
-        [sys.executable, "-m", "earlyfw", "install", "--root", str(root), "--target", "core"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+
+    def install() -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "earlyfw", "install", "--root", str(root), "--target", "core"]
+        return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+    result = install()
     assert result.returncode == 2, result.stdout
     assert "no such config file in the image" in result.stderr
     assert not (root / "var").exists()
     in_image = root / str(host_config).lstrip("/")
     in_image.parent.mkdir(parents=True)
     in_image.write_text(EXAMPLE.read_text())
-    result = subprocess.run(
-        [sys.executable, "-m", "earlyfw", "install", "--root", str(root), "--target", "core"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = install()
     assert result.returncode == 0, result.stderr
     assert "203.0.113.66" not in (root / "etc/earlyfw/blocked.nft").read_text()
 

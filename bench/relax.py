@@ -9,7 +9,7 @@ both ends), and what it costs at rest.
   come up: a peer without PersistentKeepalive, configured while the interface
           is down, then `ip link set up` (wg-quick's order) -> relaxed live.
           WireGuard would never start this handshake by itself under the
-          block; the watcher makes it (see earlyfw.watch.tunnels).
+          block; the watcher makes it (see earlyfw.linux.watcher.tunnels).
   repair: `nft delete table inet earlyfw` (or `flush ruleset`) committed ->
           the watcher's repair committed, both timed on the event group.
   events: the same removal seen on the raw netlink group (what the watcher
@@ -72,10 +72,10 @@ from tests.watch_lab import (
 )
 
 from earlyfw import policy
+from earlyfw.linux.watcher import daemon, sources, tunnels
+from earlyfw.linux.watcher.events import Generation, NftablesEvents
+from earlyfw.linux.watcher_unit import WATCH_UNIT, render_unit
 from earlyfw.policy import State
-from earlyfw.targets.watcher import WATCH_UNIT, render_unit
-from earlyfw.watch import daemon, sources, tunnels
-from earlyfw.watch.events import Generation, NftablesEvents
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

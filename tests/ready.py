@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from earlyfw.watch.daemon import verdict_path
+from earlyfw.linux.watcher.daemon import verdict_path
 from tests.netns import Lab, Namespace, unique
 from tests.watch_lab import config_for, write_config
 

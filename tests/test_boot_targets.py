@@ -23,11 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from earlyfw import config as configuration
-from earlyfw import firewalls, install, nft, templates
+from earlyfw import install, templates
 from earlyfw.errors import EarlyfwError
+from earlyfw.linux import boot, dracut, firewalls, initramfs_tools, mkinitcpio, nft, systemd
 from earlyfw.root import MANIFEST, Root
 from earlyfw.run import RecordingRunner, Result
-from earlyfw.targets import File, Symlink, dracut, initramfs_tools, linux, load_all, mkinitcpio, systemd
+from earlyfw.targets import File, Symlink, load_all
 
 CONFIG_TEXT = """\
 [tunnel]
@@ -215,7 +216,7 @@ def test_shellcheck_would_catch_a_mistake(tmp_path: Path) -> None:
     """Control for the test above: shellcheck really reads these files."""
     need("shellcheck")
     loader = tmp_path / "loader"
-    loader.write_bytes(linux.loader().replace(b'[ "$1" = off ]', b"[ $1 = off ]"))
+    loader.write_bytes(boot.loader().replace(b'[ "$1" = off ]', b"[ $1 = off ]"))
     assert subprocess.run(["shellcheck", str(loader)], capture_output=True, check=False).returncode != 0
 
 
@@ -263,10 +264,10 @@ def run_loader(tmp_path: Path, loader: Path, cmdline: str, mode: str) -> tuple[i
 @pytest.mark.parametrize("loader", LOADERS)
 def test_loader_loads_the_initramfs_ruleset(root: Root, tmp_path: Path, loader: str) -> None:
     status, stderr, calls, kmsg = run_loader(tmp_path, root / loader, "BOOT_IMAGE=/vmlinuz ro quiet", "ok")
-    assert status == linux.LOADED, stderr
+    assert status == boot.LOADED, stderr
     assert calls[-1] == "nft -f /etc/earlyfw/initramfs.nft"
     assert [c for c in calls if c.startswith("modprobe")] == [
-        "modprobe -q -a " + " ".join(linux.REQUIRED_MODULES + linux.OPTIONAL_MODULES)
+        "modprobe -q -a " + " ".join(boot.REQUIRED_MODULES + boot.OPTIONAL_MODULES)
     ]
     assert "<5>earlyfw: blocked: /etc/earlyfw/initramfs.nft loaded" in kmsg
     assert stderr == ""  # quiet on the console when all is well
@@ -275,7 +276,7 @@ def test_loader_loads_the_initramfs_ruleset(root: Root, tmp_path: Path, loader: 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_loader_honours_break_glass(root: Root, tmp_path: Path, loader: str) -> None:
     status, stderr, calls, kmsg = run_loader(tmp_path, root / loader, "BOOT_IMAGE=/vmlinuz earlyfw=off quiet", "ok")
-    assert status == linux.LOADED
+    assert status == boot.LOADED
     assert calls == []  # nothing loaded, nothing probed
     assert "earlyfw=off is on the kernel command line: the boot block is SKIPPED" in stderr
     assert kmsg.startswith("<2>earlyfw: WARNING: earlyfw=off")
@@ -284,7 +285,7 @@ def test_loader_honours_break_glass(root: Root, tmp_path: Path, loader: str) -> 
 @pytest.mark.parametrize("cmdline", ["earlyfw=offx", "xearlyfw=off", "rd.earlyfw=off", "earlyfw=on"])
 def test_loader_break_glass_is_exact(root: Root, tmp_path: Path, cmdline: str) -> None:
     status, _, calls, _ = run_loader(tmp_path, root / LOADERS[0], f"ro {cmdline} quiet", "ok")
-    assert status == linux.LOADED and calls[-1] == "nft -f /etc/earlyfw/initramfs.nft"
+    assert status == boot.LOADED and calls[-1] == "nft -f /etc/earlyfw/initramfs.nft"
 
 
 # The command lines the issue names, and what the switch is on each.
@@ -405,7 +406,7 @@ def test_loader_reads_the_switch_as_the_kernel_does(
     root: Root, tmp_path: Path, loader: str, cmdline: str, off: bool
 ) -> None:
     status, stderr, calls, _ = run_loader(tmp_path, root / loader, cmdline.replace("\n", " "), "ok")
-    assert status == linux.LOADED, stderr
+    assert status == boot.LOADED, stderr
     assert (calls == []) is off, calls
     assert ("the boot block is SKIPPED" in stderr) is off
 
@@ -417,7 +418,7 @@ def run_switch(root: Root, tmp_path: Path, cmdline: str, *argv: str) -> subproce
     fake.write_text(cmdline + "\n")
     script = 'mount --bind "$0" /proc/cmdline && exec "$@"'
     return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, fake, root / linux.SWITCH, *argv],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, fake, root / boot.SWITCH, *argv],
         capture_output=True,
         text=True,
         timeout=30,
@@ -446,7 +447,7 @@ def test_switch_script_refuses_a_bad_position(root: Root, tmp_path: Path) -> Non
 @pytest.mark.parametrize("loader", LOADERS)
 def test_loader_fails_loudly_and_closed_on_a_broken_ruleset(root: Root, tmp_path: Path, loader: str) -> None:
     status, stderr, calls, kmsg = run_loader(tmp_path, root / loader, "ro quiet", "broken")
-    assert status == linux.FALLBACK
+    assert status == boot.FALLBACK
     assert calls[-2:] == ["nft -f /etc/earlyfw/initramfs.nft", "nft -f -"]
     assert (tmp_path / "calls.fallback").read_text() == templates.read("hooks", "fallback.nft")
     assert "Error: stub nft refuses /etc/earlyfw/initramfs.nft" in stderr  # nft's own error reaches the console
@@ -457,7 +458,7 @@ def test_loader_fails_loudly_and_closed_on_a_broken_ruleset(root: Root, tmp_path
 
 def test_loader_says_so_when_nothing_can_be_loaded(root: Root, tmp_path: Path) -> None:
     status, stderr, calls, kmsg = run_loader(tmp_path, root / LOADERS[0], "ro quiet", "none")
-    assert status == linux.UNPROTECTED
+    assert status == boot.UNPROTECTED
     assert calls[-2:] == ["nft -f /etc/earlyfw/initramfs.nft", "nft -f -"]
     assert "could not load ANY ruleset" in stderr and "NOT protected" in stderr
     assert "<2>earlyfw: could not load ANY ruleset" in kmsg
@@ -513,7 +514,7 @@ def test_loader_with_real_nft_falls_back_to_drop_everything(root: Root, tmp_path
     )
     lines = result.stdout.split()
     assert "before=0" in lines, result.stdout + result.stderr  # control: without earlyfw it gets out
-    assert f"loader={linux.FALLBACK}" in lines, result.stdout + result.stderr
+    assert f"loader={boot.FALLBACK}" in lines, result.stdout + result.stderr
     assert "fallback=1" in lines
     assert "after=1" in lines  # EPERM: the output chain dropped it
     assert "syntax error" in result.stderr  # nft's own complaint is on the console
@@ -551,7 +552,7 @@ def run_wrapper(tmp_path: Path, generator: str, cmdline: str) -> dict[str, str]:
     template, shell, stubs, call = WRAPPERS[generator]
     loader = tmp_path / "loader"
     hook = tmp_path / "hook"
-    hook.write_bytes(linux.render(template, loader=loader))
+    hook.write_bytes(boot.render(template, loader=loader))
     fake_cmdline = tmp_path / "cmdline"
     fake_cmdline.write_text(cmdline + "\n")
     cases = tmp_path / "cases"
@@ -648,8 +649,8 @@ def test_mkinitcpio_build_hook_adds_nft_modules_ruleset_loader_and_unit(root: Ro
     assert calls.read_text().splitlines() == [
         "add_binary nft",
         "add_binary modprobe",
-        *(f"add_module {m}" for m in linux.REQUIRED_MODULES),
-        *(f"add_module {m}?" for m in linux.OPTIONAL_MODULES),
+        *(f"add_module {m}" for m in boot.REQUIRED_MODULES),
+        *(f"add_module {m}?" for m in boot.OPTIONAL_MODULES),
         "add_file /etc/earlyfw/initramfs.nft",
         "add_file /usr/lib/earlyfw/initcpio/earlyfw-load /usr/bin/earlyfw-load 755",
         "add_runscript",
@@ -707,7 +708,7 @@ def test_mkinitcpio_warns_about_a_preset_that_disables_drop_ins(
 ) -> None:
     image = Root(tmp_path)
     (image / "/etc/mkinitcpio.d").mkdir(parents=True)
-    (image / "/etc/mkinitcpio.d/linux.preset").write_text(
+    (image / "/etc/mkinitcpio.d/boot.preset").write_text(
         '#ALL_config="/etc/mkinitcpio.conf"\nALL_kver="/boot/vmlinuz-linux"\ndefault_config="/etc/mkinitcpio.conf"\n'
     )
     install.install(config, image, RecordingRunner(), ("mkinitcpio",))
@@ -749,7 +750,7 @@ def test_detects_the_one_generator_in_use(
     tmp_path: Path, paths: tuple[str, ...], os_id: str, expected: str | None
 ) -> None:
     image = fake_root(tmp_path, *paths, os_id=os_id)
-    found = linux.active_generator(image)
+    found = boot.active_generator(image)
     assert (found.name if found else None) == expected
     detected = {cls.name for cls in install.select(image)}
     for name in ("dracut", "initramfs-tools", "mkinitcpio"):
@@ -774,7 +775,7 @@ def test_systemd_target_is_detected_by_systemd_itself(tmp_path: Path) -> None:
     ],
 )
 def test_host_install_and_uninstall_rebuild_with_visible_progress(
-    cls: type[linux.InitramfsTarget],
+    cls: type[boot.InitramfsTarget],
     command: tuple[str, ...],
     config: configuration.Config,
     capsys: pytest.CaptureFixture[str],
@@ -998,7 +999,7 @@ def test_egress_attach_filters_raw_sockets_on_each_interface_as_it_appears(egres
 def test_egress_attach_honours_the_switch_and_fails_closed(egress_root: Root, tmp_path: Path) -> None:
     off = run_egress(egress_root, tmp_path / "off", "veth v0 v1\negress\nprobe v0 v1 leak\n", "ro earlyfw=off")
     assert off["status"] == "0" and off["v0-leak"] == "through"
-    (egress_root / linux.EGRESS_RULESET).write_text("table netdev earlyfw_egress { this is not nft }\n")
+    (egress_root / boot.EGRESS_RULESET).write_text("table netdev earlyfw_egress { this is not nft }\n")
     broken = run_egress(egress_root, tmp_path / "broken", "veth v0 v1\negress\nprobe v0 v1 endpoint\n")
     assert broken["status"] == "1", broken["stderr"]
     assert broken["v0-endpoint"] == "blocked"  # nothing at all leaves
@@ -1006,9 +1007,9 @@ def test_egress_attach_honours_the_switch_and_fails_closed(egress_root: Root, tm
 
 
 def test_egress_files_only_with_egress_configured(root: Root, egress_root: Root) -> None:
-    assert not (root / linux.EGRESS_RULESET).exists() and not (root / linux.EGRESS_INTERFACES).exists()
-    assert (egress_root / linux.EGRESS_INTERFACES).read_text() == "v0\nv2\n"
-    rule = (egress_root / linux.EGRESS_RULE).read_text()
+    assert not (root / boot.EGRESS_RULESET).exists() and not (root / boot.EGRESS_INTERFACES).exists()
+    assert (egress_root / boot.EGRESS_INTERFACES).read_text() == "v0\nv2\n"
+    rule = (egress_root / boot.EGRESS_RULE).read_text()
     assert 'ACTION=="add|move", SUBSYSTEM=="net", RUN+="/usr/lib/earlyfw/earlyfw-egress"' in rule
     block = (egress_root / "/etc/systemd/system/earlyfw-block.service").read_text()
     assert "ExecStart=/usr/lib/earlyfw/earlyfw-egress\n" in block

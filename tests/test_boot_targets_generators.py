@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from earlyfw.targets import dracut, initramfs_tools, linux
+from earlyfw.linux import boot, dracut, initramfs_tools
 from tests.test_boot_targets import CONFIG_TEXT
 
 CACHE = Path("/var/cache/earlyfw-test/roots")
@@ -160,7 +160,7 @@ def expected_libraries(root: Path) -> list[str]:
 
 def expected_modules(root: Path, version: str) -> list[str]:
     """The required modules and everything they depend on, from the root's modprobe."""
-    argv = ["modprobe", "--all", "--set-version", version, "--show-depends", *linux.REQUIRED_MODULES]
+    argv = ["modprobe", "--all", "--set-version", version, "--show-depends", *boot.REQUIRED_MODULES]
     shown = chroot(root, *argv).stdout
     return sorted({Path(p).name for p in re.findall(r"^insmod (\S+)", shown, re.M)})
 
@@ -200,7 +200,7 @@ def assert_has_the_block(listing: str, unpacked: Path, root: Path, version: str)
     # would need nft_objref, ct state nft_ct and nf_conntrack, each a module
     # load before udev (this check once caught nft_objref missing).
     needed = modules_the_ruleset_needs(root, version)
-    assert needed <= set(linux.REQUIRED_MODULES), needed
+    assert needed <= set(boot.REQUIRED_MODULES), needed
     for module in needed:
         assert re.search(rf"/{module}\.ko(\.[a-z]+)?$", listing, re.M), f"{module} is missing"
     unneeded = re.findall(r"/(nf_conntrack|nft_ct|nft_reject_inet|nft_objref)\.ko", listing)

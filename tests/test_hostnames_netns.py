@@ -29,7 +29,7 @@ import pytest
 
 from earlyfw import config as configuration
 from earlyfw.config import IPAddress
-from earlyfw.watch.daemon import read_verdict
+from earlyfw.linux.watcher.daemon import read_verdict
 from tests import netns
 from tests.conftest import require
 from tests.test_relaxed_wireguard import UDP_ECHO_PORT, echo_server

@@ -6,7 +6,7 @@ of pf's state (enabled, enable references, the main ruleset, each anchor's
 rules) with the behaviour the script relies on: a failed load changes nothing
 (pf loads in one transaction), `-d` drops every reference, releasing the last
 reference disables pf. Whether the machine is blocked is then decided by
-evaluating the model's rules with earlyfw.pf.
+evaluating the model's rules with earlyfw.macos.pf.
 
 The script runs under dash and under bash --posix (macOS's /bin/sh is bash 3.2
 in POSIX mode), from a directory with a space in its name, like
@@ -33,11 +33,12 @@ from typing import Any
 
 import pytest
 
-from earlyfw import config, pf
-from earlyfw.pf import Action, Direction, Packet
+from earlyfw import config
+from earlyfw.macos import pf
+from earlyfw.macos import target as macos
+from earlyfw.macos.pf import Action, Direction, Packet
 from earlyfw.policy import State
 from earlyfw.run import RecordingRunner
-from earlyfw.targets import macos
 from tests.test_macos_pf import EXAMPLE_CONFIG, LAN_TCP_CONFIG, ip
 
 APPLE_MAIN = 'scrub-anchor "com.apple/*" all fragment reassemble\nanchor "com.apple/*" all\n'
@@ -316,7 +317,7 @@ def make_mac(tmp_path: Path, shell: list[str], cfg: config.Config = EXAMPLE_CONF
     rendered = macos.render(cfg, layout)
     support = Path(layout.support_dir)
     support.mkdir(parents=True)
-    (support / "earlyfw.pf").write_text(rendered.rules)
+    (support / "earlyfw.macos.pf").write_text(rendered.rules)
     (support / "tunnel.pf").write_text(rendered.tunnel)
     (support / "emergency.pf").write_text(rendered.emergency)
     Path(layout.script).write_text(rendered.script)

@@ -23,10 +23,11 @@ from click.testing import CliRunner
 
 from earlyfw import cli, config, install
 from earlyfw.errors import ConfigError, EarlyfwError
+from earlyfw.macos import target as macos
 from earlyfw.policy import State
 from earlyfw.root import Root, Transaction
 from earlyfw.run import RecordingRunner, Result
-from earlyfw.targets import File, System, macos
+from earlyfw.targets import File, System
 from tests.test_macos_pf import EXAMPLE_CONFIG, LAN_TCP_CONFIG
 
 SUPPORT = "/Library/Application Support/earlyfw"

@@ -1,4 +1,4 @@
-"""The pure parts of earlyfw.nft: splitting a ruleset into batches for a user
+"""The pure parts of earlyfw.linux.nft: splitting a ruleset into batches for a user
 namespace, cutting a ruleset listing into tables, counters, normalising."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from earlyfw import nft, policy
+from earlyfw import policy
 from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
+from earlyfw.linux import nft
 from earlyfw.policy import State
 
 

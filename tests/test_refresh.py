@@ -22,15 +22,16 @@ from earlyfw import config, importers, resolve
 from earlyfw.config import Config, Endpoint, IPAddress, Protocol
 from earlyfw.endpoints import apply, refreshed, running_watcher, tunnel_flows
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
+from earlyfw.linux import boot
+from earlyfw.linux.refresh_timer import REFRESH_SERVICE, REFRESH_TIMER, Refresh
+from earlyfw.linux.watcher.daemon import Watcher
+from earlyfw.linux.watcher.tunnels import Verdict
 from earlyfw.manifest import Entry, Manifest
 from earlyfw.policy import State
 from earlyfw.root import MANIFEST, Root, sha256
 from earlyfw.run import RecordingRunner, Result
-from earlyfw.targets import File, Symlink, linux
+from earlyfw.targets import File, Symlink
 from earlyfw.targets.core import CONFIG_PATH, Core, ruleset_path
-from earlyfw.targets.refresh import REFRESH_SERVICE, REFRESH_TIMER, Refresh
-from earlyfw.watch.daemon import Watcher
-from earlyfw.watch.tunnels import Verdict
 from tests import netns
 from tests.test_watch_units import FakeClock, RecordingRuleset, ScriptedTunnel
 
@@ -212,7 +213,7 @@ def test_refresh_units_verify_clean(tmp_path: Path, unit: str) -> None:
     directory = tmp_path / "etc/systemd/system"
     directory.mkdir(parents=True)
     for name in (REFRESH_SERVICE, REFRESH_TIMER):
-        (directory / name).write_bytes(linux.render(f"units/{name}.j2"))
+        (directory / name).write_bytes(boot.render(f"units/{name}.j2"))
     # earlyfw is found on systemd's fixed search path (/usr/local/bin for pip,
     # /usr/bin for the package), which this test host need not have: verify
     # checks a copy whose command is /bin/true, everything else as installed.
@@ -349,7 +350,7 @@ def test_watcher_reload_swaps_the_pins_in_one_batch_and_keeps_the_verdict(tmp_pa
 
 def _installed(root: Root, old: Config) -> None:
     """What `earlyfw install` leaves of the core and the egress ruleset, with its manifest."""
-    files = [*Core(root, RecordingRunner()).plan(old).artifacts, File(linux.EGRESS_RULESET, linux.egress_ruleset(old))]
+    files = [*Core(root, RecordingRunner()).plan(old).artifacts, File(boot.EGRESS_RULESET, boot.egress_ruleset(old))]
     manifest = Manifest(targets=["core", "systemd"])
     for file in files:
         assert isinstance(file, File)
@@ -373,7 +374,7 @@ def test_apply_rewrites_the_boot_rulesets_and_keeps_them_earlyfws(tmp_path: Path
     assert "198.51.100.7" in blocked and "198.51.100.1" not in blocked
     for state in State:
         assert "198.51.100.1" not in root.read_bytes(ruleset_path(state)).decode(), state
-    assert "198.51.100.1" not in root.read_bytes(linux.EGRESS_RULESET).decode()
+    assert "198.51.100.1" not in root.read_bytes(boot.EGRESS_RULESET).decode()
     assert config.load(root / CONFIG_PATH).endpoints == new.endpoints
     manifest = Manifest.load(root)
     assert manifest is not None

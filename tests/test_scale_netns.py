@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config as configuration
-from earlyfw import nft, policy
+from earlyfw import policy
 from earlyfw.errors import CommandError
+from earlyfw.linux import nft
 from earlyfw.policy import State
 from earlyfw.run import Runner
 

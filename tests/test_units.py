@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config as configuration
-from earlyfw import firewalls, install
+from earlyfw import install
+from earlyfw.linux import firewalls, systemd
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner
-from earlyfw.targets import systemd
 from tests.test_boot_targets import CONFIG_TEXT
 
 UNIT_DIR = "/etc/systemd/system"

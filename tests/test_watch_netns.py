@@ -21,12 +21,12 @@ import pytest
 
 from earlyfw import cli, policy
 from earlyfw.config import TunnelKind
+from earlyfw.linux import boot
+from earlyfw.linux.watcher import daemon, tunnels
+from earlyfw.linux.watcher.events import HandshakeLog, NftablesEvents
+from earlyfw.linux.watcher.libnft import Libnftables
+from earlyfw.linux.watcher.ruleset import WATCHED_TABLES, wake_script
 from earlyfw.policy import State
-from earlyfw.targets import linux
-from earlyfw.watch import daemon, tunnels
-from earlyfw.watch.events import HandshakeLog, NftablesEvents
-from earlyfw.watch.libnft import Libnftables
-from earlyfw.watch.ruleset import WATCHED_TABLES, wake_script
 from tests import netns
 from tests.conftest import require
 from tests.test_frozen import frozen_binary
@@ -273,14 +273,14 @@ def test_sleep_lock_holds_until_a_handshake_newer_than_it(lab: netns.Lab, tmp_pa
     watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, log_dir=tmp_path)
     watcher.wait_for(r"^relaxed: ")
 
-    unit = linux.render("units/earlyfw-sleep.service.j2").decode()
+    unit = boot.render("units/earlyfw-sleep.service.j2").decode()
     exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
     blocked = tmp_path / "blocked.nft"
     blocked.write_text(policy.render(config, State.BLOCKED))
     switch = tmp_path / "earlyfw-switch"  # the unit runs nft through the installed switch script
-    switch.write_bytes(linux.render("units/earlyfw-switch.j2"))
+    switch.write_bytes(boot.render("units/earlyfw-switch.j2"))
     switch.chmod(0o755)
-    argv = exec_start.replace(linux.BLOCKED_RULESET, str(blocked)).replace(linux.SWITCH, str(switch)).split()
+    argv = exec_start.replace(boot.BLOCKED_RULESET, str(blocked)).replace(boot.SWITCH, str(switch)).split()
     assert argv[:2] == [str(switch), "on"], argv
     before = len(watcher.lines())
     locked_at = time.time()

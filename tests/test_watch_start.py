@@ -17,7 +17,7 @@ import jinja2
 import pytest
 
 from earlyfw import policy, templates
-from earlyfw.watch import ruleset
+from earlyfw.linux.watcher import ruleset
 from tests import netns, ready
 from tests.netns import Lab, Namespace
 
@@ -32,7 +32,7 @@ OTHER_COMMANDS = (
     "earlyfw.manifest",
     "earlyfw.metrics",
     "earlyfw.targets",
-    "earlyfw.wfp",
+    "earlyfw.windows",
 )
 WATCHER_TEMPLATES = (policy.TEMPLATE, ruleset.WAKE_TEMPLATE)
 
@@ -61,7 +61,7 @@ def test_the_watcher_reaches_ready_without_the_other_commands_modules(lab: Lab, 
         start = ready.start_until_ready(namespace, argv)
     modules = ready.imported(start.stderr)
     # Control: the import list is read, and holds what the watcher does need.
-    assert {"earlyfw.cli", "earlyfw.watch.daemon", "jinja2"} <= set(modules), start.stderr[-2000:]
+    assert {"earlyfw.cli", "earlyfw.linux.watcher.daemon", "jinja2"} <= set(modules), start.stderr[-2000:]
     assert loaded(modules, OTHER_COMMANDS) == []
 
 
@@ -73,7 +73,7 @@ def test_help_loads_no_command_modules() -> None:
     modules = ready.imported(result.stderr)
     assert "earlyfw.cli" in modules
     # The windows group is listed, so imported (with the tunnel readers it shares); nothing heavier.
-    heavy = (*(p for p in OTHER_COMMANDS if p != "earlyfw.wfp"), "jinja2")
+    heavy = (*(p for p in OTHER_COMMANDS if p != "earlyfw.windows"), "jinja2")
     assert loaded(modules, heavy) == []
 
 

@@ -21,9 +21,9 @@ import pytest
 
 from earlyfw import config as configuration
 from earlyfw import install
+from earlyfw.linux import systemd, watcher_unit
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner
-from earlyfw.targets import systemd, watcher
 from tests.test_boot_targets import CONFIG_TEXT
 from tests.test_units import OVERLAY_USR_LIB, UNIT_DIR, instance, need, systemd_transaction, unit_path
 
@@ -54,7 +54,7 @@ def image() -> Iterator[Path]:
             if not any(Path(d, unit).exists() for d in ("/lib/systemd/system", "/usr/lib/systemd/system")):
                 # A stub with no ordering of its own: only the watcher's orders it.
                 (stubs / unit).write_text(f"[Unit]\nDescription=stub {unit}\n[Service]\nExecStart=/bin/true\n")
-        wanted = " ".join((watcher.WATCH_UNIT, *TUNNEL_STARTERS))
+        wanted = " ".join((watcher_unit.WATCH_UNIT, *TUNNEL_STARTERS))
         (stubs / "earlyfw-test.target").write_text(f"[Unit]\nWants=sysinit.target {wanted}\n")
         yield base
     finally:
@@ -90,15 +90,15 @@ def started_after(units: dict[str, list[str]], first: str) -> set[str]:
 
 def test_the_watcher_is_ready_before_anything_brings_a_tunnel_up(image: Path) -> None:
     units = transaction(image)
-    unit = units[watcher.WATCH_UNIT]
-    assert f"Fragment Path: {image}/image{UNIT_DIR}/{watcher.WATCH_UNIT}" in unit
+    unit = units[watcher_unit.WATCH_UNIT]
+    assert f"Fragment Path: {image}/image{UNIT_DIR}/{watcher_unit.WATCH_UNIT}" in unit
     assert "Type: notify" in unit
     assert "DefaultDependencies: no" in unit
     assert "After: earlyfw-block.service (origin-file)" in unit
-    later = started_after(units, watcher.WATCH_UNIT)
+    later = started_after(units, watcher_unit.WATCH_UNIT)
     assert set(TUNNEL_STARTERS) - later == set()
     # Nothing the watcher itself waits for comes after it: no ordering cycle.
-    assert watcher.WATCH_UNIT not in later
+    assert watcher_unit.WATCH_UNIT not in later
     assert systemd.BLOCK_UNIT not in later
 
 
@@ -109,19 +109,19 @@ def test_control_the_old_ordering_lets_the_network_start_first(image: Path) -> N
     units_dir = image / "image" / UNIT_DIR.lstrip("/")
     saved = {
         path: path.read_bytes()
-        for path in (units_dir / watcher.WATCH_UNIT, *units_dir.glob(f"*.d/{watcher.ORDER_DROP_IN}"))
+        for path in (units_dir / watcher_unit.WATCH_UNIT, *units_dir.glob(f"*.d/{watcher_unit.ORDER_DROP_IN}"))
     }
-    assert len(saved) == 1 + len(watcher.ORDER_TEMPLATES)
+    assert len(saved) == 1 + len(watcher_unit.ORDER_TEMPLATES)
     try:
         for path in saved:
             path.unlink()
-        (units_dir / watcher.WATCH_UNIT).write_text(OLD_ORDER)
+        (units_dir / watcher_unit.WATCH_UNIT).write_text(OLD_ORDER)
         units = transaction(image)
     finally:
         for path, content in saved.items():
             path.write_bytes(content)
-    assert "Type: simple" in units[watcher.WATCH_UNIT]
-    later = started_after(units, watcher.WATCH_UNIT)
+    assert "Type: simple" in units[watcher_unit.WATCH_UNIT]
+    later = started_after(units, watcher_unit.WATCH_UNIT)
     assert not set(TUNNEL_STARTERS) & later
 
 
@@ -131,7 +131,7 @@ def test_the_watch_unit_verifies_clean(image: Path) -> None:
         [
             *("unshare", "--mount", "--propagation", "private", "sh", "-c", OVERLAY_USR_LIB, str(image / "image")),
             *("systemd-analyze", "verify", "--man=no"),
-            str(image / "image" / UNIT_DIR.lstrip("/") / watcher.WATCH_UNIT),
+            str(image / "image" / UNIT_DIR.lstrip("/") / watcher_unit.WATCH_UNIT),
         ],
         capture_output=True,
         text=True,
@@ -142,7 +142,7 @@ def test_the_watch_unit_verifies_clean(image: Path) -> None:
     # earlyfw itself is not installed on this host (systemd looks on its own
     # fixed path): that is the only complaint allowed (the image's /usr/lib, with
     # the switch script, is laid over the host's).
-    missing = f"{watcher.WATCH_UNIT}: Command earlyfw is not executable: No such file or directory"
+    missing = f"{watcher_unit.WATCH_UNIT}: Command earlyfw is not executable: No such file or directory"
     assert [line for line in result.stderr.splitlines() if line and line != missing] == [], result.stderr
 
 
@@ -158,8 +158,8 @@ def test_the_ordering_drop_ins_verify_clean(image: Path) -> None:
         timeout=120,
         check=False,
     )
-    assert watcher.ORDER_DROP_IN not in result.stderr, result.stderr
+    assert watcher_unit.ORDER_DROP_IN not in result.stderr, result.stderr
     units = transaction(image)
-    drop_in = f"{image}/image{UNIT_DIR}/wg-quick@.service.d/{watcher.ORDER_DROP_IN}"
+    drop_in = f"{image}/image{UNIT_DIR}/wg-quick@.service.d/{watcher_unit.ORDER_DROP_IN}"
     assert f"DropIn Path: {drop_in}" in units["wg-quick@wg0.service"]
-    assert f"After: {watcher.WATCH_UNIT} (origin-file)" in units["wg-quick@wg0.service"]
+    assert f"After: {watcher_unit.WATCH_UNIT} (origin-file)" in units["wg-quick@wg0.service"]

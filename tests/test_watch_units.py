@@ -29,16 +29,16 @@ from earlyfw import config as configuration
 from earlyfw import policy
 from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
 from earlyfw.errors import CommandError, ConfigError
+from earlyfw.linux import watcher_unit as watcher_target
+from earlyfw.linux.watcher import daemon, events, openvpn, ruleset, sources, tunnels
+from earlyfw.linux.watcher.daemon import Clock, Stopped, Watcher
+from earlyfw.linux.watcher.ruleset import Finding, Ruleset
+from earlyfw.linux.watcher.sources import Peer, SourceError
+from earlyfw.linux.watcher.tunnels import Verdict
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.targets import File, Symlink
-from earlyfw.targets import watcher as watcher_target
-from earlyfw.watch import daemon, events, openvpn, ruleset, sources, tunnels
-from earlyfw.watch.daemon import Clock, Stopped, Watcher
-from earlyfw.watch.ruleset import Finding, Ruleset
-from earlyfw.watch.sources import Peer, SourceError
-from earlyfw.watch.tunnels import Verdict
 
 ip = ipaddress.ip_address
 
@@ -392,7 +392,7 @@ def test_a_blocked_peer_without_keepalive_is_made_to_start_a_handshake(
     persistent keepalive on (one keepalive goes out at once) and puts the
     peer's own 0 back; WireGuard then retries by itself for 90 s."""
     mono = [100.0]
-    monkeypatch.setattr("earlyfw.watch.tunnels.time.monotonic", lambda: mono[0])
+    monkeypatch.setattr("earlyfw.linux.watcher.tunnels.time.monotonic", lambda: mono[0])
     source = StaticSource(wg_peer(None))
     tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
     v = tunnel.evaluate(lambda: NOW, 0)

@@ -1,4 +1,4 @@
-"""earlyfw.wfp.engine against the recording BFE model (earlyfw.wfp.recording).
+"""earlyfw.windows.engine against the recording BFE model (earlyfw.windows.recording).
 
 The engine's calls cross a real ctypes foreign call into a Python model of BFE
 that decodes every structure back from the pointers it receives, with the same
@@ -39,10 +39,10 @@ from earlyfw import config as configuration
 from earlyfw import policy
 from earlyfw.config import Config, IPAddress
 from earlyfw.errors import EarlyfwError
-from earlyfw.wfp import engine, recording, rules, security
-from earlyfw.wfp import structs as s
-from earlyfw.wfp.recording import DecodedFilter, RecordingBfe, Store
-from earlyfw.wfp.rules import Action, Interface, Layer
+from earlyfw.windows import engine, recording, rules, security
+from earlyfw.windows import structs as s
+from earlyfw.windows.recording import DecodedFilter, RecordingBfe, Store
+from earlyfw.windows.rules import Action, Interface, Layer
 
 TUNNEL_LUID = 0x0035_0000_0012_0000  # IF_TYPE_PROP_VIRTUAL, as wintun adapters have
 OTHER_LUID = 0x0006_0000_0001_0000  # an Ethernet adapter
@@ -313,7 +313,7 @@ def _in(address: IPAddress, *networks: str) -> bool:
 
 
 def permitted_by_policy(config: Config, state: str, p: Packet) -> bool:
-    """The policy, written down independently of earlyfw.wfp.rules."""
+    """The policy, written down independently of earlyfw.windows.rules."""
     if p.loopback:
         return True
     if state == "boot":

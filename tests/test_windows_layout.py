@@ -1,6 +1,6 @@
-"""The ctypes side of earlyfw.wfp against the Windows SDK, checked on Linux.
+"""The ctypes side of earlyfw.windows against the Windows SDK, checked on Linux.
 
-A probe is generated from earlyfw.wfp.structs and compiled with mingw-w64's
+A probe is generated from earlyfw.windows.structs and compiled with mingw-w64's
 x86_64-w64-mingw32-gcc against its real headers (fwptypes.h, fwpmtypes.h,
 fwpmu.h, netioapi.h): every structure's size and every field's offset and size
 are emitted as constants into the assembly and compared with ctypes; every
@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import pytest
 
-from earlyfw.wfp import structs as s
+from earlyfw.windows import structs as s
 
 MINGW = "x86_64-w64-mingw32-gcc"
 PRELUDE = Path(__file__).parent / "wfp_probe" / "prelude.h"

@@ -27,12 +27,13 @@ from earlyfw import install as installer
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner, Result
-from earlyfw.targets import System, windows
-from earlyfw.targets.windows import Windows
-from earlyfw.wfp import backend, engine, rules, security
-from earlyfw.wfp import cli as windows_cli
-from earlyfw.wfp import structs as s
-from earlyfw.wfp.recording import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
+from earlyfw.targets import System
+from earlyfw.windows import backend, engine, rules, security
+from earlyfw.windows import cli as windows_cli
+from earlyfw.windows import structs as s
+from earlyfw.windows import target as windows
+from earlyfw.windows.recording import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
+from earlyfw.windows.target import Windows
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"
 TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}

@@ -16,11 +16,11 @@ import pytest
 
 from earlyfw import config as configuration
 from earlyfw.errors import EarlyfwError
+from earlyfw.linux.watcher import sources
 from earlyfw.policy import State
 from earlyfw.run import RecordingRunner, Result
-from earlyfw.watch import sources
-from earlyfw.wfp import engine, rules, watch
-from earlyfw.wfp.recording import Adapter, RecordingBfe
+from earlyfw.windows import engine, rules, watcher
+from earlyfw.windows.recording import Adapter, RecordingBfe
 
 NOW = 1_760_000_000
 LUID = 0x0035_0000_0009_0000
@@ -67,7 +67,7 @@ def test_parse_dump() -> None:
 )
 def test_parse_dump_refuses_what_it_does_not_understand(text: str) -> None:
     with pytest.raises(EarlyfwError):
-        watch.wireguard_live(config(), text, NOW)
+        watcher.wireguard_live(config(), text, NOW)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_parse_dump_refuses_what_it_does_not_understand(text: str) -> None:
 )
 def test_wireguard_liveness(endpoint: str, age: int | None, live: bool) -> None:
     latest = 0 if age is None else NOW - age
-    assert watch.wireguard_live(config(), dump((endpoint, latest)), NOW) is live
+    assert watcher.wireguard_live(config(), dump((endpoint, latest)), NOW) is live
 
 
 class World:
@@ -95,16 +95,16 @@ class World:
         self.wg = Result(0, dump(("198.51.100.7:51820", 0)), "")
 
     def respond(self, argv: Sequence[str], _input: str | None) -> Result:
-        assert argv[0] == watch.wg_exe(), argv
+        assert argv[0] == watcher.wg_exe(), argv
         return self.wg
 
 
-class Logged(watch.Watcher):
+class Logged(watcher.Watcher):
     runner: RecordingRunner
     logs: list[str]
 
 
-def watcher(
+def make_watcher(
     cfg: configuration.Config, world: World, bfe: RecordingBfe, lock_path: Path | None = None
 ) -> tuple[Logged, list[str]]:
     logs: list[str] = []
@@ -124,7 +124,7 @@ def fresh(world: World, when: int = NOW - 3) -> None:
 def test_the_watcher_relaxes_on_a_fresh_handshake_and_locks_when_it_goes_stale() -> None:
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
     engine.install(bfe, cfg)
-    w, logs = watcher(cfg, world, bfe)
+    w, logs = make_watcher(cfg, world, bfe)
     assert w.step() is State.BLOCKED and not relaxed(bfe)
     fresh(world)
     assert w.step() is State.RELAXED and relaxed(bfe)
@@ -157,7 +157,7 @@ def test_anything_odd_locks(wg: Result, alias: bool) -> None:
     cfg, world = config(), World()
     bfe = RecordingBfe(aliases={"wg0": LUID} if alias else {})
     engine.install(bfe, cfg)
-    w, _logs = watcher(cfg, world, bfe)
+    w, _logs = make_watcher(cfg, world, bfe)
     fresh(world)
     bfe.aliases["wg0"] = LUID
     assert w.step() is State.RELAXED
@@ -169,7 +169,7 @@ def test_anything_odd_locks(wg: Result, alias: bool) -> None:
 
 def test_a_failed_relax_stays_blocked_and_is_retried() -> None:
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
-    w, logs = watcher(cfg, world, bfe)  # earlyfw's policy not installed: relax must fail
+    w, logs = make_watcher(cfg, world, bfe)  # earlyfw's policy not installed: relax must fail
     fresh(world)
     assert w.step() is State.BLOCKED
     assert w.applied is None and "FWP_E_SUBLAYER_NOT_FOUND" in logs[-1]
@@ -181,7 +181,7 @@ def test_openvpn_waits_for_the_adapter_to_be_up() -> None:
     cfg, world = config("openvpn"), World()
     bfe = RecordingBfe(aliases={"wg0": LUID}, adapters={LUID: Adapter(up=False)})
     engine.install(bfe, cfg)
-    w, _logs = watcher(cfg, world, bfe)
+    w, _logs = make_watcher(cfg, world, bfe)
     assert w.step() is State.BLOCKED
     bfe.adapters[LUID] = Adapter(up=True)
     assert w.step() is State.RELAXED and relaxed(bfe)
@@ -193,7 +193,7 @@ def test_openvpn_waits_for_the_adapter_to_be_up() -> None:
 def test_manual_tunnels_are_never_relaxed_by_the_watcher() -> None:
     cfg, world, bfe = config("manual"), World(), RecordingBfe(aliases={"wg0": LUID})
     engine.install(bfe, cfg)
-    w, _logs = watcher(cfg, world, bfe)
+    w, _logs = make_watcher(cfg, world, bfe)
     fresh(world)
     assert w.step() is State.BLOCKED
     assert w.runner.argvs() == []
@@ -202,7 +202,7 @@ def test_manual_tunnels_are_never_relaxed_by_the_watcher() -> None:
 def test_run_polls_at_the_interval_and_ends_its_session() -> None:
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
     engine.install(bfe, cfg)
-    w, _logs = watcher(cfg, world, bfe)
+    w, _logs = make_watcher(cfg, world, bfe)
     fresh(world)
     sleeps: list[float] = []
     w.run(interval=2.5, iterations=3, sleep=sleeps.append)
@@ -219,7 +219,7 @@ def test_a_killed_watcher_leaves_the_machine_blocked() -> None:
     when its process dies (kill, crash), as any error means blocked."""
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
     engine.install(bfe, cfg)
-    w, _logs = watcher(cfg, world, bfe)
+    w, _logs = make_watcher(cfg, world, bfe)
     fresh(world)
     assert w.step() is State.RELAXED and relaxed(bfe)
     bfe.process_exit()
@@ -232,7 +232,7 @@ def test_the_watcher_puts_the_relax_back_when_bfe_lost_it(event: str) -> None:
     """A lockout otherwise: the cache said relaxed while BFE held no permit."""
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
     engine.install(bfe, cfg)
-    w, logs = watcher(cfg, world, bfe)
+    w, logs = make_watcher(cfg, world, bfe)
     fresh(world)
     assert w.step() is State.RELAXED
     if event == "bfe restart":
@@ -249,9 +249,9 @@ def test_the_watcher_puts_the_relax_back_when_bfe_lost_it(event: str) -> None:
 
 def test_an_explicit_lock_holds_until_a_fresh_handshake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
-    record = watch.lock_record(tmp_path / "earlyfw.toml")
+    record = watcher.lock_record(tmp_path / "earlyfw.toml")
     engine.install(bfe, cfg)
-    w, _logs = watcher(cfg, world, bfe, lock_path=record)
+    w, _logs = make_watcher(cfg, world, bfe, lock_path=record)
     fresh(world, NOW - 3)
     assert w.step() is State.RELAXED
     record.write_text(f"{NOW - 1}\n")  # `earlyfw lock`, as the CLI records it
@@ -266,9 +266,9 @@ def test_an_explicit_lock_holds_until_a_fresh_handshake(tmp_path: Path, monkeypa
 def test_an_explicit_lock_holds_openvpn_until_the_adapter_went_down(tmp_path: Path) -> None:
     cfg, world = config("openvpn"), World()
     bfe = RecordingBfe(aliases={"wg0": LUID})
-    record = watch.lock_record(tmp_path / "earlyfw.toml")
+    record = watcher.lock_record(tmp_path / "earlyfw.toml")
     engine.install(bfe, cfg)
-    w, _logs = watcher(cfg, world, bfe, lock_path=record)
+    w, _logs = make_watcher(cfg, world, bfe, lock_path=record)
     assert w.step() is State.RELAXED
     record.write_text(f"{NOW}\n")
     engine.lock(bfe)
@@ -285,20 +285,20 @@ def test_the_watcher_refuses_to_relax_onto_a_nic() -> None:
     nic = 0x0006_0000_0001_0000
     bfe = RecordingBfe(aliases={"wg0": nic}, adapters={nic: Adapter("Realtek PCIe GbE", hardware=True)})
     engine.install(bfe, cfg)
-    w, logs = watcher(cfg, world, bfe)
+    w, logs = make_watcher(cfg, world, bfe)
     fresh(world)
     assert w.step() is State.BLOCKED and not relaxed(bfe)
     assert "is not a tunnel adapter" in logs[-1]
 
 
 def test_the_log_file_is_bounded(tmp_path: Path) -> None:
-    log = watch.Log(tmp_path / "watch.log", clock=lambda: NOW)
+    log = watcher.Log(tmp_path / "watcher.log", clock=lambda: NOW)
     log("relaxed")
-    assert (tmp_path / "watch.log").read_text().endswith(" relaxed\n")
-    (tmp_path / "watch.log").write_bytes(b"x" * (watch.LOG_LIMIT + 1))
+    assert (tmp_path / "watcher.log").read_text().endswith(" relaxed\n")
+    (tmp_path / "watcher.log").write_bytes(b"x" * (watcher.LOG_LIMIT + 1))
     log("blocked")
-    assert (tmp_path / "watch.log.1").stat().st_size == watch.LOG_LIMIT + 1
-    assert (tmp_path / "watch.log").read_text().endswith(" blocked\n")
+    assert (tmp_path / "watcher.log.1").stat().st_size == watcher.LOG_LIMIT + 1
+    assert (tmp_path / "watcher.log").read_text().endswith(" blocked\n")
 
 
 def test_a_lock_that_lands_between_decision_and_relax_wins(tmp_path: Path) -> None:
@@ -306,9 +306,9 @@ def test_a_lock_that_lands_between_decision_and_relax_wins(tmp_path: Path) -> No
     record is re-read once the relax transaction holds BFE (transactions run
     one at a time), so the lock is not undone, not even until the next poll."""
     cfg, world, bfe = config(), World(), RecordingBfe(aliases={"wg0": LUID})
-    record = watch.lock_record(tmp_path / "earlyfw.toml")
+    record = watcher.lock_record(tmp_path / "earlyfw.toml")
     engine.install(bfe, cfg)
-    w, logs = watcher(cfg, world, bfe, lock_path=record)
+    w, logs = make_watcher(cfg, world, bfe, lock_path=record)
     fresh(world, NOW - 3)
     decide = w.wanted
 

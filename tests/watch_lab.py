@@ -26,7 +26,7 @@ from pathlib import Path
 
 from earlyfw import config as configuration
 from earlyfw.config import Config, Endpoint, TunnelKind
-from earlyfw.watch.daemon import verdict_path
+from earlyfw.linux.watcher.daemon import verdict_path
 from tests import netns
 from tests.netns import Lab, Namespace
 

@@ -65,7 +65,7 @@ class _Group(click.Group):
     """The top-level group: its platform-specific subgroups are imported only
     when named (or listed by --help)."""
 
-    LAZY: ClassVar[dict[str, tuple[str, str]]] = {"windows": ("earlyfw.wfp.cli", "windows")}
+    LAZY: ClassVar[dict[str, tuple[str, str]]] = {"windows": ("earlyfw.windows.cli", "windows")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])
@@ -127,11 +127,11 @@ def lock(ctx: Context) -> None:
 
 
 def _put(ctx: Context, state: State) -> None:
-    from earlyfw import nft  # noqa: PLC0415
-    from earlyfw.targets import macos  # noqa: PLC0415
-    from earlyfw.wfp import cli as windows_cli  # noqa: PLC0415
+    from earlyfw.linux import nft  # noqa: PLC0415
+    from earlyfw.macos import target as macos  # noqa: PLC0415
+    from earlyfw.windows import cli as windows_cli  # noqa: PLC0415
 
-    if windows_cli.ON_WINDOWS:  # WFP filters in BFE, not nft (see earlyfw.wfp)
+    if windows_cli.ON_WINDOWS:  # WFP filters in BFE, not nft (see earlyfw.windows)
         windows_cli.put_state(ctx, state)
         click.echo(f"earlyfw: {state}")
         return
@@ -156,7 +156,7 @@ def _put(ctx: Context, state: State) -> None:
 def watch(ctx: Context, source: str) -> None:
     """Relax the block only once the tunnel's handshake completes; lock it again
     when the tunnel stops being live; repair earlyfw's table if it is removed."""
-    from earlyfw.watch import daemon, sources  # noqa: PLC0415
+    from earlyfw.linux.watcher import daemon, sources  # noqa: PLC0415
 
     ctx.runner.verbose = False
     sys.exit(daemon.main(ctx.config(), ctx.runner, sources.SourceKind(source)))
@@ -173,8 +173,9 @@ def watch(ctx: Context, source: str) -> None:
 @pass_context
 def status(ctx: Context, as_json: bool, textfile: Path | None) -> None:
     """Show the live state, whether earlyfw's tables are intact, and what was refused."""
-    from earlyfw import metrics, nft, policy  # noqa: PLC0415
-    from earlyfw.watch import daemon  # noqa: PLC0415
+    from earlyfw import metrics, policy  # noqa: PLC0415
+    from earlyfw.linux import nft  # noqa: PLC0415
+    from earlyfw.linux.watcher import daemon  # noqa: PLC0415
 
     nft.require_root_for("status")
     config = ctx.config()
@@ -228,7 +229,7 @@ def _summary(items: list[str], shown: int = 10) -> str:
 @pass_context
 def verify(ctx: Context) -> None:
     """Check the config, and load every rendered state into a private namespace."""
-    from earlyfw import nft  # noqa: PLC0415
+    from earlyfw.linux import nft  # noqa: PLC0415
 
     config = ctx.config()
     click.echo(f"config {config.source}: ok")
@@ -259,9 +260,9 @@ def install(  # noqa: PLR0917  (click: one parameter per option)
 ) -> None:
     """Write earlyfw's files (config, rulesets, boot hooks) into / or --root."""
     from earlyfw import install as installer  # noqa: PLC0415
-    from earlyfw import nft  # noqa: PLC0415
+    from earlyfw.linux import nft  # noqa: PLC0415
     from earlyfw.root import describe_mode  # noqa: PLC0415
-    from earlyfw.wfp import cli as windows_cli  # noqa: PLC0415
+    from earlyfw.windows import cli as windows_cli  # noqa: PLC0415
 
     root = Root(root_dir or Path("/"))
     if now and not root.is_host:
@@ -297,8 +298,8 @@ def install(  # noqa: PLR0917  (click: one parameter per option)
 def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool, initramfs_trigger: bool) -> None:
     """Remove exactly what install wrote, and restore what it replaced."""
     from earlyfw import install as installer  # noqa: PLC0415
-    from earlyfw import nft  # noqa: PLC0415
-    from earlyfw.wfp import cli as windows_cli  # noqa: PLC0415
+    from earlyfw.linux import nft  # noqa: PLC0415
+    from earlyfw.windows import cli as windows_cli  # noqa: PLC0415
 
     root = Root(root_dir or Path("/"))
     _check_rebuild(root, rebuild_initramfs, initramfs_trigger)
@@ -391,7 +392,7 @@ def _write(target: Path, data: bytes, mode: int) -> None:
 
 
 def _refuse_dns_while_blocked(runner: Runner) -> None:
-    from earlyfw import nft  # noqa: PLC0415
+    from earlyfw.linux import nft  # noqa: PLC0415
 
     runner.verbose = False
     state = nft.live_state(runner)
@@ -416,8 +417,8 @@ def refresh(ctx: Context) -> None:
     boot rulesets and the live sets (through a running watcher, which reloads),
     new before old. A host that cannot be resolved keeps its pins."""
     from earlyfw import endpoints as endpoints_refresh  # noqa: PLC0415
-    from earlyfw import nft  # noqa: PLC0415
     from earlyfw import resolve as resolver  # noqa: PLC0415
+    from earlyfw.linux import nft  # noqa: PLC0415
 
     nft.require_root_for("endpoints refresh")
     path = ctx.config_path or configuration.DEFAULT_CONFIG_PATH

@@ -40,7 +40,7 @@ _ADAPTER = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9 _.,()#+=-]{0,254}[A-Za-z0-9_.)
 # WireGuard's REJECT_AFTER_TIME: a session younger than that is never renewed
 # on demand, so a stricter limit would keep a live tunnel blocked until it is.
 # A relaxed tunnel is not locked for its handshake's age: only when it is dead
-# (see earlyfw.watch.tunnels).
+# (see earlyfw.linux.watcher.tunnels).
 DEFAULT_REJECT_AFTER_SECONDS = 180  # WireGuard's REJECT_AFTER_TIME
 
 

@@ -30,16 +30,16 @@ import time
 from collections.abc import Callable, Set
 from pathlib import Path
 
-from earlyfw import nft
 from earlyfw.config import Config, Endpoint, IPAddress, Protocol, endpoint_dict, unusable_endpoint
 from earlyfw.errors import EarlyfwError
 from earlyfw.importers import Resolve
+from earlyfw.linux import boot, nft
+from earlyfw.linux.watcher import daemon
 from earlyfw.manifest import Manifest
 from earlyfw.root import MANIFEST, Root, Transaction, sha256
 from earlyfw.run import Runner
-from earlyfw.targets import File, linux
+from earlyfw.targets import File
 from earlyfw.targets.core import CONFIG_PATH, Core
-from earlyfw.watch import daemon
 
 Log = Callable[[str], None]
 
@@ -135,7 +135,7 @@ def boot_files(root: Root, config_path: str, new: Config, runner: Runner, log: L
         return []
     rendered = [f for f in Core(root, runner).plan(new).artifacts if isinstance(f, File) and f.path != CONFIG_PATH]
     if new.egress_interfaces:
-        rendered.append(File(linux.EGRESS_RULESET, linux.egress_ruleset(new)))
+        rendered.append(File(boot.EGRESS_RULESET, boot.egress_ruleset(new)))
     files = []
     for file in rendered:
         if file.path not in manifest.entries:

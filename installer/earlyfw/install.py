@@ -26,14 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from earlyfw import nft
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
+from earlyfw.linux import boot, nft
 from earlyfw.manifest import Entry, Manifest, Saved, backup_path, check_backups
 from earlyfw.policy import State
 from earlyfw.root import MANIFEST, NEW_SUFFIX, STATE_DIR, UNDO_SUFFIX, Root, Transaction, copy, fingerprint, sha256
 from earlyfw.run import Runner
-from earlyfw.targets import Artifact, File, Plan, System, Target, linux, load_all
+from earlyfw.targets import Artifact, File, Plan, System, Target, load_all
 
 # Where uninstall leaves the file earlyfw replaced when the user changed
 # earlyfw's version of it: beside their version, which it keeps.
@@ -266,7 +266,7 @@ def _finish_host(runner: Runner, targets: Sequence[Target], finish: Callable[[Ta
         else:
             finish(target)
     if deferred:
-        runner.run(["dpkg-trigger", "--no-await", linux.INITRAMFS_TRIGGER])
+        runner.run(["dpkg-trigger", "--no-await", boot.INITRAMFS_TRIGGER])
 
 
 def _finish_image(root: Root, runner: Runner, targets: Sequence[Target], report: Report, *, run: bool) -> None:
@@ -414,7 +414,7 @@ def _after_uninstall(
         rebuilt_by_dpkg = [t for t in targets if trigger and t.in_root_commands()]
         steps = [step for t in targets if t not in rebuilt_by_dpkg for step in t.uninstall_steps()]
         if rebuilt_by_dpkg:
-            trigger_argv = ["dpkg-trigger", "--no-await", linux.INITRAMFS_TRIGGER]
+            trigger_argv = ["dpkg-trigger", "--no-await", boot.INITRAMFS_TRIGGER]
             steps.append((shlex.join(trigger_argv), lambda: runner.run(trigger_argv)))
     else:
         for command in _image_commands(root, targets):

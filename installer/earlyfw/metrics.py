@@ -15,9 +15,9 @@ from typing import Any
 
 from earlyfw.config import Config, TunnelKind
 from earlyfw.errors import EarlyfwError
+from earlyfw.linux.watcher.sources import SourceKind, make_source
 from earlyfw.policy import State
 from earlyfw.run import Runner
-from earlyfw.watch.sources import SourceKind, make_source
 
 # Bumped only when a key changes meaning or goes away; new keys may appear.
 SCHEMA = 1

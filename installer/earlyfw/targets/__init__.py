@@ -1,17 +1,16 @@
 """Targets: one per system earlyfw installs into (the core files, dracut,
-initramfs-tools, mkinitcpio, systemd, Windows, macOS).
+initramfs-tools, mkinitcpio, systemd, Windows, macOS), each in its system's room.
 
 Each target has a pure `plan` that renders everything it would write, from the
 config alone, and an `apply` that writes the plan through a Transaction and, on
 a live host only, runs its commands through the Runner. Subclasses register
-themselves by name, so adding a system is adding a module.
+themselves by name when their module (TARGET_MODULES) is imported.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import pkgutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -128,10 +127,24 @@ def write_artifacts(artifacts: Iterable[Artifact], txn: Transaction) -> None:
     txn.created_directories.extend(created)
 
 
+# The modules that define targets, one room per system beside the shared core.
+TARGET_MODULES = (
+    "earlyfw.targets.core",
+    "earlyfw.linux.dracut",
+    "earlyfw.linux.initramfs_tools",
+    "earlyfw.linux.mkinitcpio",
+    "earlyfw.linux.systemd",
+    "earlyfw.linux.watcher_unit",
+    "earlyfw.linux.refresh_timer",
+    "earlyfw.windows.target",
+    "earlyfw.macos.target",
+)
+
+
 def load_all() -> dict[str, type[Target]]:
-    """Import every module of this package so each target registers itself."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    """Import every target module so each target registers itself."""
+    for module in TARGET_MODULES:
+        importlib.import_module(module)
     return dict(sorted(Target.registry.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import platform
 from typing import ClassVar
 
-from earlyfw import nft, policy
+from earlyfw import policy
 from earlyfw.config import Config
+from earlyfw.linux import nft
 from earlyfw.root import Root
 from earlyfw.targets import File, Plan, System, Target
 

@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from earlyfw.wfp.structs import FWP_ACTRL_MATCH_FILTER
+from earlyfw.windows.structs import FWP_ACTRL_MATCH_FILTER
 
 SYSTEM = "S-1-5-18"
 ADMINISTRATORS = "S-1-5-32-544"

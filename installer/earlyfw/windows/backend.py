@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from earlyfw.errors import EarlyfwError
-from earlyfw.wfp.structs import PROTOTYPES
+from earlyfw.windows.structs import PROTOTYPES
 
 
 class DllBackend:

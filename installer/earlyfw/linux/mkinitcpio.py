@@ -10,8 +10,9 @@ from typing import ClassVar
 
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
+from earlyfw.linux import boot
 from earlyfw.root import Transaction
-from earlyfw.targets import File, Plan, System, linux
+from earlyfw.targets import File, Plan, System
 
 INSTALL = "/etc/initcpio/install/earlyfw"
 HOOK = "/etc/initcpio/hooks/earlyfw"
@@ -26,7 +27,7 @@ BINARIES = ("/usr/bin/mkinitcpio", "/usr/sbin/mkinitcpio")
 PRESET_DIR = "/etc/mkinitcpio.d"
 
 
-class Mkinitcpio(linux.InitramfsTarget):
+class Mkinitcpio(boot.InitramfsTarget):
     name: ClassVar[str] = "mkinitcpio"
     system: ClassVar[System] = System.LINUX
     generator_name: ClassVar[str] = "mkinitcpio"
@@ -34,11 +35,11 @@ class Mkinitcpio(linux.InitramfsTarget):
     def plan(self, config: Config) -> Plan:
         context = {"loader": LOADER, "loader_source": LOADER_SOURCE, "unit_source": UNIT_SOURCE}
         return self.plan_of(
-            File(INSTALL, linux.render("hooks/mkinitcpio/install.j2", **context)),
-            File(HOOK, linux.render("hooks/mkinitcpio/hook.j2", **context)),
-            File(CONF, linux.render("hooks/mkinitcpio/earlyfw.conf")),
-            linux.executable(LOADER_SOURCE, linux.loader()),
-            File(UNIT_SOURCE, linux.render("units/earlyfw-initrd.service.j2", **context)),
+            File(INSTALL, boot.render("hooks/mkinitcpio/install.j2", **context)),
+            File(HOOK, boot.render("hooks/mkinitcpio/hook.j2", **context)),
+            File(CONF, boot.render("hooks/mkinitcpio/earlyfw.conf")),
+            boot.executable(LOADER_SOURCE, boot.loader()),
+            File(UNIT_SOURCE, boot.render("units/earlyfw-initrd.service.j2", **context)),
         )
 
     def apply(self, plan: Plan, txn: Transaction) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from earlyfw.config import Config
-from earlyfw.targets import File, Plan, System, linux
+from earlyfw.linux import boot
+from earlyfw.targets import File, Plan, System
 
 MODULE_DIR = "/usr/lib/dracut/modules.d/50earlyfw"
 CONF = "/etc/dracut.conf.d/earlyfw.conf"
@@ -16,19 +17,19 @@ CONF = "/etc/dracut.conf.d/earlyfw.conf"
 LOADER = "/usr/sbin/earlyfw-load"
 
 
-class Dracut(linux.InitramfsTarget):
+class Dracut(boot.InitramfsTarget):
     name: ClassVar[str] = "dracut"
     system: ClassVar[System] = System.LINUX
     generator_name: ClassVar[str] = "dracut"
 
     def plan(self, config: Config) -> Plan:
         def template(name: str) -> bytes:
-            return linux.render(name, loader=LOADER)
+            return boot.render(name, loader=LOADER)
 
         return self.plan_of(
-            linux.executable(f"{MODULE_DIR}/module-setup.sh", template("hooks/dracut/module-setup.sh.j2")),
-            linux.executable(f"{MODULE_DIR}/earlyfw-load.sh", linux.loader()),
-            linux.executable(f"{MODULE_DIR}/earlyfw-pre-udev.sh", template("hooks/dracut/earlyfw-pre-udev.sh.j2")),
+            boot.executable(f"{MODULE_DIR}/module-setup.sh", template("hooks/dracut/module-setup.sh.j2")),
+            boot.executable(f"{MODULE_DIR}/earlyfw-load.sh", boot.loader()),
+            boot.executable(f"{MODULE_DIR}/earlyfw-pre-udev.sh", template("hooks/dracut/earlyfw-pre-udev.sh.j2")),
             File(f"{MODULE_DIR}/earlyfw-initrd.service", template("units/earlyfw-initrd.service.j2")),
             File(CONF, template("hooks/dracut/earlyfw.conf")),
         )

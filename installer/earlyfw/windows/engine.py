@@ -4,7 +4,7 @@ Each runs in one BFE transaction (FwpmTransactionBegin0 … FwpmTransactionCommi
 and aborts on the first unexpected error, so BFE holds either the old policy
 or the new one, never a mix. The functions of fwpuclnt.dll and iphlpapi.dll
 are reached through a `Backend`: the DLLs themselves on Windows
-(`earlyfw.wfp.backend`), or the recording BFE model (`earlyfw.wfp.recording`)
+(`earlyfw.windows.backend`), or the recording BFE model (`earlyfw.windows.recording`)
 that decodes every structure it is handed, which is how the same code is
 tested on Linux.
 """
@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
-from earlyfw.wfp import rules
-from earlyfw.wfp import structs as s
-from earlyfw.wfp.rules import Field, Filter, Interface, Layer, Lifetime
+from earlyfw.windows import rules
+from earlyfw.windows import structs as s
+from earlyfw.windows.rules import Field, Filter, Interface, Layer, Lifetime
 
 SESSION_NAME = "earlyfw"
 # How long a transaction waits for another session's to finish.

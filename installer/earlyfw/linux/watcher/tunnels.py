@@ -17,11 +17,9 @@ from typing import Protocol
 from earlyfw.config import Config, IPAddress, TunnelKind
 from earlyfw.config import Protocol as Transport
 from earlyfw.errors import EarlyfwError
-from earlyfw.policy import State
-from earlyfw.run import Runner
-from earlyfw.watch import openvpn
-from earlyfw.watch.openvpn import Management, StateEvent
-from earlyfw.watch.sources import (
+from earlyfw.linux.watcher import openvpn
+from earlyfw.linux.watcher.openvpn import Management, StateEvent
+from earlyfw.linux.watcher.sources import (
     SYS_CLASS_NET,
     InterfaceGone,
     Peer,
@@ -31,6 +29,8 @@ from earlyfw.watch.sources import (
     format_endpoint,
     make_source,
 )
+from earlyfw.policy import State
+from earlyfw.run import Runner
 
 # The wall clock, read when the verdict is made.
 Clock = Callable[[], float]

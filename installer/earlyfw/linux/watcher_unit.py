@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
-from earlyfw import nft, templates
+from earlyfw import templates
 from earlyfw.config import Config, TunnelKind
+from earlyfw.linux import boot, nft
+from earlyfw.linux.systemd import NETWORK_MANAGERS, UNIT_DIR
 from earlyfw.root import Root
-from earlyfw.targets import Artifact, File, Plan, Symlink, System, Target, linux
-from earlyfw.targets.systemd import NETWORK_MANAGERS, UNIT_DIR
+from earlyfw.targets import Artifact, File, Plan, Symlink, System, Target
 
 WATCH_UNIT = "earlyfw-watch.service"
 SLEEP_UNIT = "earlyfw-sleep.service"
@@ -30,7 +31,7 @@ OPENVPN_HOOK = "/usr/lib/earlyfw/openvpn-hook"
 
 
 def render_unit(unit: str) -> bytes:
-    return linux.render(f"units/{unit}.j2", network_managers=ORDERED_BEFORE)
+    return boot.render(f"units/{unit}.j2", network_managers=ORDERED_BEFORE)
 
 
 def openvpn_notes(config: Config) -> tuple[str, ...]:
@@ -57,14 +58,14 @@ class Watcher(Target):
 
     @classmethod
     def detect(cls, root: Root) -> bool:
-        return linux.has_systemd(root)
+        return boot.has_systemd(root)
 
     def plan(self, config: Config) -> Plan:
         artifacts: list[Artifact] = []
         for unit, target in WANTS.items():
             artifacts.append(File(f"{UNIT_DIR}/{unit}", render_unit(unit)))
             artifacts.append(Symlink(f"{UNIT_DIR}/{target}.wants/{unit}", f"{UNIT_DIR}/{unit}"))
-        order = linux.render("units/watch-order.conf.j2")
+        order = boot.render("units/watch-order.conf.j2")
         artifacts += [File(f"{UNIT_DIR}/{unit}.d/{ORDER_DROP_IN}", order) for unit in ORDER_TEMPLATES]
         if config.tunnel_kind is TunnelKind.OPENVPN:
             hook = templates.read("payload", "openvpn/earlyfw-openvpn-hook").encode()

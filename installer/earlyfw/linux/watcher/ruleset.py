@@ -24,12 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from earlyfw import nft, policy, templates
+from earlyfw import policy, templates
 from earlyfw.config import Config, Protocol
 from earlyfw.errors import CommandError
-from earlyfw.nft import GUARD_EGRESS_TABLE, GUARD_TABLE, WAKE_TABLE
+from earlyfw.linux import nft
+from earlyfw.linux.nft import GUARD_EGRESS_TABLE, GUARD_TABLE, WAKE_TABLE
+from earlyfw.linux.watcher.libnft import Libnftables
 from earlyfw.policy import EGRESS_TABLE, TABLE, State, claimed_state
-from earlyfw.watch.libnft import Libnftables
 
 # (family, table the boot path loads, the watcher's owned copy of it)
 PAIRS = (("inet", TABLE, GUARD_TABLE), ("netdev", EGRESS_TABLE, GUARD_EGRESS_TABLE))

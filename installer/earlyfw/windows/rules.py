@@ -40,8 +40,8 @@ from typing import Any
 
 from earlyfw import policy
 from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
-from earlyfw.wfp import security
-from earlyfw.wfp import structs as s
+from earlyfw.windows import security
+from earlyfw.windows import structs as s
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17

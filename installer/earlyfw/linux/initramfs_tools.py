@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from earlyfw.config import Config
-from earlyfw.targets import Plan, System, linux
+from earlyfw.linux import boot
+from earlyfw.targets import Plan, System
 
 HOOK = "/etc/initramfs-tools/hooks/earlyfw"
 # init-top runs first, and "earlyfw" sorts before "udev", the init-top script
@@ -19,17 +20,17 @@ SCRIPT = "/etc/initramfs-tools/scripts/init-top/earlyfw"
 PANIC = (
     "# shellcheck source=/dev/null\n"
     ". /scripts/functions\n"
-    f'panic "earlyfw: no firewall could be loaded; boot with {linux.BREAK_GLASS} to go on without earlyfw"'
+    f'panic "earlyfw: no firewall could be loaded; boot with {boot.BREAK_GLASS} to go on without earlyfw"'
 )
 
 
-class InitramfsTools(linux.InitramfsTarget):
+class InitramfsTools(boot.InitramfsTarget):
     name: ClassVar[str] = "initramfs-tools"
     system: ClassVar[System] = System.LINUX
     generator_name: ClassVar[str] = "initramfs-tools"
 
     def plan(self, config: Config) -> Plan:
         return self.plan_of(
-            linux.executable(HOOK, linux.render("hooks/initramfs-tools/hook.j2")),
-            linux.executable(SCRIPT, linux.loader(unprotected=PANIC)),
+            boot.executable(HOOK, boot.render("hooks/initramfs-tools/hook.j2")),
+            boot.executable(SCRIPT, boot.loader(unprotected=PANIC)),
         )

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from earlyfw import firewalls, policy
+from earlyfw import policy
 from earlyfw.config import Config
 from earlyfw.errors import CommandError, EarlyfwError
+from earlyfw.linux import firewalls
 from earlyfw.policy import EGRESS_TABLE, TABLE, Counters, State
 from earlyfw.run import Runner
 

@@ -30,8 +30,8 @@ from ctypes import CFUNCTYPE, POINTER
 from dataclasses import dataclass, field
 from typing import Any
 
-from earlyfw.wfp import security
-from earlyfw.wfp import structs as s
+from earlyfw.windows import security
+from earlyfw.windows import structs as s
 
 Decoded = (
     int

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 
 from earlyfw.errors import CommandError
-from earlyfw.nft import TableCounters, parse_counters
+from earlyfw.linux.nft import TableCounters, parse_counters
 
 LIBRARY = "libnftables.so.1"
 
@@ -96,5 +96,5 @@ class Libnftables:
     def counters(self) -> TableCounters:
         """Every named counter, by table. A counter listing prints no table
         object, so it is safe from nft 1.0.6's JSON bug with owned tables
-        (see earlyfw.nft)."""
+        (see earlyfw.linux.nft)."""
         return parse_counters(self.run("list counters", flags=OUTPUT_JSON))

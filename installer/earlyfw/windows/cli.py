@@ -19,7 +19,7 @@ from earlyfw import config as configuration
 from earlyfw.errors import EarlyfwError
 from earlyfw.policy import State
 from earlyfw.run import Runner
-from earlyfw.wfp import backend, engine, rules, watch
+from earlyfw.windows import backend, engine, rules, watcher
 
 ON_WINDOWS = sys.platform == "win32"
 
@@ -51,7 +51,7 @@ def put_state(obj: CliContext, state: State) -> None:
     it, or the OpenVPN adapter going down and up); a relax by hand clears it."""
     config = load_config(obj)
     wfp = backend.load()
-    record = watch.lock_record(config_path(obj))
+    record = watcher.lock_record(config_path(obj))
     if state is State.RELAXED:
         luid = engine.tunnel_luid(wfp, config.windows_adapter)
         if luid is None:
@@ -166,7 +166,7 @@ def purge() -> None:
 
 
 @windows.command("watch")
-@click.option("--interval", type=click.FloatRange(0.5, 3600), default=watch.POLL_SECONDS, show_default=True)
+@click.option("--interval", type=click.FloatRange(0.5, 3600), default=watcher.POLL_SECONDS, show_default=True)
 @click.option("--once", is_flag=True, help="Decide and apply once, then exit.")
 @click.pass_obj
 def watch_command(obj: CliContext, interval: float, once: bool) -> None:
@@ -174,6 +174,6 @@ def watch_command(obj: CliContext, interval: float, once: bool) -> None:
     path = config_path(obj)
     config = configuration.load(path)
     obj.runner.verbose = False  # it polls every few seconds; it logs what it changes
-    log = watch.Log(path.parent / watch.LOG_NAME)
-    watcher = watch.Watcher(config, obj.runner, backend.load(), lock_path=watch.lock_record(path), log=log)
-    watcher.run(interval=interval, iterations=1 if once else None)
+    log = watcher.Log(path.parent / watcher.LOG_NAME)
+    daemon = watcher.Watcher(config, obj.runner, backend.load(), lock_path=watcher.lock_record(path), log=log)
+    daemon.run(interval=interval, iterations=1 if once else None)

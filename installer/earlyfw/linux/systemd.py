@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from earlyfw import firewalls, templates
+from earlyfw import templates
 from earlyfw.config import Config
+from earlyfw.linux import boot, firewalls
 from earlyfw.root import Root
 from earlyfw.run import Runner
-from earlyfw.targets import Artifact, File, Plan, Symlink, System, Target, linux
+from earlyfw.targets import Artifact, File, Plan, Symlink, System, Target
 from earlyfw.targets.core import CONFIG_DIR
 
 UNIT_DIR = firewalls.UNIT_DIR
@@ -60,7 +61,7 @@ class Systemd(Target):
 
     @classmethod
     def detect(cls, root: Root) -> bool:
-        return linux.has_systemd(root)
+        return boot.has_systemd(root)
 
     def plan(self, config: Config) -> Plan:
         context = {
@@ -68,26 +69,26 @@ class Systemd(Target):
             **{f"nftables_{state}": nftables_wrapper(state) for state in NFTABLES_STATES},
         }
         artifacts: list[Artifact] = [
-            File(f"{UNIT_DIR}/{BLOCK_UNIT}", linux.render("units/earlyfw-block.service.j2")),
-            File(f"{UNIT_DIR}/{FAILED_UNIT}", linux.render("units/earlyfw-block-failed.service.j2")),
-            File(f"{UNIT_DIR}/{OFF_UNIT}", linux.render("units/earlyfw-off.service.j2")),
+            File(f"{UNIT_DIR}/{BLOCK_UNIT}", boot.render("units/earlyfw-block.service.j2")),
+            File(f"{UNIT_DIR}/{FAILED_UNIT}", boot.render("units/earlyfw-block-failed.service.j2")),
+            File(f"{UNIT_DIR}/{OFF_UNIT}", boot.render("units/earlyfw-off.service.j2")),
             Symlink(f"{UNIT_DIR}/{WANTED_BY}.wants/{BLOCK_UNIT}", f"{UNIT_DIR}/{BLOCK_UNIT}"),
             Symlink(f"{UNIT_DIR}/{WANTED_BY}.wants/{OFF_UNIT}", f"{UNIT_DIR}/{OFF_UNIT}"),
-            linux.executable(linux.SWITCH, linux.render("units/earlyfw-switch.j2")),
-            linux.executable(linux.EGRESS_ATTACH, linux.render("units/earlyfw-egress.j2")),
-            File(linux.EGRESS_RULE, linux.render("units/udev/earlyfw-egress.rules")),
-            File(linux.FALLBACK_RULESET, templates.read("hooks", "fallback.nft").encode()),
+            boot.executable(boot.SWITCH, boot.render("units/earlyfw-switch.j2")),
+            boot.executable(boot.EGRESS_ATTACH, boot.render("units/earlyfw-egress.j2")),
+            File(boot.EGRESS_RULE, boot.render("units/udev/earlyfw-egress.rules")),
+            File(boot.FALLBACK_RULESET, templates.read("hooks", "fallback.nft").encode()),
         ]
         if config.egress_interfaces:
             artifacts += [
-                File(linux.EGRESS_RULESET, linux.egress_ruleset(config)),
-                File(linux.EGRESS_INTERFACES, "".join(f"{name}\n" for name in config.egress_interfaces).encode()),
+                File(boot.EGRESS_RULESET, boot.egress_ruleset(config)),
+                File(boot.EGRESS_INTERFACES, "".join(f"{name}\n" for name in config.egress_interfaces).encode()),
             ]
-        network = linux.render("units/network-manager.conf.j2")
+        network = boot.render("units/network-manager.conf.j2")
         artifacts += [File(drop_in(unit), network) for unit in NETWORK_MANAGERS]
-        artifacts.append(File(firewalls.NFTABLES_DROP_IN, linux.render("units/nftables.conf.j2", **context)))
+        artifacts.append(File(firewalls.NFTABLES_DROP_IN, boot.render("units/nftables.conf.j2", **context)))
         artifacts += [
-            File(nftables_wrapper(state), linux.render(f"units/nftables/{state}.nft.j2", **context))
+            File(nftables_wrapper(state), boot.render(f"units/nftables/{state}.nft.j2", **context))
             for state in NFTABLES_STATES
         ]
         return Plan(self.name, tuple(artifacts))

@@ -41,17 +41,17 @@ from types import FrameType
 from typing import Any
 
 from earlyfw import config as configuration
-from earlyfw import nft
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
+from earlyfw.linux import nft
+from earlyfw.linux.watcher.events import Generation, HandshakeLog, LinkEvents, NftablesEvents
+from earlyfw.linux.watcher.libnft import Libnftables
+from earlyfw.linux.watcher.ruleset import WATCHED_TABLES, Ruleset
+from earlyfw.linux.watcher.sources import SourceKind
+from earlyfw.linux.watcher.tunnels import Tunnel, Verdict, WireGuardTunnel, make_tunnel
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
-from earlyfw.watch.events import Generation, HandshakeLog, LinkEvents, NftablesEvents
-from earlyfw.watch.libnft import Libnftables
-from earlyfw.watch.ruleset import WATCHED_TABLES, Ruleset
-from earlyfw.watch.sources import SourceKind
-from earlyfw.watch.tunnels import Tunnel, Verdict, WireGuardTunnel, make_tunnel
 
 # CLOCK_BOOTTIME runs through suspend and CLOCK_MONOTONIC does not: when the
 # gap between them grows by more than this, the machine slept.

@@ -15,7 +15,7 @@ from earlyfw.root import Root
 
 UNIT_DIR = "/etc/systemd/system"
 NFTABLES_UNIT = "nftables.service"
-# The drop-in the systemd target writes (see earlyfw.targets.systemd).
+# The drop-in the systemd target writes (see earlyfw.linux.systemd).
 NFTABLES_DROP_IN = f"{UNIT_DIR}/{NFTABLES_UNIT}.d/earlyfw.conf"
 # Where the distributions keep the ruleset nftables.service loads (Fedora
 # under /etc/sysconfig).

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from earlyfw.config import Config, TunnelKind
 from earlyfw.errors import EarlyfwError
+from earlyfw.linux.watcher import sources, tunnels
 from earlyfw.policy import State
 from earlyfw.run import Runner
-from earlyfw.watch import sources, tunnels
-from earlyfw.wfp import engine, rules
-from earlyfw.wfp.rules import Interface
+from earlyfw.windows import engine, rules
+from earlyfw.windows.rules import Interface
 
 POLL_SECONDS = 5.0
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from earlyfw.config import Config
+from earlyfw.linux import boot
+from earlyfw.linux.systemd import UNIT_DIR
 from earlyfw.root import Root
-from earlyfw.targets import File, Plan, System, Target, linux
-from earlyfw.targets.systemd import UNIT_DIR
+from earlyfw.targets import File, Plan, System, Target
 
 REFRESH_SERVICE = "earlyfw-refresh.service"
 REFRESH_TIMER = "earlyfw-refresh.timer"
@@ -23,7 +24,7 @@ class Refresh(Target):
 
     @classmethod
     def detect(cls, root: Root) -> bool:
-        return linux.has_systemd(root)
+        return boot.has_systemd(root)
 
     def plan(self, config: Config) -> Plan:
         units = (REFRESH_SERVICE, REFRESH_TIMER)
@@ -31,4 +32,4 @@ class Refresh(Target):
         notes: tuple[str, ...] = ()
         if any(e.host for e in config.endpoints):
             notes = (f"to keep the endpoint pins fresh: systemctl enable --now {REFRESH_TIMER}",)
-        return Plan(self.name, tuple(File(f"{UNIT_DIR}/{u}", linux.render(f"units/{u}.j2")) for u in units), notes)
+        return Plan(self.name, tuple(File(f"{UNIT_DIR}/{u}", boot.render(f"units/{u}.j2")) for u in units), notes)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from earlyfw import pf, policy, templates
+from earlyfw import policy, templates
 from earlyfw.config import Config, Endpoint, IPAddress, Protocol, TunnelKind
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
+from earlyfw.macos import pf
 from earlyfw.policy import State
 from earlyfw.root import Root, Transaction
 from earlyfw.run import Runner

@@ -3,7 +3,7 @@
 The files (under C:\\ProgramData\\earlyfw) are the config, the filter set as
 JSON, the scheduled task that runs the watcher, and a break-glass script. The
 policy itself is not a file: on a live Windows host `after_install` puts it in
-BFE in one WFP transaction (see earlyfw.wfp). On Linux the target is only ever
+BFE in one WFP transaction (see earlyfw.windows). On Linux the target is only ever
 chosen by name, and then only to write an image's files under --root.
 """
 
@@ -23,8 +23,8 @@ from earlyfw.errors import EarlyfwError
 from earlyfw.root import Root, Transaction
 from earlyfw.run import Runner
 from earlyfw.targets import File, Plan, System, Target, write_artifacts
-from earlyfw.wfp import backend, engine, rules, security
-from earlyfw.wfp import structs as s
+from earlyfw.windows import backend, engine, rules, security
+from earlyfw.windows import structs as s
 
 DATA_DIR = "/ProgramData/earlyfw"
 CONFIG_PATH = f"{DATA_DIR}/earlyfw.toml"
@@ -108,7 +108,7 @@ class Windows(Target):
 
     def __init__(self, root: Root, runner: Runner) -> None:
         super().__init__(root, runner)
-        # The WFP functions; tests hand in earlyfw.wfp.recording's model.
+        # The WFP functions; tests hand in earlyfw.windows.recording's model.
         self.load_backend: Callable[[], engine.Backend] = backend.load
 
     @classmethod

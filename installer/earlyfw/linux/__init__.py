@@ -1,0 +1,1 @@
+"""earlyfw on Linux: nftables from the initramfs, systemd units, the handshake watcher."""

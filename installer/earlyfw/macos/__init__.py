@@ -1,0 +1,1 @@
+"""earlyfw on macOS: a LaunchDaemon loading a pf anchor."""

@@ -32,7 +32,7 @@ from earlyfw.windows import backend, engine, rules, security
 from earlyfw.windows import cli as windows_cli
 from earlyfw.windows import structs as s
 from earlyfw.windows import target as windows
-from earlyfw.windows.recording import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
+from tests.wfp_model import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
 from earlyfw.windows.target import Windows
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"

@@ -38,7 +38,7 @@ from earlyfw.macos import pf
 from earlyfw.macos import target as macos
 from earlyfw.macos.pf import Action, Direction, Packet
 from earlyfw.policy import State
-from earlyfw.run import RecordingRunner
+from tests.recording_runner import RecordingRunner
 from tests.test_macos_pf import EXAMPLE_CONFIG, LAN_TCP_CONFIG, ip
 
 APPLE_MAIN = 'scrub-anchor "com.apple/*" all fragment reassemble\nanchor "com.apple/*" all\n'

@@ -27,8 +27,9 @@ from earlyfw import install, templates
 from earlyfw.errors import EarlyfwError
 from earlyfw.linux import boot, dracut, firewalls, initramfs_tools, mkinitcpio, nft, systemd
 from earlyfw.root import MANIFEST, Root
-from earlyfw.run import RecordingRunner, Result
+from earlyfw.run import Result
 from earlyfw.targets import File, Symlink, load_all
+from tests.recording_runner import RecordingRunner
 
 CONFIG_TEXT = """\
 [tunnel]

@@ -18,10 +18,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import CodeType
+from typing import Any
 
 import pytest
 
+from tests.doubles import doubles_in
 from tests.watch_lab import PYTHON_MODULE
 
 ROOT = Path(__file__).parent.parent
@@ -143,14 +147,19 @@ def test_unknown_command_fails_like_the_python_module(frozen: tuple[str, ...]) -
     assert "No such command" in frozen_out.stderr
 
 
+def python_archive(executable: str) -> Any:
+    """The binary's archive of Python modules (PYZ): `toc` names them,
+    `extract(name)` gives one's code object."""
+    from PyInstaller.archive.readers import CArchiveReader  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    return CArchiveReader(executable).open_embedded_archive("PYZ.pyz")
+
+
 def test_the_binary_holds_every_module_and_template_but_not_libnftables(frozen: tuple[str, ...]) -> None:
     """Targets (found by pkgutil) and the watcher's lazily imported kernel path
     (pyroute2) are invisible to PyInstaller's import analysis; the spec names
     them. libnftables must come from the system, matching its nft."""
-    from PyInstaller.archive.readers import CArchiveReader  # type: ignore[import-untyped]  # noqa: PLC0415
-
-    archive = CArchiveReader(frozen[0])
-    modules = set(archive.open_embedded_archive("PYZ.pyz").toc)
+    modules = set(python_archive(frozen[0]).toc)
     internal = Path(frozen[0]).parent / "_internal"
     installed = {
         f"earlyfw.{p.relative_to(ROOT / 'installer' / 'earlyfw').with_suffix('').as_posix().replace('/', '.')}"
@@ -167,6 +176,14 @@ def test_the_binary_holds_every_module_and_template_but_not_libnftables(frozen: 
     }
     assert {name for name in shipped if not (internal / name).is_file()} == set()
     assert not [p for p in internal.rglob("*") if "libnftables" in p.name]
+
+
+def test_the_binary_holds_no_test_double(frozen: tuple[str, ...]) -> None:
+    """The product only: no double of tests/ (tests/doubles.py) bundled, left
+    in its former home inside the package, or imported by the product."""
+    archive = python_archive(frozen[0])
+    code: Callable[[str], CodeType] = archive.extract
+    assert doubles_in(set(archive.toc), code) == []
 
 
 def test_the_binary_renders_the_windows_filters(frozen: tuple[str, ...]) -> None:

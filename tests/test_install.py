@@ -17,7 +17,8 @@ import earlyfw.root
 from earlyfw import config, install, policy
 from earlyfw.errors import CommandError, EarlyfwError
 from earlyfw.root import MANIFEST, Root
-from earlyfw.run import RecordingRunner, Result
+from earlyfw.run import Result
+from tests.recording_runner import RecordingRunner
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"
 CORE_FILES = {

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from earlyfw import config, install
 from earlyfw.errors import EarlyfwError
 from earlyfw.root import MANIFEST, Root
-from earlyfw.run import RecordingRunner
+from tests.recording_runner import RecordingRunner
 from tests.test_install import EXAMPLE, snapshot
 
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") else None

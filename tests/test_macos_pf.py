@@ -3,7 +3,7 @@
 pf cannot run here, so these tests parse the rendered rules with
 earlyfw.macos.pf (a parser for exactly the subset earlyfw emits: rule order,
 `quick`, address families, tables) and evaluate packets against them with the
-same first-quick-match semantics pf applies. What only a Mac can confirm, and
+same first-quick-match semantics pf applies (tests/pf_evaluator.py). What only a Mac can confirm, and
 how:
 
 - that pf accepts the files: `sudo pfctl -vnf "/Library/Application
@@ -32,7 +32,8 @@ from earlyfw import config
 from earlyfw.errors import ConfigError
 from earlyfw.macos import pf
 from earlyfw.macos import target as macos
-from earlyfw.macos.pf import Action, Direction, Packet
+from earlyfw.macos.pf import Action, Direction
+from tests.pf_evaluator import Packet, evaluate
 
 GOLDEN = Path(__file__).parent / "golden" / "macos"
 EXAMPLE = Path(__file__).parents[1] / "payload" / "examples" / "earlyfw.toml"
@@ -102,13 +103,13 @@ class Anchor:
 
     def verdict(self, packet: Packet, *, relaxed: bool = False) -> str:
         """'pass', 'return' (refused), 'drop', or 'default' (no rule: pf passes)."""
-        rule = pf.evaluate(self.main, packet, {macos.TUNNEL: self.tunnel} if relaxed else {})
+        rule = evaluate(self.main, packet, {macos.TUNNEL: self.tunnel} if relaxed else {})
         if rule is None:
             return "default"
         return "pass" if rule.action is Action.PASS else str(rule.policy)
 
     def deciding(self, packet: Packet, *, relaxed: bool = False) -> pf.Rule:
-        rule = pf.evaluate(self.main, packet, {macos.TUNNEL: self.tunnel} if relaxed else {})
+        rule = evaluate(self.main, packet, {macos.TUNNEL: self.tunnel} if relaxed else {})
         assert rule is not None
         return rule
 
@@ -118,7 +119,7 @@ NO_EARLYFW = pf.Ruleset(())
 
 def without_earlyfw(packet: Packet) -> str:
     """The control: with no earlyfw anchor, pf's default rule passes everything."""
-    return "default" if pf.evaluate(NO_EARLYFW, packet) is None else "decided"
+    return "default" if evaluate(NO_EARLYFW, packet) is None else "decided"
 
 
 # --- Golden files ------------------------------------------------------------
@@ -356,10 +357,10 @@ def test_no_dns_servers_means_no_restriction_inside_the_tunnel() -> None:
 
 def test_emergency_rules_block_everything_but_loopback() -> None:
     emergency = pf.parse(macos.render(EXAMPLE_CONFIG).emergency)
-    assert pf.evaluate(emergency, out("198.51.100.7", 51820)).action is Action.BLOCK  # type: ignore[union-attr]
-    assert pf.evaluate(emergency, out("203.0.113.5", 80, on="utun9")).action is Action.BLOCK  # type: ignore[union-attr]
+    assert evaluate(emergency, out("198.51.100.7", 51820)).action is Action.BLOCK  # type: ignore[union-attr]
+    assert evaluate(emergency, out("203.0.113.5", 80, on="utun9")).action is Action.BLOCK  # type: ignore[union-attr]
     loop = Packet(Direction.OUT, "lo0", ip("::1"), ip("::1"), "tcp", 5000, 80)
-    assert pf.evaluate(emergency, loop).action is Action.PASS  # type: ignore[union-attr]
+    assert evaluate(emergency, loop).action is Action.PASS  # type: ignore[union-attr]
 
 
 # --- The parser refuses what earlyfw does not emit ------------------------------

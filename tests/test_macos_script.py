@@ -6,7 +6,7 @@ of pf's state (enabled, enable references, the main ruleset, each anchor's
 rules) with the behaviour the script relies on: a failed load changes nothing
 (pf loads in one transaction), `-d` drops every reference, releasing the last
 reference disables pf. Whether the machine is blocked is then decided by
-evaluating the model's rules with earlyfw.macos.pf.
+evaluating the model's rules with tests/pf_evaluator.py.
 
 The script runs under dash and under bash --posix (macOS's /bin/sh is bash 3.2
 in POSIX mode), from a directory with a space in its name, like
@@ -36,9 +36,10 @@ import pytest
 from earlyfw import config
 from earlyfw.macos import pf
 from earlyfw.macos import target as macos
-from earlyfw.macos.pf import Action, Direction, Packet
+from earlyfw.macos.pf import Action, Direction
 from earlyfw.policy import State
-from earlyfw.run import RecordingRunner
+from tests.pf_evaluator import Packet, evaluate
+from tests.recording_runner import RecordingRunner
 from tests.test_macos_pf import EXAMPLE_CONFIG, LAN_TCP_CONFIG, ip
 
 APPLE_MAIN = 'scrub-anchor "com.apple/*" all fragment reassemble\nanchor "com.apple/*" all\n'
@@ -285,7 +286,7 @@ class Mac:
         if not model["enabled"]:
             return "open"
         anchors = {name: pf.parse(text) for name, text in model["anchors"].items()}
-        rule = pf.evaluate(pf.parse(model["main"]), packet, anchors)
+        rule = evaluate(pf.parse(model["main"]), packet, anchors)
         return "pass" if rule is None or rule.action is Action.PASS else "block"
 
     def relaxed(self) -> bool:
@@ -740,7 +741,7 @@ def test_fragments_from_the_endpoint_are_reassembled_and_pass(booted: Mac, main:
     # Control: the same anchor without its scrub rule drops the fragment.
     anchors = {name: pf.parse(text) for name, text in booted.model()["anchors"].items()}
     anchors[macos.ANCHOR] = dataclasses.replace(anchors[macos.ANCHOR], scrubs=())
-    rule = pf.evaluate(pf.parse(booted.model()["main"]), fragment_from_endpoint(), anchors)
+    rule = evaluate(pf.parse(booted.model()["main"]), fragment_from_endpoint(), anchors)
     assert rule is not None and rule.action is Action.BLOCK
 
 

@@ -26,8 +26,9 @@ from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.macos import target as macos
 from earlyfw.policy import State
 from earlyfw.root import Root, Transaction
-from earlyfw.run import RecordingRunner, Result
+from earlyfw.run import Result
 from earlyfw.targets import File, System
+from tests.recording_runner import RecordingRunner
 from tests.test_macos_pf import EXAMPLE_CONFIG, LAN_TCP_CONFIG
 
 SUPPORT = "/Library/Application Support/earlyfw"

@@ -29,10 +29,11 @@ from earlyfw.linux.watcher.tunnels import Verdict
 from earlyfw.manifest import Entry, Manifest
 from earlyfw.policy import State
 from earlyfw.root import MANIFEST, Root, sha256
-from earlyfw.run import RecordingRunner, Result
+from earlyfw.run import Result
 from earlyfw.targets import File, Symlink
 from earlyfw.targets.core import CONFIG_PATH, Core, ruleset_path
 from tests import netns
+from tests.recording_runner import RecordingRunner
 from tests.test_watch_units import FakeClock, RecordingRuleset, ScriptedTunnel
 
 A = ipaddress.ip_address

@@ -29,7 +29,7 @@ from earlyfw import config, install
 from earlyfw.errors import EarlyfwError
 from earlyfw.manifest import ManifestError
 from earlyfw.root import BACKUP_DIR, MANIFEST, Root
-from earlyfw.run import RecordingRunner
+from tests.recording_runner import RecordingRunner
 from tests.test_install import EXAMPLE, snapshot
 
 CFG = config.load(EXAMPLE)

@@ -24,7 +24,7 @@ from earlyfw import config as configuration
 from earlyfw import install
 from earlyfw.linux import firewalls, systemd
 from earlyfw.root import Root
-from earlyfw.run import RecordingRunner
+from tests.recording_runner import RecordingRunner
 from tests.test_boot_targets import CONFIG_TEXT
 
 UNIT_DIR = "/etc/systemd/system"

@@ -37,8 +37,9 @@ from earlyfw.linux.watcher.sources import Peer, SourceError
 from earlyfw.linux.watcher.tunnels import Verdict
 from earlyfw.policy import State
 from earlyfw.root import Root
-from earlyfw.run import RecordingRunner, Result
+from earlyfw.run import Result
 from earlyfw.targets import File, Symlink
+from tests.recording_runner import RecordingRunner
 
 ip = ipaddress.ip_address
 

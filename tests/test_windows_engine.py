@@ -1,4 +1,4 @@
-"""earlyfw.windows.engine against the recording BFE model (earlyfw.windows.recording).
+"""earlyfw.windows.engine against the recording BFE model (tests/wfp_model.py).
 
 The engine's calls cross a real ctypes foreign call into a Python model of BFE
 that decodes every structure back from the pointers it receives, with the same
@@ -39,10 +39,11 @@ from earlyfw import config as configuration
 from earlyfw import policy
 from earlyfw.config import Config, IPAddress
 from earlyfw.errors import EarlyfwError
-from earlyfw.windows import engine, recording, rules, security
+from earlyfw.windows import engine, rules, security
 from earlyfw.windows import structs as s
-from earlyfw.windows.recording import DecodedFilter, RecordingBfe, Store
 from earlyfw.windows.rules import Action, Interface, Layer
+from tests import wfp_model
+from tests.wfp_model import DecodedFilter, RecordingBfe, Store
 
 TUNNEL_LUID = 0x0035_0000_0012_0000  # IF_TYPE_PROP_VIRTUAL, as wintun adapters have
 OTHER_LUID = 0x0006_0000_0001_0000  # an Ethernet adapter
@@ -152,7 +153,7 @@ def test_install_hands_bfe_exactly_the_policy(bfe: RecordingBfe, name: str) -> N
     assert len(boot) + len(persistent) == len(listed)
     for found in (boot, persistent):
         blocks = {f.layer for f in found if f.action == s.FWP_ACTION_BLOCK and not f.conditions}
-        assert blocks == set(recording.LAYERS), "a block-all at every ALE and IPFORWARD layer"
+        assert blocks == set(wfp_model.LAYERS), "a block-all at every ALE and IPFORWARD layer"
     assert {f.key for f in boot} == {f.key for f in rules.boottime_set()}
 
 
@@ -236,7 +237,7 @@ def test_everything_happens_inside_one_transaction(bfe: RecordingBfe) -> None:
 
 
 SYSTEM = security.SYSTEM
-USER = recording.USER_SID  # a standard user's program
+USER = wfp_model.USER_SID  # a standard user's program
 DHCP = security.service_sid("Dhcp")  # NT SERVICE\Dhcp
 ALE = [layer for layer in Layer if "ALE" in layer.value]
 
@@ -253,7 +254,7 @@ class Packet:
     user: str = USER  # the socket owner (a token's user or service SID)
 
 
-def _matches(condition: recording.Condition, p: Packet) -> bool:
+def _matches(condition: wfp_model.Condition, p: Packet) -> bool:
     field, value = condition.field, condition.value
     if field == s.FWPM_CONDITION_FLAGS:
         flags = s.FWP_CONDITION_FLAG_IS_LOOPBACK if p.loopback else 0
@@ -276,7 +277,7 @@ def _matches(condition: recording.Condition, p: Packet) -> bool:
 
 
 @functools.cache
-def _by_field(f: DecodedFilter) -> tuple[tuple[recording.Condition, ...], ...]:
+def _by_field(f: DecodedFilter) -> tuple[tuple[wfp_model.Condition, ...], ...]:
     ordered = sorted(f.conditions, key=lambda c: str(c.field))
     return tuple(tuple(group) for _, group in itertools.groupby(ordered, key=lambda c: c.field))
 
@@ -566,20 +567,20 @@ TAP_LUID = 0x0006_0000_0009_0000
 @pytest.mark.parametrize(
     ("alias", "luid", "adapter"),
     [
-        ("Ethernet", ETHERNET_LUID, recording.Adapter("Intel(R) Ethernet Connection I219-V", hardware=True)),
-        ("Wi-Fi", WIFI_LUID, recording.Adapter("Intel(R) Wi-Fi 6 AX201 160MHz", hardware=True)),
+        ("Ethernet", ETHERNET_LUID, wfp_model.Adapter("Intel(R) Ethernet Connection I219-V", hardware=True)),
+        ("Wi-Fi", WIFI_LUID, wfp_model.Adapter("Intel(R) Wi-Fi 6 AX201 160MHz", hardware=True)),
         # Virtual but not a tunnel: a Hyper-V switch port bridges onto the NIC.
-        ("vEthernet (External)", ETHERNET_LUID + 1, recording.Adapter("Hyper-V Virtual Ethernet Adapter")),
+        ("vEthernet (External)", ETHERNET_LUID + 1, wfp_model.Adapter("Hyper-V Virtual Ethernet Adapter")),
     ],
 )
-def test_relax_refuses_an_adapter_that_is_not_a_tunnel(alias: str, luid: int, adapter: recording.Adapter) -> None:
+def test_relax_refuses_an_adapter_that_is_not_a_tunnel(alias: str, luid: int, adapter: wfp_model.Adapter) -> None:
     """Permitting a NIC would be no kill switch at all."""
     bfe = RecordingBfe(aliases={alias: luid}, adapters={luid: adapter})
     with pytest.raises(EarlyfwError, match="is not a tunnel adapter"):
         engine.tunnel_luid(bfe, alias)
     ok = RecordingBfe(
         aliases={"wg0": TUNNEL_LUID, "OpenVPN TAP-Windows6": TAP_LUID},
-        adapters={TAP_LUID: recording.Adapter("TAP-Windows Adapter V9 #2")},
+        adapters={TAP_LUID: wfp_model.Adapter("TAP-Windows Adapter V9 #2")},
     )
     assert engine.tunnel_luid(ok, "wg0") == TUNNEL_LUID  # control: wintun
     assert engine.tunnel_luid(ok, "OpenVPN TAP-Windows6") == TAP_LUID  # TAP-Windows6: Ethernet, not hardware

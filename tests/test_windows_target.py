@@ -26,14 +26,15 @@ from earlyfw import config as configuration
 from earlyfw import install as installer
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.root import Root
-from earlyfw.run import RecordingRunner, Result
+from earlyfw.run import Result
 from earlyfw.targets import System
 from earlyfw.windows import backend, engine, rules, security
 from earlyfw.windows import cli as windows_cli
 from earlyfw.windows import structs as s
 from earlyfw.windows import target as windows
-from earlyfw.windows.recording import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
 from earlyfw.windows.target import Windows
+from tests.recording_runner import RecordingRunner
+from tests.wfp_model import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"
 TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}

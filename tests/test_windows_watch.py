@@ -18,9 +18,10 @@ from earlyfw import config as configuration
 from earlyfw.errors import EarlyfwError
 from earlyfw.linux.watcher import sources
 from earlyfw.policy import State
-from earlyfw.run import RecordingRunner, Result
+from earlyfw.run import Result
 from earlyfw.windows import engine, rules, watcher
-from earlyfw.windows.recording import Adapter, RecordingBfe
+from tests.recording_runner import RecordingRunner
+from tests.wfp_model import Adapter, RecordingBfe
 
 NOW = 1_760_000_000
 LUID = 0x0035_0000_0009_0000

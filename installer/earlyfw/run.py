@@ -1,15 +1,16 @@
 """The one seam through which earlyfw runs external commands.
 
 Every command is logged as `+ argv` before it runs, so a user sees exactly what
-touched their kernel; tests swap in a RecordingRunner to see the same list.
+touched their kernel. Tests hand in a Runner whose `_execute` and `_stream`
+record instead of run (tests/recording_runner.py) to see the same list.
 """
 
 from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from earlyfw.errors import CommandError
@@ -71,24 +72,3 @@ class Runner:
         # Straight to file descriptor 2, whatever Python-level stderr is.
         process = command[list(argv[1:])].popen(stdin=None, stdout=2, stderr=2)
         return Result(process.wait(), "", "")
-
-
-@dataclass
-class RecordingRunner(Runner):
-    """Records every call instead of running it; `respond` scripts the answers."""
-
-    respond: Callable[[Sequence[str], str | None], Result] = field(default=lambda argv, input: Result(0, "", ""))
-    calls: list[tuple[tuple[str, ...], str | None]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        super().__init__(verbose=False)
-
-    def _execute(self, argv: Sequence[str], input: str | None) -> Result:
-        self.calls.append((tuple(argv), input))
-        return self.respond(argv, input)
-
-    def _stream(self, argv: Sequence[str]) -> Result:
-        return self._execute(argv, None)
-
-    def argvs(self) -> list[tuple[str, ...]]:
-        return [argv for argv, _ in self.calls]

@@ -1,18 +1,16 @@
-"""A parser for exactly the pf.conf subset earlyfw writes, and a model of how pf
-evaluates it.
+"""A parser for exactly the pf.conf subset earlyfw writes, and the checks that
+guard every rendering of the macOS anchor.
 
-pf exists only on macOS and the BSDs, so on Linux this is what can check the
-macOS anchor: every rule is parsed into typed fields (nothing earlyfw does not
-emit is accepted), checked for the mistakes that silently open a pf ruleset (a
-rule that is not `quick`, an address of the wrong family, a table that was
+pf exists only on macOS and the BSDs, so earlyfw reviews its own anchor before
+writing it: every rule is parsed into typed fields (nothing earlyfw does not
+emit is accepted) and checked for the mistakes that silently open a pf ruleset
+(a rule that is not `quick`, an address of the wrong family, a table that was
 never defined, an interface group such as `utun` that matches every tunnel
-device), and then evaluated packet by packet the way pf does for this subset:
-anchors called by path (`com.apple/*` runs every anchor under com.apple in
-name order), `user` matched against the socket's owner, and fragments, whose
-ports pf cannot see unless a scrub rule reassembles them first. The same parser
-reads a main ruleset as `pfctl -s rules` prints it (scrub, scrub-anchor and
-anchor calls), so tests can evaluate the whole chain.
-On a Mac, `pfctl -vnf FILE` is the authority; this model is the reviewer that
+device); `check_main` and `check_tunnel` hold the anchors to earlyfw's shape.
+The same parser reads a main ruleset as `pfctl -s rules` prints it (scrub,
+scrub-anchor and anchor calls), so the tests' model of pf's evaluation
+(tests/pf_evaluator.py) can run the whole chain on these types.
+On a Mac, `pfctl -vnf FILE` is the authority; this parser is the reviewer that
 runs everywhere.
 """
 
@@ -21,10 +19,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # A device is a name ending in its unit number (lo0, en0, utun9). pf reads a
@@ -85,9 +82,6 @@ class Table:
     flags: frozenset[str] = frozenset()
     line: int = 0
 
-    def __contains__(self, address: object) -> bool:
-        return any(address in network for network in self.entries)
-
 
 @dataclass(frozen=True)
 class Address:
@@ -134,14 +128,6 @@ class Rule:
     icmp_code: int | None = None
     keep_state: bool = False
     user: int | None = None  # uid of the socket's owner
-
-    def families(self) -> tuple[Family, ...]:
-        return (self.family,) if self.family else (Family.INET, Family.INET6)
-
-    @property
-    def needs_transport_header(self) -> bool:
-        """What pf cannot match on a fragment it has not reassembled."""
-        return any(v is not None for v in (self.src_port, self.dst_port, self.icmp_type, self.user))
 
 
 @dataclass(frozen=True)
@@ -315,56 +301,100 @@ def _anchor_call(tokens: _Tokens) -> AnchorCall:
 
 
 def _rule(tokens: _Tokens, action: Action, tables: Mapping[str, Table]) -> Rule:
-    policy = tokens.accept("return", "drop")
-    if action is Action.BLOCK and policy is None:
-        raise tokens.error("block without `return` or `drop` depends on the ruleset's block-policy")
-    if action is Action.PASS and policy is not None:
-        raise tokens.error(f"pass takes no {policy!r}")
+    """`pass|block [return|drop] [in|out] quick [on [!] DEV] [inet|inet6] [proto P]
+    (all | from A [port N] to B [port N]) [user U] [icmp(6)-type T [code C]] [no state]`,
+    read in that order."""
+    policy = _policy(tokens, action)
     direction = tokens.accept("in", "out")
     if tokens.accept("quick") is None:
         # pf lets the LAST matching rule win unless one is quick: a rule that
         # is not quick can be overridden by anything evaluated after it.
         raise tokens.error("rule is not `quick`: every earlyfw rule must decide on the spot")
-    interface, negated = None, False
-    if tokens.accept("on"):
-        negated = tokens.accept("!") is not None
-        interface = tokens.take("an interface")
-        if not _DEVICE.fullmatch(interface):
-            raise tokens.error(
-                f"{interface!r} is not one device: pf reads it as an interface group (every {interface} device)"
-            )
+    interface, interface_negated = _interface(tokens)
     family_word = tokens.accept("inet", "inet6")
     family = Family(family_word) if family_word else None
-    proto = None
-    if tokens.accept("proto"):
-        proto = tokens.take("a protocol")
-        if proto not in PROTOCOLS:
-            raise tokens.error(f"proto {proto!r} is not one of {', '.join(PROTOCOLS)}")
-    needs = {"icmp": Family.INET, "ipv6-icmp": Family.INET6}.get(proto or "")
-    if needs is not None and family is not needs:
-        raise tokens.error(f"proto {proto} needs {needs}")
-
+    proto = _proto(tokens, family)
     src, src_port, dst, dst_port = ANY, None, ANY, None
     if tokens.accept("all") is None:
         tokens.expect("from")
         src, src_port = _endpoint(tokens, family, proto, tables)
         tokens.expect("to")
         dst, dst_port = _endpoint(tokens, family, proto, tables)
-
     user = _user(tokens, proto)
+    icmp_type, icmp_code = _icmp(tokens, proto)
+    keep_state = _keeps_state(tokens, action)
+    return Rule(
+        line=tokens.line,
+        action=action,
+        policy=policy,
+        direction=Direction(direction) if direction else None,
+        quick=True,
+        interface=interface,
+        interface_negated=interface_negated,
+        family=family,
+        proto=proto,
+        src=src,
+        src_port=src_port,
+        dst=dst,
+        dst_port=dst_port,
+        icmp_type=icmp_type,
+        icmp_code=icmp_code,
+        keep_state=keep_state,
+        user=user,
+    )
 
-    icmp_type = icmp_code = None
+
+def _policy(tokens: _Tokens, action: Action) -> str | None:
+    policy = tokens.accept("return", "drop")
+    if action is Action.BLOCK and policy is None:
+        raise tokens.error("block without `return` or `drop` depends on the ruleset's block-policy")
+    if action is Action.PASS and policy is not None:
+        raise tokens.error(f"pass takes no {policy!r}")
+    return policy
+
+
+def _interface(tokens: _Tokens) -> tuple[str | None, bool]:
+    """`on [!] DEVICE`: the device, and whether it is negated."""
+    if not tokens.accept("on"):
+        return None, False
+    negated = tokens.accept("!") is not None
+    interface = tokens.take("an interface")
+    if not _DEVICE.fullmatch(interface):
+        raise tokens.error(
+            f"{interface!r} is not one device: pf reads it as an interface group (every {interface} device)"
+        )
+    return interface, negated
+
+
+def _proto(tokens: _Tokens, family: Family | None) -> str | None:
+    if not tokens.accept("proto"):
+        return None
+    proto = tokens.take("a protocol")
+    if proto not in PROTOCOLS:
+        raise tokens.error(f"proto {proto!r} is not one of {', '.join(PROTOCOLS)}")
+    needs = {"icmp": Family.INET, "ipv6-icmp": Family.INET6}.get(proto)
+    if needs is not None and family is not needs:
+        raise tokens.error(f"proto {proto} needs {needs}")
+    return proto
+
+
+def _icmp(tokens: _Tokens, proto: str | None) -> tuple[int | None, int | None]:
+    """`icmp6-type T` or `icmp-type T [code C]`: the type and code."""
     if tokens.accept("icmp6-type"):
         if proto != "ipv6-icmp":
             raise tokens.error("icmp6-type needs proto ipv6-icmp")
-        icmp_type = _icmp_number(tokens, ICMP6_TYPES)
-    elif tokens.accept("icmp-type"):
+        return _icmp_number(tokens, ICMP6_TYPES), None
+    if tokens.accept("icmp-type"):
         if proto != "icmp":
             raise tokens.error("icmp-type needs proto icmp")
         icmp_type = _icmp_number(tokens, ICMP_TYPES)
-        if tokens.accept("code"):
-            icmp_code = _icmp_number(tokens, ICMP_CODES)
+        icmp_code = _icmp_number(tokens, ICMP_CODES) if tokens.accept("code") else None
+        return icmp_type, icmp_code
+    return None, None
 
+
+def _keeps_state(tokens: _Tokens, action: Action) -> bool:
+    """`no state` or nothing: the last words of a rule, so the line ends here."""
     stateless = tokens.accept("no") is not None
     if stateless:
         tokens.expect("state")
@@ -375,25 +405,7 @@ def _rule(tokens: _Tokens, action: Action, tables: Mapping[str, Table]) -> Rule:
         raise tokens.error("pass without `no state`")
     if action is Action.BLOCK and stateless:
         raise tokens.error("`no state` on a block rule")
-    return Rule(
-        line=tokens.line,
-        action=action,
-        policy=policy,
-        direction=Direction(direction) if direction else None,
-        quick=True,
-        interface=interface,
-        interface_negated=negated,
-        family=family,
-        proto=proto,
-        src=src,
-        src_port=src_port,
-        dst=dst,
-        dst_port=dst_port,
-        icmp_type=icmp_type,
-        icmp_code=icmp_code,
-        keep_state=not stateless,
-        user=user,
-    )
+    return not stateless
 
 
 def _endpoint(
@@ -503,106 +515,3 @@ def check_tunnel(ruleset: Ruleset, interface: str) -> None:
     for rule in ruleset.filter_rules():
         if rule.interface != interface or rule.interface_negated:
             raise PfError(rule.line, f"every tunnel rule must be `on {interface}`")
-
-
-# --- Evaluation -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Packet:
-    direction: Direction
-    interface: str
-    src: IPAddress
-    dst: IPAddress
-    proto: str
-    sport: int | None = None
-    dport: int | None = None
-    icmp_type: int | None = None
-    icmp_code: int | None = None
-    uid: int | None = None  # the local socket's owner; None: no local socket
-    fragment: bool = False  # a fragment pf has not reassembled
-
-    @property
-    def family(self) -> Family:
-        return Family.INET if self.src.version == 4 else Family.INET6
-
-
-def _called(name: str, path: str, anchors: Mapping[str, Ruleset]) -> list[str]:
-    """The anchors a call reaches: relative to the caller's path; `x/*` is
-    every anchor directly under x, in name order, as pf runs them."""
-    full = f"{path}/{name}" if path else name
-    if full.endswith("/*"):
-        parent = full[:-2]
-        return sorted(k for k in anchors if k.rpartition("/")[0] == parent)
-    return [full] if full in anchors else []
-
-
-def _reassembles(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset], path: str) -> bool:
-    for scrub in ruleset.scrubs:
-        if scrub.direction not in (None, packet.direction):
-            continue
-        if scrub.anchor is None:
-            if scrub.reassemble:
-                return True
-        elif any(_reassembles(anchors[a], packet, anchors, a) for a in _called(scrub.anchor, path, anchors)):
-            return True
-    return False
-
-
-def evaluate(
-    ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset] | None = None, *, path: str = ""
-) -> Rule | None:
-    """The rule that decides `packet`, or None when no rule matches (pf then
-    passes it: its default rule is pass). `anchors` holds every loaded anchor
-    by its path; `path` is the ruleset's own (empty for the main ruleset).
-    Scrub rules run first: a fragment is reassembled if one applies. Every
-    rule in the subset is quick, so the first match decides, inside a called
-    anchor as much as outside it."""
-    anchors = anchors or {}
-    if packet.fragment and _reassembles(ruleset, packet, anchors, path):
-        packet = replace(packet, fragment=False)
-    return _evaluate(ruleset, packet, anchors, path)
-
-
-def _evaluate(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset], path: str) -> Rule | None:
-    for statement in ruleset.rules:
-        if isinstance(statement, AnchorCall):
-            for name in _called(statement.name, path, anchors):
-                decided = _evaluate(anchors[name], packet, anchors, name)
-                if decided is not None:
-                    return decided
-        elif _matches(statement, ruleset.tables, packet):
-            return statement
-    return None
-
-
-def _matches(rule: Rule, tables: Mapping[str, Table], p: Packet) -> bool:
-    if rule.direction is not None and rule.direction is not p.direction:
-        return False
-    if p.fragment and rule.needs_transport_header:
-        return False
-    if rule.user is not None and rule.user != p.uid:
-        return False
-    if rule.interface is not None and (rule.interface == p.interface) == rule.interface_negated:
-        return False
-    if p.family not in rule.families():
-        return False
-    if rule.proto is not None and rule.proto != p.proto:
-        return False
-    if not (_address_matches(rule.src, tables, p.src) and _address_matches(rule.dst, tables, p.dst)):
-        return False
-    if rule.src_port is not None and rule.src_port != p.sport:
-        return False
-    if rule.dst_port is not None and rule.dst_port != p.dport:
-        return False
-    if rule.icmp_type is not None and rule.icmp_type != p.icmp_type:
-        return False
-    return rule.icmp_code is None or rule.icmp_code == p.icmp_code
-
-
-def _address_matches(address: Address, tables: Mapping[str, Table], ip: IPAddress) -> bool:
-    if address.table is not None:
-        return (ip in tables[address.table]) != address.negated
-    if address.network is not None:
-        return ip in address.network
-    return True

@@ -10,8 +10,8 @@ talks to BFE itself through fwpuclnt.dll with ctypes:
 - `security`: SIDs and security descriptors (the ALE_USER_ID conditions, the
   data directory's DACL), built and read in pure Python;
 - `engine`: the transactions (install, relax, lock, uninstall) against a
-  `Backend`, which is either the real DLLs (`backend`, Windows only) or the
-  recording BFE model (`recording`), so the same code runs in tests on Linux;
+  `Backend`, which is either the real DLLs (`backend`, Windows only) or, in
+  tests, a recording BFE model (tests/wfp_model.py), so the same code runs on Linux;
 - `watch`: the handshake watcher the scheduled task runs, holding its relax
   permits in a dynamic session.
 """

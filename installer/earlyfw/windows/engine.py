@@ -4,9 +4,9 @@ Each runs in one BFE transaction (FwpmTransactionBegin0 … FwpmTransactionCommi
 and aborts on the first unexpected error, so BFE holds either the old policy
 or the new one, never a mix. The functions of fwpuclnt.dll and iphlpapi.dll
 are reached through a `Backend`: the DLLs themselves on Windows
-(`earlyfw.windows.backend`), or the recording BFE model (`earlyfw.windows.recording`)
-that decodes every structure it is handed, which is how the same code is
-tested on Linux.
+(`earlyfw.windows.backend`), or, in tests, a recording BFE model
+(tests/wfp_model.py) that decodes every structure it is handed, which is how
+the same code is tested on Linux.
 """
 
 from __future__ import annotations

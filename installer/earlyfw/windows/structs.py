@@ -443,9 +443,9 @@ SUBLAYER_WEIGHT = 0xFFFF
 PHANDLE = POINTER(c_void_p)
 
 # The C prototypes of every function earlyfw calls, by DLL: (restype, argtypes).
-# The real backend binds them from the DLL, the recording backend wraps its
-# Python model in the same prototypes, and the probe test compiles a call to
-# each against the mingw-w64 headers, so all three agree.
+# The real backend binds them from the DLL, the tests' BFE model wraps its
+# Python callables in the same prototypes, and the probe test compiles a call
+# to each against the mingw-w64 headers, so all three agree.
 FWPUCLNT: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "FwpmEngineOpen0": (c_uint32, (c_wchar_p, c_uint32, c_void_p, POINTER(FWPM_SESSION0), PHANDLE)),
     "FwpmEngineClose0": (c_uint32, (c_void_p,)),

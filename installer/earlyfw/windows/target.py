@@ -108,7 +108,7 @@ class Windows(Target):
 
     def __init__(self, root: Root, runner: Runner) -> None:
         super().__init__(root, runner)
-        # The WFP functions; tests hand in earlyfw.windows.recording's model.
+        # The WFP functions; tests hand in their BFE model (tests/wfp_model.py).
         self.load_backend: Callable[[], engine.Backend] = backend.load
 
     @classmethod

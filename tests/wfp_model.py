@@ -1,5 +1,7 @@
 """A recording model of the Base Filtering Engine, for running the WFP code
-where there is no Windows.
+where there is no Windows. The engine takes it as its `Backend`
+(earlyfw.windows.engine); as a test double it ships in neither the wheel nor
+the binary.
 
 Each function is a Python callable wrapped in the same C prototype as the real
 one (`structs.PROTOTYPES`), so the engine's calls cross a real ctypes foreign

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from earlyfw.config import Endpoint, IPAddress, Protocol
+from earlyfw.config import Endpoint, IPAddress, Transport
 
 # The MAC address QEMU gives the guest's NIC (set explicitly on -device), which
 # tells the guest's frames from slirp's in a capture of both directions.
@@ -177,10 +177,10 @@ def _transport(  # noqa: PLR0917 - the header fields of one IP packet
     packet = _Maker(time, src.version)
     if ports is not None:
         sport, dport = ports
-        protocol = Protocol.TCP if proto == IPPROTO_TCP else Protocol.UDP
+        protocol = Transport.TCP if proto == IPPROTO_TCP else Transport.UDP
         where = f"{protocol} {_host(src)}:{sport} -> {_host(dst)}:{dport}"
         if Endpoint(dst, dport, protocol) in endpoints:
-            return Packet(time, Kind.ENDPOINT, where, src.version, segment[8:] if protocol is Protocol.UDP else b"")
+            return Packet(time, Kind.ENDPOINT, where, src.version, segment[8:] if protocol is Transport.UDP else b"")
         return packet(_by_port(src, dst, protocol, sport, dport), where)
     if proto == IPPROTO_ICMPV6 and segment:
         icmp_type = segment[0]
@@ -206,11 +206,11 @@ class _Maker:
         return Packet(self.time, kind, summary, self.version)
 
 
-def _by_port(src: IPAddress, dst: IPAddress, protocol: Protocol, sport: int, dport: int) -> Kind:
-    if protocol is Protocol.UDP and (sport, dport) == (68, 67) and src.version == 4:
+def _by_port(src: IPAddress, dst: IPAddress, protocol: Transport, sport: int, dport: int) -> Kind:
+    if protocol is Transport.UDP and (sport, dport) == (68, 67) and src.version == 4:
         return Kind.DHCP
     if (
-        protocol is Protocol.UDP
+        protocol is Transport.UDP
         and (sport, dport) == (546, 547)
         and src in LINK_LOCAL_V6
         and (dst in LINK_LOCAL_V6 or dst == ipaddress.IPv6Address("ff02::1:2"))
@@ -218,11 +218,11 @@ def _by_port(src: IPAddress, dst: IPAddress, protocol: Protocol, sport: int, dpo
         return Kind.DHCPV6
     if dport in (53, 853, 5353, 5355):
         return Kind.DNS
-    if protocol is Protocol.UDP and dport == 123:
+    if protocol is Transport.UDP and dport == 123:
         return Kind.NTP
     if dport in (3478, 5349, 19302):
         return Kind.STUN
-    return Kind.TCP if protocol is Protocol.TCP else Kind.UDP
+    return Kind.TCP if protocol is Transport.TCP else Kind.UDP
 
 
 def _host(address: IPAddress) -> str:

@@ -27,7 +27,7 @@ from pyroute2.netlink.generic.wireguard import wgmsg
 
 from earlyfw import config as configuration
 from earlyfw import policy
-from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
+from earlyfw.config import Config, Endpoint, Transport, TunnelKind
 from earlyfw.errors import CommandError, ConfigError
 from earlyfw.linux import watcher_unit as watcher_target
 from earlyfw.linux.watcher import daemon, events, openvpn, ruleset, sources, tunnels
@@ -91,7 +91,7 @@ WG_DUMP = (
 FIRST_KEY = "iCZintXpSMwCKdGxfHXVmN2OMebs4ZW+QbihbEJz52k="
 
 
-def cfg(*endpoints: tuple[str, int] | tuple[str, int, Protocol], reject_after: int = 180) -> Config:
+def cfg(*endpoints: tuple[str, int] | tuple[str, int, Transport], reject_after: int = 180) -> Config:
     return Config(
         tunnel_kind=TunnelKind.WIREGUARD,
         interface="wg0",
@@ -269,7 +269,7 @@ def test_no_proof_stays_blocked(candidate: Peer, reason: str) -> None:
 
 
 def test_a_tcp_endpoint_does_not_vouch_for_wireguard() -> None:
-    config = cfg(("192.0.2.1", 51820, Protocol.TCP))
+    config = cfg(("192.0.2.1", 51820, Transport.TCP))
     assert verdict(peer(("192.0.2.1", 51820), 1), config=config).state is State.BLOCKED
 
 
@@ -1005,7 +1005,7 @@ def test_units_are_hardened(tmp_path: Path, unit: str) -> None:
 
 
 def test_wake_table_logs_handshakes_from_udp_endpoints_only() -> None:
-    config = cfg(("192.0.2.1", 51820), ("2001:db8::7", 51820), ("198.51.100.9", 443, Protocol.TCP))
+    config = cfg(("192.0.2.1", 51820), ("2001:db8::7", 51820), ("198.51.100.9", 443, Transport.TCP))
     script = ruleset.wake_script(config, 17734)
     assert "ip saddr . udp sport { 192.0.2.1 . 51820 }" in script
     assert "ip6 saddr . udp sport { 2001:db8::7 . 51820 }" in script

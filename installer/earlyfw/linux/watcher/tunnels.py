@@ -14,8 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from earlyfw.config import Config, IPAddress, TunnelKind
-from earlyfw.config import Protocol as Transport
+from earlyfw.config import Config, IPAddress, Transport, TunnelKind
 from earlyfw.errors import EarlyfwError
 from earlyfw.linux.watcher import openvpn
 from earlyfw.linux.watcher.openvpn import Management, StateEvent

@@ -22,10 +22,10 @@ from earlyfw import config, importers, resolve
 from earlyfw.config import Config, Endpoint, IPAddress, Transport
 from earlyfw.endpoints import apply, refreshed, running_watcher, tunnel_flows
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
+from earlyfw.handshake import Verdict
 from earlyfw.linux import boot
 from earlyfw.linux.refresh_timer import REFRESH_SERVICE, REFRESH_TIMER, Refresh
 from earlyfw.linux.watcher.daemon import Watcher
-from earlyfw.linux.watcher.tunnels import Verdict
 from earlyfw.manifest import Entry, Manifest
 from earlyfw.policy import State
 from earlyfw.root import MANIFEST, Root, sha256

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config as configuration
+from earlyfw import handshake
 from earlyfw.errors import EarlyfwError
-from earlyfw.linux.watcher import sources
 from earlyfw.policy import State
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.windows import engine, rules, watcher
@@ -53,7 +53,7 @@ def dump(*peers: tuple[str, int]) -> str:
 
 def test_parse_dump() -> None:
     """wg.exe prints the same dump as Linux's wg: the Linux parser reads it."""
-    peers = sources.parse_wg_dump(dump(("198.51.100.7:51820", NOW - 5), ("[2001:db8::7]:51820", 0), ("(none)", 0)))
+    peers = handshake.parse_wg_dump(dump(("198.51.100.7:51820", NOW - 5), ("[2001:db8::7]:51820", 0), ("(none)", 0)))
     assert [(str(p.endpoint[0]) if p.endpoint else None, p.last_handshake) for p in peers] == [
         ("198.51.100.7", NOW - 5),
         ("2001:db8::7", None),

@@ -25,7 +25,7 @@ from earlyfw import install
 from earlyfw.linux import firewalls, systemd
 from earlyfw.root import Root
 from earlyfw.run import RecordingRunner
-from tests.test_boot_targets import CONFIG_TEXT
+from tests.configs import CONFIG_TEXT
 
 UNIT_DIR = "/etc/systemd/system"
 UNITS = (systemd.BLOCK_UNIT, systemd.FAILED_UNIT, systemd.OFF_UNIT)

@@ -21,6 +21,7 @@ from earlyfw.policy import State
 from earlyfw.run import RecordingRunner, Result
 from earlyfw.windows import engine, rules, watcher
 from earlyfw.windows.recording import Adapter, RecordingBfe
+from tests.configs import example_toml
 
 NOW = 1_760_000_000
 LUID = 0x0035_0000_0009_0000
@@ -28,21 +29,7 @@ KEY = "hIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
 
 
 def config(kind: str = "wireguard", reject_after: int = 180) -> configuration.Config:
-    return configuration.parse(
-        f"""
-[tunnel]
-kind = "{kind}"
-interface = "wg0"
-[[endpoint]]
-address = "198.51.100.7"
-port = 51820
-[[endpoint]]
-address = "2001:db8::7"
-port = 51820
-[watch]
-reject_after_seconds = {reject_after}
-"""
-    )
+    return configuration.parse(example_toml(kind, extra=f"[watch]\nreject_after_seconds = {reject_after}\n"))
 
 
 def dump(*peers: tuple[str, int]) -> str:

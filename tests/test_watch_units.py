@@ -716,7 +716,7 @@ class RecordingRuleset(Ruleset):
 
 
 @dataclass
-class ScriptedTunnel:
+class ScriptedTunnel(tunnels.Tunnel):
     verdict: Verdict = field(default_factory=lambda: Verdict(State.BLOCKED, "waiting"))
     follows_requests: bool = False
     requests: list[State] = field(default_factory=list)
@@ -724,17 +724,7 @@ class ScriptedTunnel:
     hint: str | None = None
     config: Config = CONFIG
     notes: list[str] = field(default_factory=list)
-    wakes_on_handshakes: bool = False
     woken: bool = False
-
-    def fileno(self) -> int | None:
-        return None
-
-    def on_readable(self) -> None:
-        pass
-
-    def wake(self) -> None:
-        pass
 
     def request(self, state: State) -> None:
         self.requests.append(state)
@@ -745,9 +735,6 @@ class ScriptedTunnel:
         if self.error:
             raise self.error
         return self.verdict
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass

@@ -9,11 +9,11 @@ on the watcher's clock, and say when to look again.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 
 from earlyfw.config import Config, TunnelKind
 from earlyfw.errors import EarlyfwError
@@ -122,8 +122,9 @@ def openvpn_verdict(
     )
 
 
-class Tunnel(Protocol):
-    """What the watcher asks of every tunnel kind alike."""
+class Tunnel(ABC):
+    """What the watcher asks of every tunnel kind alike. The defaults are a
+    tunnel's with nothing to read and no handshake packet to hear."""
 
     # True where an outside `earlyfw relax` / `earlyfw lock` is the decision
     # (manual, OpenVPN hook scripts); False where the watcher decides and an
@@ -131,31 +132,39 @@ class Tunnel(Protocol):
     follows_requests: bool
     # True where a handshake packet is news (WireGuard): the watcher then has
     # the kernel wake it on one (ruleset.wake_script) and sets `woken` once it does.
-    wakes_on_handshakes: bool
-    woken: bool
-    # Replaced on a reload; what the tunnel has observed stays.
-    config: Config
-    # The current advice for the user, None when there is none; the watcher
-    # decides when to repeat it.
-    hint: str | None
-    # One-line notes for the journal since the watcher last took them.
-    notes: list[str]
+    wakes_on_handshakes = False
 
-    def fileno(self) -> int | None: ...
+    def __init__(self, config: Config) -> None:
+        # Replaced on a reload; what the tunnel has observed stays.
+        self.config = config
+        self.woken = False
+        # The current advice for the user, None when there is none; the
+        # watcher decides when to repeat it.
+        self.hint: str | None = None
+        # One-line notes for the journal since the watcher last took them.
+        self.notes: list[str] = []
 
-    def on_readable(self) -> None: ...
+    def fileno(self) -> int | None:
+        return None
+
+    def on_readable(self) -> None:
+        """The file descriptor fileno() gave has something to read."""
 
     def wake(self) -> None:
         """A handshake packet arrived."""
 
-    def request(self, state: State) -> None: ...
+    @abstractmethod
+    def request(self, state: State) -> None:
+        """An outside `earlyfw relax` or `earlyfw lock`."""
 
     # The wall clock is read after the tunnel is observed: a first read can
     # take seconds (a library import under a slow CPU), and a handshake
     # recorded meanwhile must not look as if it came from the future.
+    @abstractmethod
     def evaluate(self, not_before: float) -> Verdict: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Let go of what the tunnel holds open."""
 
 
 @dataclass
@@ -179,23 +188,19 @@ def _stamp(when: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(when))
 
 
-class WireGuardTunnel:
+class WireGuardTunnel(Tunnel):
     follows_requests = False
+    # Once handshake packets wake the watcher (`woken`), a blocked tunnel is
+    # polled fast only right after one.
     wakes_on_handshakes = True
 
     def __init__(
         self, config: Config, source: PeerSource, sys_class_net: Path = SYS_CLASS_NET, *, clock: Clock | None = None
     ) -> None:
-        self.config = config
+        super().__init__(config)
         self.source = source
         self.sys_class_net = sys_class_net
         self.clock = clock or Clock()
-        self.hint: str | None = None
-        # Why a handshake could not be started, or a keepalive not restored.
-        self.notes: list[str] = []
-        # Once handshake packets wake the watcher, a blocked tunnel is polled
-        # fast only right after one.
-        self.woken = False
         self._burst_until = 0.0
         self._tracks: dict[str, _Track] = {}
         # (ifindex, up) at the last look: a new index is a new interface.
@@ -206,12 +211,6 @@ class WireGuardTunnel:
 
     def wake(self) -> None:
         self._burst_until = self.clock.monotonic() + WAKE_BURST
-
-    def fileno(self) -> int | None:
-        return None
-
-    def on_readable(self) -> None:
-        pass
 
     def request(self, state: State) -> None:
         if state is State.BLOCKED:
@@ -441,20 +440,15 @@ class WireGuardTunnel:
         self.source.close()
 
 
-class OpenVPNTunnel:
+class OpenVPNTunnel(Tunnel):
     """With a management socket, OpenVPN's state decides. Without one, the
     --up/--down hook earlyfw installs runs `earlyfw relax` / `earlyfw lock`,
     and the watcher follows those, locking on its own if the interface goes."""
 
-    wakes_on_handshakes = False
-
     def __init__(self, config: Config, sys_class_net: Path = SYS_CLASS_NET, *, clock: Clock | None = None) -> None:
-        self.config = config
+        super().__init__(config)
         self.sys_class_net = sys_class_net
         self.clock = clock or Clock()
-        self.woken = False
-        self.hint: str | None = None
-        self.notes: list[str] = []
         path = config.openvpn_management
         self.management = Management(path) if path is not None else None
         self.follows_requests = self.management is None
@@ -480,9 +474,6 @@ class OpenVPNTunnel:
             self.last = None
             self._retry_at = self.clock.monotonic() + IDLE_POLL
 
-    def wake(self) -> None:
-        pass
-
     def request(self, state: State) -> None:
         self.requested = state
 
@@ -504,25 +495,12 @@ class OpenVPNTunnel:
             self.management.close()
 
 
-class ManualTunnel:
+class ManualTunnel(Tunnel):
     follows_requests = True
-    wakes_on_handshakes = False
 
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.woken = False
-        self.hint: str | None = None
-        self.notes: list[str] = []
+        super().__init__(config)
         self.requested = State.BLOCKED
-
-    def fileno(self) -> int | None:
-        return None
-
-    def on_readable(self) -> None:
-        pass
-
-    def wake(self) -> None:
-        pass
 
     def request(self, state: State) -> None:
         self.requested = state
@@ -531,9 +509,6 @@ class ManualTunnel:
         return Verdict(
             self.requested, "as `earlyfw relax` / `earlyfw lock` asked", recheck=60.0, situation=Situation.FOLLOWING
         )
-
-    def close(self) -> None:
-        pass
 
 
 def make_tunnel(config: Config, runner: Runner, clock: Clock, source: SourceKind = SourceKind.AUTO) -> Tunnel:

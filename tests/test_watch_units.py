@@ -705,6 +705,7 @@ class RecordingRuleset(Ruleset):
         self.puts: list[State] = []
         self.finding = Finding()
         self.fail = False
+        self.wake_groups: list[int] = []
 
     def put(self, state: State, *, repair: bool = False, wake_group: int | None = None) -> None:
         if self.fail:
@@ -713,6 +714,10 @@ class RecordingRuleset(Ruleset):
 
     def inspect(self, state: State) -> Finding:
         return self.finding
+
+    def load_wake(self, group: int) -> bool:
+        self.wake_groups.append(group)
+        return True
 
 
 @dataclass
@@ -880,6 +885,54 @@ def test_reloading_the_blocked_ruleset_while_blocked_still_raises_the_bar() -> N
     assert watcher.not_before == NOW + 7
     assert rules.puts == [State.BLOCKED]
     assert len(lines) == 1, "no state change, no line"
+
+
+class PipeWake(events.HandshakeLog):
+    """Handshake wake-ups through a pipe instead of an NFLOG group."""
+
+    def __init__(self) -> None:
+        self.group = 7
+        self.reader, self.writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self.reader
+
+    def read(self) -> int:
+        try:
+            return len(os.read(self.reader, 64))
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        os.close(self.reader)
+        os.close(self.writer)
+
+
+@dataclass
+class HearingTunnel(ScriptedTunnel):
+    wakes_on_handshakes = True
+    wakes: int = 0
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+@pytest.mark.parametrize("tunnel", [HearingTunnel(), ScriptedTunnel()], ids=["hears", "deaf"])
+def test_handshake_wake_ups_reach_whichever_tunnel_hears_them(tunnel: ScriptedTunnel) -> None:
+    """The watcher asks the tunnel whether handshake packets are news to it,
+    not whether it is a WireGuardTunnel."""
+    hears = isinstance(tunnel, HearingTunnel)
+    wake = PipeWake()
+    rules, lines = RecordingRuleset(CONFIG), list[str]()
+    watcher = Watcher(CONFIG, rules, tunnel, None, None, log=lines.append, clock=FakeClock().clock(), wake=wake)
+    watcher.start()
+    assert rules.wake_groups == ([wake.group] if hears else [])
+    assert tunnel.woken is hears
+    os.write(wake.writer, b"x")
+    watcher.step(0)
+    if isinstance(tunnel, HearingTunnel):
+        assert tunnel.wakes == 1
+    watcher.close()
 
 
 def test_a_hint_repeats_when_its_situation_recurs_at_most_once_per_interval() -> None:

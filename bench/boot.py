@@ -52,7 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qemu import boot, guest, handshake, proof
-from qemu.base import Generator
+from qemu.base import GuestGenerator
 from qemu.guest import Change
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -138,7 +138,7 @@ def boot_alternately(series: Sequence[Series | TunnelSeries], boots: int, icount
             )
 
 
-def compare(generator: Generator, boots: int, icount: int | None) -> dict[str, object]:
+def compare(generator: GuestGenerator, boots: int, icount: int | None) -> dict[str, object]:
     none = Series(guest.VARIANTS[f"control-{generator}"])
     anchor = Series(guest.VARIANTS[f"anchor-{generator}"])
     earlyfw = Series(guest.VARIANTS[str(generator)])
@@ -299,7 +299,7 @@ def tunnel(boots: int, icount: int | None) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--boots", type=int, default=5, help="boots of each guest (default 5)")
-    parser.add_argument("--generator", choices=[*Generator, "all"], default="all")
+    parser.add_argument("--generator", choices=[*GuestGenerator, "all"], default="all")
     parser.add_argument("--wireguard", action="store_true", help="the WireGuard guest with and without earlyfw instead")
     parser.add_argument(
         "--clock",
@@ -317,7 +317,7 @@ def main() -> int:
         out = OUT / f"boot-wireguard-{args.clock}.json"
         count = 2 * args.boots
     else:
-        generators = list(Generator) if args.generator == "all" else [Generator(args.generator)]
+        generators = list(GuestGenerator) if args.generator == "all" else [GuestGenerator(args.generator)]
         results = [compare(g, args.boots, icount) for g in generators]
         out = OUT / f"boot-{args.clock}.json"
         count = 3 * len(generators) * args.boots

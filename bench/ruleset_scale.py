@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests import netns
 
 from earlyfw import policy
-from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
+from earlyfw.config import Config, Endpoint, Transport, TunnelKind
 from earlyfw.policy import State
 
 SIZES = (1, 100, 1_000, 10_000, 100_000)
@@ -64,7 +64,7 @@ def earlyfw_script(n: int, repeat: int) -> tuple[str, float]:
     config = Config(
         tunnel_kind=TunnelKind.WIREGUARD,
         interface="wg0",
-        endpoints=tuple(Endpoint(a, PORT, Protocol.UDP) for a in endpoints(n)),
+        endpoints=tuple(Endpoint(a, PORT, Transport.UDP) for a in endpoints(n)),
         dns_servers=(VPN_DNS,),
     )
     policy.render(config, State.BLOCKED)

@@ -61,9 +61,10 @@ HOSTNAME = "earlyfw-guest"
 RESOLV_CONF = "nameserver 10.0.2.3\nnameserver 192.0.2.53\noptions timeout:1 attempts:1\n"
 
 
-class Generator(StrEnum):
-    """An initramfs generator: the Debian package, the earlyfw target that hooks
-    into it, and the command the guest runs to build its initramfs."""
+class GuestGenerator(StrEnum):
+    """The initramfs generator a guest base is built with: its Debian package,
+    the earlyfw target that hooks into it, and the command the guest runs to
+    build its initramfs."""
 
     DRACUT = "dracut"
     INITRAMFS_TOOLS = "initramfs-tools"
@@ -77,14 +78,14 @@ class Generator(StrEnum):
         return self.value
 
     def build_command(self, kernel_version: str) -> list[str]:
-        if self is Generator.DRACUT:
+        if self is GuestGenerator.DRACUT:
             return ["dracut", "--force", f"/boot/initrd.img-{kernel_version}", kernel_version]
         return ["update-initramfs", "-c", "-k", kernel_version]
 
 
 @dataclass(frozen=True)
 class Base:
-    generator: Generator
+    generator: GuestGenerator
     directory: Path
     key: str
 
@@ -100,7 +101,7 @@ class Base:
         return versions[0]
 
 
-def key(generator: Generator) -> str:
+def key(generator: GuestGenerator) -> str:
     h = hashlib.sha256()
     for part in (SUITE, MIRROR, *PACKAGES, *generator.packages, *PRUNED_MODULES, *sorted(KEPT_FILESYSTEMS)):
         h.update(part.encode() + b"\0")
@@ -108,7 +109,7 @@ def key(generator: Generator) -> str:
     return h.hexdigest()
 
 
-def build(generator: Generator, cache: Path = CACHE) -> Base:
+def build(generator: GuestGenerator, cache: Path = CACHE) -> Base:
     """The cached base for `generator`, built first if its inputs changed."""
     k = key(generator)
     base = Base(generator, cache / f"base-{generator}-{k[:16]}", k)

@@ -25,7 +25,7 @@ from earlyfw.root import Root
 from earlyfw.run import Runner
 from earlyfw.targets import File, Symlink
 from qemu import CACHE, GUEST_FILES, GuestFile, sh, wireguard
-from qemu.base import Base, Generator, install_file
+from qemu.base import Base, GuestGenerator, install_file
 from qemu.base import build as build_base
 
 CONFIG_FILE = GUEST_FILES / "earlyfw.toml"
@@ -42,8 +42,8 @@ PROOF_FILES = (
     GuestFile("timesyncd-leak.conf", "/etc/systemd/timesyncd.conf.d/50-leak.conf"),
 )
 GENERATOR_FILES = {
-    Generator.DRACUT: (GuestFile("dracut-guest.conf", "/etc/dracut.conf.d/50-guest.conf"),),
-    Generator.INITRAMFS_TOOLS: (),
+    GuestGenerator.DRACUT: (GuestFile("dracut-guest.conf", "/etc/dracut.conf.d/50-guest.conf"),),
+    GuestGenerator.INITRAMFS_TOOLS: (),
 }
 ENABLED_UNITS = ("systemd-networkd.service", "earlyfw-qemu-leak.service", "earlyfw-qemu-login.service")
 # The anchor's early-boot unit and where it finds its ruleset (earlyfw's blocked.nft).
@@ -77,7 +77,7 @@ class Change(StrEnum):
 @dataclass(frozen=True)
 class Variant:
     name: str
-    generator: Generator
+    generator: GuestGenerator
     earlyfw: bool = True
     change: Change = Change.NONE
     summary: str = ""
@@ -112,61 +112,63 @@ class Variant:
 VARIANTS = {
     v.name: v
     for v in (
-        Variant("control-dracut", Generator.DRACUT, earlyfw=False, summary="dracut guest without earlyfw"),
+        Variant("control-dracut", GuestGenerator.DRACUT, earlyfw=False, summary="dracut guest without earlyfw"),
         Variant(
             "control-initramfs-tools",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             earlyfw=False,
             summary="initramfs-tools guest without earlyfw",
         ),
-        Variant("dracut", Generator.DRACUT, summary="earlyfw with dracut and systemd"),
-        Variant("initramfs-tools", Generator.INITRAMFS_TOOLS, summary="earlyfw with initramfs-tools and systemd"),
-        Variant("mutant-ip-only", Generator.DRACUT, change=Change.IP_ONLY, summary="mutant: ip-only table (dracut)"),
+        Variant("dracut", GuestGenerator.DRACUT, summary="earlyfw with dracut and systemd"),
+        Variant("initramfs-tools", GuestGenerator.INITRAMFS_TOOLS, summary="earlyfw with initramfs-tools and systemd"),
         Variant(
-            "broken-dracut", Generator.DRACUT, change=Change.BROKEN_RULESET, summary="unloadable rulesets (dracut)"
+            "mutant-ip-only", GuestGenerator.DRACUT, change=Change.IP_ONLY, summary="mutant: ip-only table (dracut)"
+        ),
+        Variant(
+            "broken-dracut", GuestGenerator.DRACUT, change=Change.BROKEN_RULESET, summary="unloadable rulesets (dracut)"
         ),
         Variant(
             "broken-initramfs-tools",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             change=Change.BROKEN_RULESET,
             summary="unloadable rulesets (initramfs-tools)",
         ),
         Variant(
             "nftables-service",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             change=Change.NFTABLES_SERVICE,
             summary="earlyfw plus nftables.service flushing the ruleset (initramfs-tools)",
         ),
         Variant(
             "nftables-service-off",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             change=Change.NFTABLES_SERVICE,
             break_glass=True,
             summary="the nftables-service guest booted with earlyfw=off: the admin's ruleset only, no earlyfw table",
         ),
         Variant(
             "raw-egress",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             change=Change.RAW_EGRESS,
             egress=True,
             summary="a raw-socket (AF_PACKET) leak source from early boot; [egress] lists the NIC",
         ),
         Variant(
             "control-raw-egress",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             change=Change.RAW_EGRESS,
             summary="control: the same raw-socket leak source, no [egress]: raw frames bypass the inet table",
         ),
         Variant(
             "wireguard",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             change=Change.WIREGUARD,
             watch=True,
             summary="wg0 to a wireguard-go peer; earlyfw-watch.service relaxes on the handshake",
         ),
         Variant(
             "wireguard-no-earlyfw",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             earlyfw=False,
             change=Change.WIREGUARD,
             summary="control: the same WireGuard guest without earlyfw (no block, no watcher): the tunnel's pace",
@@ -179,11 +181,11 @@ VARIANTS = {
                 change=Change.ANCHOR,
                 summary=f"the anchor's early-boot unit instead of earlyfw ({generator}): bench/boot.py's comparison",
             )
-            for generator in Generator
+            for generator in GuestGenerator
         ),
         Variant(
             "wireguard-no-watch",
-            Generator.INITRAMFS_TOOLS,
+            GuestGenerator.INITRAMFS_TOOLS,
             change=Change.WIREGUARD,
             summary="control: the same WireGuard guest without the watcher stays blocked",
         ),

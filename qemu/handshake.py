@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,16 +195,12 @@ def parse_security(text: str) -> tuple[float, str] | None:
 
 def _inbound_wireguard(frame: pcap.Frame) -> int | None:
     """The message type of a datagram from the peer (slirp's gateway:51820) to the guest."""
-    data = frame.data
-    if frame.source_mac == pcap.GUEST_MAC or len(data) < 14 + 20 + 8 + 1:
+    if frame.source_mac == pcap.GUEST_MAC or len(frame.data) < 14:
         return None
-    if struct.unpack_from("!H", data, 12)[0] != pcap.ETH_IPV4 or data[14 + 9] != pcap.IPPROTO_UDP:
+    headers = pcap.dissect(frame.data)
+    if headers.src != PEER_GATEWAY or headers.proto != pcap.IPPROTO_UDP or headers.sport != WG_PORT:
         return None
-    header = (data[14] & 0x0F) * 4
-    udp = 14 + header
-    if ipaddress.IPv4Address(data[26:30]) != PEER_GATEWAY or struct.unpack_from("!H", data, udp)[0] != WG_PORT:
-        return None
-    return data[udp + 8] if len(data) > udp + 8 else None
+    return headers.payload[0] if headers.payload else None
 
 
 def observe(outcome: boot.Outcome) -> Tunnel:

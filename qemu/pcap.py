@@ -4,6 +4,8 @@ the VPN endpoint) and everything else, which is a leak.
 
 The pcap format is a 24-byte file header and a 16-byte header per record, so a
 reader is a few lines; no third-party dissector is needed or trusted here.
+`dissect` is the one reading of an Ethernet frame's headers, for the QEMU
+proofs and for the netns tests' captures (tests/netns.py) alike.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import re
 import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from earlyfw.config import Endpoint, IPAddress, Protocol
+from earlyfw.config import Endpoint, IPAddress, Transport
 
 # The MAC address QEMU gives the guest's NIC (set explicitly on -device), which
 # tells the guest's frames from slirp's in a capture of both directions.
@@ -64,6 +66,57 @@ class Kind(StrEnum):
     def allowed(self) -> bool:
         """Link-local plumbing that never crosses a router, and the endpoint."""
         return self in {Kind.ARP, Kind.DHCP, Kind.DHCPV6, Kind.NDP, Kind.MLD, Kind.ENDPOINT}
+
+
+@dataclass(frozen=True)
+class Headers:
+    """What one Ethernet frame says in its link, IP and transport headers."""
+
+    ethertype: int
+    src_mac: bytes
+    dst_mac: bytes
+    src: IPAddress | None = None  # None: not IP, or its header is cut short
+    dst: IPAddress | None = None
+    proto: int | None = None  # IP protocol number (after IPv6 extension headers)
+    hop_limit: int | None = None
+    sport: int | None = None
+    dport: int | None = None
+    icmp_type: int | None = None
+    tcp_flags: int | None = None
+    payload: bytes = b""  # what follows the TCP, UDP or ICMP header
+
+
+def dissect(data: bytes) -> Headers:
+    """The headers of a frame of at least an Ethernet header's 14 bytes;
+    fields a short packet lacks stay None."""
+    if len(data) < 14:
+        raise ValueError(f"runt frame of {len(data)} bytes")
+    (ethertype,) = struct.unpack_from("!H", data, 12)
+    link = Headers(ethertype, src_mac=data[6:12], dst_mac=data[:6])
+    ip = data[14:]
+    if ethertype == ETH_IPV4 and len(ip) >= 20:
+        proto, segment = ip[9], ip[(ip[0] & 0x0F) * 4 :]
+        src: IPAddress = ipaddress.IPv4Address(ip[12:16])
+        dst: IPAddress = ipaddress.IPv4Address(ip[16:20])
+        hop_limit = ip[8]
+    elif ethertype == ETH_IPV6 and len(ip) >= 40:
+        proto, segment = ip[6], ip[40:]
+        while proto in IPV6_EXTENSION_HEADERS and len(segment) >= 8:
+            proto, segment = segment[0], segment[(segment[1] + 1) * 8 :]
+        src, dst, hop_limit = ipaddress.IPv6Address(ip[8:24]), ipaddress.IPv6Address(ip[24:40]), ip[7]
+    else:
+        return link
+    headers = replace(link, src=src, dst=dst, proto=proto, hop_limit=hop_limit)
+    if proto in (IPPROTO_TCP, IPPROTO_UDP) and len(segment) >= 4:
+        sport, dport = struct.unpack_from("!HH", segment)
+        if proto == IPPROTO_TCP and len(segment) >= 20:
+            return replace(
+                headers, sport=sport, dport=dport, tcp_flags=segment[13], payload=segment[(segment[12] >> 4) * 4 :]
+            )
+        return replace(headers, sport=sport, dport=dport, payload=segment[8:])
+    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and segment:
+        return replace(headers, icmp_type=segment[0], payload=segment[4:])
+    return headers
 
 
 @dataclass(frozen=True)
@@ -124,66 +177,33 @@ def outbound(frames: Iterable[Frame], mac: str = GUEST_MAC) -> Iterator[Frame]:
 
 
 def classify(frame: Frame, endpoints: Iterable[Endpoint]) -> Packet:
-    data = frame.data
-    if len(data) < 14:
-        return Packet(frame.time, Kind.OTHER, f"runt frame of {len(data)} bytes")
-    (ethertype,) = struct.unpack_from("!H", data, 12)
-    payload = data[14:]
-    if ethertype == ETH_ARP:
+    if len(frame.data) < 14:
+        return Packet(frame.time, Kind.OTHER, f"runt frame of {len(frame.data)} bytes")
+    headers = dissect(frame.data)
+    if headers.ethertype == ETH_ARP:
         return Packet(frame.time, Kind.ARP, "arp")
-    if ethertype == ETH_IPV4:
-        return _ipv4(frame.time, payload, tuple(endpoints))
-    if ethertype == ETH_IPV6:
-        return _ipv6(frame.time, payload, tuple(endpoints))
-    return Packet(frame.time, Kind.OTHER, f"ethertype {ethertype:#06x}")
+    if headers.ethertype not in (ETH_IPV4, ETH_IPV6):
+        return Packet(frame.time, Kind.OTHER, f"ethertype {headers.ethertype:#06x}")
+    return _ip(frame.time, headers, tuple(endpoints))
 
 
-def _ipv4(time: float, ip: bytes, endpoints: tuple[Endpoint, ...]) -> Packet:
-    if len(ip) < 20:
-        return Packet(time, Kind.OTHER, "truncated IPv4 header")
-    header = (ip[0] & 0x0F) * 4
-    proto = ip[9]
-    src = ipaddress.IPv4Address(ip[12:16])
-    dst = ipaddress.IPv4Address(ip[16:20])
-    return _transport(time, src, dst, proto, ip[header:], endpoints, hop_limit=ip[8])
-
-
-def _ipv6(time: float, ip: bytes, endpoints: tuple[Endpoint, ...]) -> Packet:
-    if len(ip) < 40:
-        return Packet(time, Kind.OTHER, "truncated IPv6 header")
-    proto = ip[6]
-    hop_limit = ip[7]
-    src = ipaddress.IPv6Address(ip[8:24])
-    dst = ipaddress.IPv6Address(ip[24:40])
-    rest = ip[40:]
-    while proto in IPV6_EXTENSION_HEADERS and len(rest) >= 8:
-        proto, length = rest[0], (rest[1] + 1) * 8
-        rest = rest[length:]
-    return _transport(time, src, dst, proto, rest, endpoints, hop_limit=hop_limit)
-
-
-def _transport(  # noqa: PLR0917 - the header fields of one IP packet
-    time: float,
-    src: IPAddress,
-    dst: IPAddress,
-    proto: int,
-    segment: bytes,
-    endpoints: tuple[Endpoint, ...],
-    *,
-    hop_limit: int,
-) -> Packet:
-    ports = struct.unpack_from("!HH", segment) if proto in (IPPROTO_TCP, IPPROTO_UDP) and len(segment) >= 4 else None
+def _ip(time: float, headers: Headers, endpoints: tuple[Endpoint, ...]) -> Packet:
+    src, dst, proto, hop_limit = headers.src, headers.dst, headers.proto, headers.hop_limit
+    if src is None or dst is None or proto is None or hop_limit is None:
+        version = 4 if headers.ethertype == ETH_IPV4 else 6
+        return Packet(time, Kind.OTHER, f"truncated IPv{version} header")
     where = f"{src} -> {dst}"
     packet = _Maker(time, src.version)
-    if ports is not None:
-        sport, dport = ports
-        protocol = Protocol.TCP if proto == IPPROTO_TCP else Protocol.UDP
+    if headers.sport is not None and headers.dport is not None:
+        sport, dport = headers.sport, headers.dport
+        protocol = Transport.TCP if proto == IPPROTO_TCP else Transport.UDP
         where = f"{protocol} {_host(src)}:{sport} -> {_host(dst)}:{dport}"
         if Endpoint(dst, dport, protocol) in endpoints:
-            return Packet(time, Kind.ENDPOINT, where, src.version, segment[8:] if protocol is Protocol.UDP else b"")
+            payload = headers.payload if protocol is Transport.UDP else b""
+            return Packet(time, Kind.ENDPOINT, where, src.version, payload)
         return packet(_by_port(src, dst, protocol, sport, dport), where)
-    if proto == IPPROTO_ICMPV6 and segment:
-        icmp_type = segment[0]
+    icmp_type = headers.icmp_type
+    if proto == IPPROTO_ICMPV6 and icmp_type is not None:
         where = f"icmpv6 type {icmp_type} {where} hlim {hop_limit}"
         if icmp_type in ICMPV6_ND and hop_limit == 255:
             return packet(Kind.NDP, where)
@@ -191,7 +211,7 @@ def _transport(  # noqa: PLR0917 - the header fields of one IP packet
             return packet(Kind.MLD, where)
         return packet(Kind.ICMP, where)
     if proto == IPPROTO_ICMP:
-        return packet(Kind.ICMP, f"icmp type {segment[0] if segment else '?'} {where}")
+        return packet(Kind.ICMP, f"icmp type {'?' if icmp_type is None else icmp_type} {where}")
     if proto == IPPROTO_IGMP:
         return packet(Kind.OTHER, f"igmp {where}")
     return packet(Kind.OTHER, f"ip proto {proto} {where}")
@@ -206,11 +226,11 @@ class _Maker:
         return Packet(self.time, kind, summary, self.version)
 
 
-def _by_port(src: IPAddress, dst: IPAddress, protocol: Protocol, sport: int, dport: int) -> Kind:
-    if protocol is Protocol.UDP and (sport, dport) == (68, 67) and src.version == 4:
+def _by_port(src: IPAddress, dst: IPAddress, protocol: Transport, sport: int, dport: int) -> Kind:
+    if protocol is Transport.UDP and (sport, dport) == (68, 67) and src.version == 4:
         return Kind.DHCP
     if (
-        protocol is Protocol.UDP
+        protocol is Transport.UDP
         and (sport, dport) == (546, 547)
         and src in LINK_LOCAL_V6
         and (dst in LINK_LOCAL_V6 or dst == ipaddress.IPv6Address("ff02::1:2"))
@@ -218,11 +238,11 @@ def _by_port(src: IPAddress, dst: IPAddress, protocol: Protocol, sport: int, dpo
         return Kind.DHCPV6
     if dport in (53, 853, 5353, 5355):
         return Kind.DNS
-    if protocol is Protocol.UDP and dport == 123:
+    if protocol is Transport.UDP and dport == 123:
         return Kind.NTP
     if dport in (3478, 5349, 19302):
         return Kind.STUN
-    return Kind.TCP if protocol is Protocol.TCP else Kind.UDP
+    return Kind.TCP if protocol is Transport.TCP else Kind.UDP
 
 
 def _host(address: IPAddress) -> str:

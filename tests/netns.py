@@ -13,7 +13,8 @@ The pieces:
   `with`) tears everything down even when a test fails half-way.
 - `veth()`: a veth pair between two namespaces.
 - `Capture`: an AF_PACKET socket on an interface that records every frame
-  (both directions) from the moment it is opened; `Frame` is one parsed frame.
+  (both directions) from the moment it is opened; `Frame` is one frame, its
+  headers read by the QEMU proof's own reader (qemu.pcap.dissect).
 - `client_world()`: the standard two-namespace topology (a client wired to a
   `world` that plays router and every remote host), with its address plan.
 - `udp_frame()`, `neighbor_solicitation()`, `dns_query()`...: packets built by
@@ -51,12 +52,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu.pcap import ETH_ARP, ETH_IPV4, ETH_IPV6, Headers, dissect
+
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-ETH_P_ARP = 0x0806
 PACKET_OUTGOING = 4
 
 # Tool -> Debian package that ships it.
@@ -260,23 +260,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
-class Frame:
+class Frame(Headers):
     """One Ethernet frame as seen on the captured interface."""
 
-    outgoing: bool  # sent by the capturing namespace, not received by it
-    ethertype: int
-    src_mac: bytes
-    dst_mac: bytes
-    raw: bytes
-    src: IPAddress | None = None
-    dst: IPAddress | None = None
-    proto: int | None = None  # IP protocol number (after IPv6 extension headers)
-    hop_limit: int | None = None
-    sport: int | None = None
-    dport: int | None = None
-    icmp_type: int | None = None
-    tcp_flags: int | None = None
-    payload: bytes = b""
+    outgoing: bool = False  # sent by the capturing namespace, not received by it
+    raw: bytes = b""
+
+    @classmethod
+    def captured(cls, data: bytes, *, outgoing: bool) -> Frame:
+        return cls(**vars(dissect(data)), outgoing=outgoing, raw=data)
 
     @property
     def incoming(self) -> bool:
@@ -287,7 +279,7 @@ class Frame:
         return None if self.src is None else self.src.version
 
     def describe(self) -> str:
-        if self.ethertype == ETH_P_ARP:
+        if self.ethertype == ETH_ARP:
             return "ARP"
         if self.src is None:
             return f"ethertype 0x{self.ethertype:04x}"
@@ -300,41 +292,9 @@ class Frame:
         return f"{name} {where}"
 
 
-_IPV6_EXTENSIONS = {0, 43, 60}  # hop-by-hop, routing, destination options
-
-
-def parse_frame(data: bytes, outgoing: bool = False) -> Frame:
-    dst_mac, src_mac, ethertype = data[:6], data[6:12], struct.unpack("!H", data[12:14])[0]
-    fields: dict[str, object] = {
-        "outgoing": outgoing,
-        "ethertype": ethertype,
-        "src_mac": src_mac,
-        "dst_mac": dst_mac,
-        "raw": data,
-    }
-    ip = data[14:]
-    if ethertype == ETH_P_IP and len(ip) >= 20:
-        proto, l4 = ip[9], ip[(ip[0] & 0x0F) * 4 :]
-        fields.update(src=ipaddress.IPv4Address(ip[12:16]), dst=ipaddress.IPv4Address(ip[16:20]), hop_limit=ip[8])
-    elif ethertype == ETH_P_IPV6 and len(ip) >= 40:
-        proto, l4 = ip[6], ip[40:]
-        while proto in _IPV6_EXTENSIONS and len(l4) >= 8:
-            proto, l4 = l4[0], l4[(l4[1] + 1) * 8 :]
-        fields.update(src=ipaddress.IPv6Address(ip[8:24]), dst=ipaddress.IPv6Address(ip[24:40]), hop_limit=ip[7])
-    else:
-        return Frame(**fields)  # type: ignore[arg-type]
-    fields["proto"] = proto
-    if proto in (6, 17) and len(l4) >= 4:
-        fields["sport"], fields["dport"] = struct.unpack("!HH", l4[:4])
-        if proto == 6 and len(l4) >= 20:
-            fields["tcp_flags"] = l4[13]
-            fields["payload"] = l4[(l4[12] >> 4) * 4 :]
-        else:
-            fields["payload"] = l4[8:]
-    elif proto in (1, 58) and len(l4) >= 4:
-        fields["icmp_type"] = l4[0]
-        fields["payload"] = l4[4:]
-    return Frame(**fields)  # type: ignore[arg-type]
+def describe(frames: Sequence[Frame]) -> str:
+    """Frames for an assertion's message."""
+    return "; ".join(f.describe() for f in frames) or "nothing"
 
 
 class Capture:
@@ -369,7 +329,7 @@ class Capture:
                 data, address = self.sock.recvfrom(65535)
             except BlockingIOError:
                 break
-            new.append(parse_frame(data, outgoing=address[2] == PACKET_OUTGOING))
+            new.append(Frame.captured(data, outgoing=address[2] == PACKET_OUTGOING))
         self.frames.extend(new)
         return new
 
@@ -426,9 +386,9 @@ def udp_frame(
     if src.version == 4:
         header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64, 17, 0, src.packed, dst.packed)
         header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
-        return dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + header + udp
+        return dst_mac + src_mac + struct.pack("!H", ETH_IPV4) + header + udp
     header = struct.pack("!IHBB16s16s", 6 << 28, length, 17, 64, src.packed, dst.packed)
-    return dst_mac + src_mac + struct.pack("!H", ETH_P_IPV6) + header + udp
+    return dst_mac + src_mac + struct.pack("!H", ETH_IPV6) + header + udp
 
 
 def solicited_node(address: ipaddress.IPv6Address) -> ipaddress.IPv6Address:

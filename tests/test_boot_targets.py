@@ -29,25 +29,9 @@ from earlyfw.linux import boot, dracut, firewalls, initramfs_tools, mkinitcpio, 
 from earlyfw.root import MANIFEST, Root
 from earlyfw.run import Result
 from earlyfw.targets import File, Symlink, load_all
+from tests.configs import CONFIG_TEXT
 from tests.recording_runner import RecordingRunner
 
-CONFIG_TEXT = """\
-[tunnel]
-kind = "wireguard"
-interface = "wg0"
-[[endpoint]]
-address = "198.51.100.7"
-port = 51820
-[[endpoint]]
-address = "2001:db8::7"
-port = 51820
-[dns]
-servers = ["10.64.0.1"]
-[[initramfs.allow]]
-address = "192.0.2.10"
-port = 2049
-protocol = "tcp"
-"""
 BOOT_TARGETS = ("systemd", "dracut", "initramfs-tools", "mkinitcpio")
 
 # Every file the boot targets write, with its mode (None: a symlink).

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from earlyfw.linux import boot, dracut, initramfs_tools
-from tests.test_boot_targets import CONFIG_TEXT
+from tests.configs import CONFIG_TEXT
 
 CACHE = Path("/var/cache/earlyfw-test/roots")
 SUITE = "bookworm"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from earlyfw import __version__
-from tests.test_boot_targets import CONFIG_TEXT
+from tests.configs import CONFIG_TEXT
 from tests.test_boot_targets_generators import INITRAMFS_TOOLS_ROOT, overlay, scratch_root
 from tests.test_fresh_machine import in_chroot
 

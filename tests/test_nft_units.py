@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from earlyfw import policy
-from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
+from earlyfw.config import Config, Endpoint, Transport, TunnelKind
 from earlyfw.linux import nft
 from earlyfw.policy import State
 
 
 def config(v4: int, v6: int, egress: bool) -> Config:
-    endpoints = [Endpoint(ipaddress.ip_address("198.18.0.1") + i, 51820, Protocol.UDP) for i in range(v4)]
-    endpoints += [Endpoint(ipaddress.ip_address("2001:db8::1") + i, 443, Protocol.TCP) for i in range(v6)]
+    endpoints = [Endpoint(ipaddress.ip_address("198.18.0.1") + i, 51820, Transport.UDP) for i in range(v4)]
+    endpoints += [Endpoint(ipaddress.ip_address("2001:db8::1") + i, 443, Transport.TCP) for i in range(v6)]
     return Config(
         tunnel_kind=TunnelKind.WIREGUARD,
         interface="wg0",

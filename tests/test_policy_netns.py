@@ -31,6 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import pytest
+from qemu.pcap import ETH_ARP
 
 from earlyfw import config as configuration
 from earlyfw import policy
@@ -587,7 +588,7 @@ PROBES = (
 def background(frame: Frame) -> bool:
     """What may always cross the link whatever the probes do: ARP, neighbour
     discovery and MLD (ICMPv6 130-136, 143) and DHCP client traffic."""
-    if frame.ethertype == netns.ETH_P_ARP:
+    if frame.ethertype == ETH_ARP:
         return True
     if frame.proto == 58 and frame.icmp_type in {130, 131, 132, 133, 134, 135, 136, 143}:
         return True
@@ -596,10 +597,6 @@ def background(frame: Frame) -> bool:
 
 def sentinel(frame: Frame) -> bool:
     return frame.payload.startswith(b"earlyfw-sentinel:")
-
-
-def describe(frames: list[Frame]) -> str:
-    return "; ".join(f.describe() for f in frames) or "nothing"
 
 
 # --- every probe, every mode ---------------------------------------------------
@@ -618,7 +615,7 @@ def test_probe(policy_lab: PolicyLab, probe: Probe, mode: Mode) -> None:
         if probe.exchange:
             assert outcome.reply, f"{probe.name}: the answer did not come back in mode {mode} ({outcome})"
     else:
-        assert not arrived, f"LEAK in mode {mode}: {probe.name} reached world: {describe(arrived)} ({outcome})"
+        assert not arrived, f"LEAK in mode {mode}: {probe.name} reached world: {netns.describe(arrived)} ({outcome})"
 
 
 @pytest.mark.parametrize("mode", [Mode.BLOCKED, Mode.LAN, Mode.INITRAMFS])
@@ -634,7 +631,7 @@ def test_only_allowed_frames_leave(policy_lab: PolicyLab, mode: Mode) -> None:
     frames = [f for f in policy_lab.capture.since(start) if f.incoming]
     allowed = [p for p in PROBES if p.must_arrive(mode)]
     unexpected = [f for f in frames if not (background(f) or sentinel(f) or any(p.matches(f) for p in allowed))]
-    assert not unexpected, f"frames that should not have left the client: {describe(unexpected)}"
+    assert not unexpected, f"frames that should not have left the client: {netns.describe(unexpected)}"
     missing = [p.name for p in allowed if not any(p.matches(f) for f in frames)]
     assert not missing, f"allowed probes that did not arrive: {missing}"
     unanswered = [p.name for p in allowed if p.exchange and not outcomes[p.name].reply]
@@ -755,7 +752,7 @@ def test_unsolicited_inbound_is_dropped_silently(policy_lab: PolicyLab, probe: I
         assert got_in, f"control: {probe.name} from world did not reach the client"
     else:
         assert not got_in, f"{probe.name} from world reached the client in mode {mode}"
-        assert not answers, f"the client answered an unsolicited {probe.name}: {describe(answers)}"
+        assert not answers, f"the client answered an unsolicited {probe.name}: {netns.describe(answers)}"
 
 
 # --- loading: atomic, idempotent, leaves other tables alone ---------------------
@@ -853,7 +850,7 @@ def test_other_tables_are_left_alone(policy_lab: PolicyLab) -> None:
     finally:
         lab.client.exec(["nft", "delete", "table", "inet", "other"])
     assert before == after
-    assert not leaked, f"another table's accept opened earlyfw: {describe(leaked)}"
+    assert not leaked, f"another table's accept opened earlyfw: {netns.describe(leaked)}"
     assert status["other_tables"] == ["inet other"]
     assert status["state"] == "blocked" and status["intact"] is True
 

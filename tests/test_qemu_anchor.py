@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from qemu import GUEST_FILES, guest
-from qemu.base import Generator
+from qemu.base import GuestGenerator
 from qemu.guest import VARIANTS, Change
 
 from earlyfw.targets import File
@@ -23,7 +23,7 @@ def test_the_anchor_loads_earlyfws_own_blocked_ruleset() -> None:
 
 
 def test_the_anchor_guests_have_no_earlyfw_and_nothing_in_the_initramfs() -> None:
-    for generator in Generator:
+    for generator in GuestGenerator:
         variant = VARIANTS[f"anchor-{generator}"]
         assert variant.change is Change.ANCHOR and variant.generator is generator
         assert not variant.earlyfw and variant.targets == () and guest.rendered(variant) == []

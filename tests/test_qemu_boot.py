@@ -26,9 +26,9 @@ from qemu import REPO, boot, guest, pcap, proof
 from qemu.guest import VARIANTS, Change, Variant
 
 from earlyfw import policy
-from earlyfw.config import Endpoint, Protocol
+from earlyfw.config import Endpoint, Transport
 
-ENDPOINTS = (Endpoint(ipaddress.ip_address("10.0.2.2"), 51820, Protocol.UDP),)
+ENDPOINTS = (Endpoint(ipaddress.ip_address("10.0.2.2"), 51820, Transport.UDP),)
 UNSPECIFIED = str(ipaddress.IPv4Address(0))  # a DHCP client's source address
 GUEST_MAC = bytes.fromhex(pcap.GUEST_MAC.replace(":", ""))
 SLIRP_MAC = bytes.fromhex("525500000202")

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config, importers, resolve
-from earlyfw.config import Config, Endpoint, IPAddress, Protocol
+from earlyfw.config import Config, Endpoint, IPAddress, Transport
 from earlyfw.endpoints import apply, refreshed, running_watcher, tunnel_flows
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
+from earlyfw.handshake import Verdict
 from earlyfw.linux import boot
 from earlyfw.linux.refresh_timer import REFRESH_SERVICE, REFRESH_TIMER, Refresh
 from earlyfw.linux.watcher.daemon import Watcher
-from earlyfw.linux.watcher.tunnels import Verdict
 from earlyfw.manifest import Entry, Manifest
 from earlyfw.policy import State
 from earlyfw.root import MANIFEST, Root, sha256
@@ -44,7 +44,7 @@ def pinned(*items: tuple[str, int, str | None]) -> Config:
     return Config(
         tunnel_kind=config.TunnelKind.OPENVPN,
         interface="tun0",
-        endpoints=tuple(Endpoint(A(a), p, Protocol.UDP, h) for a, p, h in items),
+        endpoints=tuple(Endpoint(A(a), p, Transport.UDP, h) for a, p, h in items),
         dns_servers=(A("10.8.0.1"),),
     )
 
@@ -263,7 +263,7 @@ def test_the_pin_the_tunnel_uses_stays_until_it_does_not(tmp_path: Path) -> None
     lines: list[str] = []
     flows = tunnel_flows(old, lines.append, table)
     # udp to .1 and to 2001:db8::1 are pinned flows; tcp to .2 is not (its pin is udp); DNS is not pinned.
-    assert flows == {(A("198.51.100.1"), 1194, Protocol.UDP), (A("2001:db8::1"), 1194, Protocol.UDP)}
+    assert flows == {(A("198.51.100.1"), 1194, Transport.UDP), (A("2001:db8::1"), 1194, Transport.UDP)}
     new = refreshed(old, lookup({H1: ["198.51.100.7"], H2: ["198.51.100.8"]}), lines.append, flows)
     assert keys(new) == [
         ("198.51.100.7", 1194, H1),
@@ -367,7 +367,7 @@ def test_apply_rewrites_the_boot_rulesets_and_keeps_them_earlyfws(tmp_path: Path
     old = dataclasses.replace(
         pinned(("198.51.100.1", 1194, H1)), interface=f"eft{os.getpid()}", egress_interfaces=("eth0",)
     )
-    new = dataclasses.replace(old, endpoints=(Endpoint(A("198.51.100.7"), 1194, Protocol.UDP, H1),))
+    new = dataclasses.replace(old, endpoints=(Endpoint(A("198.51.100.7"), 1194, Transport.UDP, H1),))
     _installed(root, old)
     runner, lines = RecordingRunner(), list[str]()
     apply(root, CONFIG_PATH, old, new, runner=runner, log=lines.append)
@@ -391,7 +391,7 @@ def test_apply_puts_every_file_back_when_the_kernel_refuses(tmp_path: Path) -> N
     old = dataclasses.replace(
         pinned(("198.51.100.1", 1194, H1)), interface=f"efu{os.getpid()}", egress_interfaces=("eth0",)
     )
-    new = dataclasses.replace(old, endpoints=(Endpoint(A("198.51.100.7"), 1194, Protocol.UDP, H1),))
+    new = dataclasses.replace(old, endpoints=(Endpoint(A("198.51.100.7"), 1194, Transport.UDP, H1),))
     _installed(root, old)
     before = {p: (tmp_path / p.lstrip("/")).read_bytes() for p in (CONFIG_PATH, ruleset_path(State.BLOCKED), MANIFEST)}
 

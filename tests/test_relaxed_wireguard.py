@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import pytest
+from qemu.pcap import ETH_ARP
 
 from earlyfw import config as configuration
 from earlyfw import policy
@@ -356,13 +357,9 @@ def wireguard_to_endpoint(frame: Frame) -> bool:
 
 def background(frame: Frame) -> bool:
     """ARP, neighbour discovery and MLD: always allowed on the link."""
-    if frame.ethertype == netns.ETH_P_ARP:
+    if frame.ethertype == ETH_ARP:
         return True
     return frame.proto == 58 and frame.icmp_type in {130, 131, 132, 133, 134, 135, 136, 143}
-
-
-def describe(frames: list[Frame]) -> str:
-    return "; ".join(f.describe() for f in frames) or "nothing"
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -377,7 +374,7 @@ def test_probe(tunnel: Tunnel, probe: Probe, mode: Mode) -> None:
         assert result == "ok", f"{probe.name} failed in mode {mode}: {result}"
     else:
         assert result != "ok", f"LEAK: {probe.name} got an answer in mode {mode}"
-        assert not plain, f"LEAK: {probe.name} crossed the physical link in mode {mode}: {describe(plain)}"
+        assert not plain, f"LEAK: {probe.name} crossed the physical link in mode {mode}: {netns.describe(plain)}"
 
 
 @pytest.mark.parametrize("mode", [Mode.RELAXED, Mode.BLOCKED])
@@ -396,7 +393,7 @@ def test_only_wireguard_crosses_the_link(tunnel: Tunnel, mode: Mode) -> None:
     tunnel.capture.poll(0.2)
     frames = [f for f in tunnel.capture.since(start) if f.incoming]
     others = [f for f in frames if not (wireguard_to_endpoint(f) or background(f))]
-    assert not others, f"frames other than WireGuard left the client in mode {mode}: {describe(others)}"
+    assert not others, f"frames other than WireGuard left the client in mode {mode}: {netns.describe(others)}"
     initiations = [f for f in frames if wireguard_to_endpoint(f) and f.payload[:1] == b"\x01" and len(f.payload) == 148]
     assert initiations, "no WireGuard handshake initiation reached the endpoint"
     wrong = {n: r for n, r in results.items() if (r == "ok") != any(p.name == n and p.must_pass(mode) for p in PROBES)}

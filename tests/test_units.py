@@ -24,8 +24,8 @@ from earlyfw import config as configuration
 from earlyfw import install
 from earlyfw.linux import firewalls, systemd
 from earlyfw.root import Root
+from tests.configs import CONFIG_TEXT
 from tests.recording_runner import RecordingRunner
-from tests.test_boot_targets import CONFIG_TEXT
 
 UNIT_DIR = "/etc/systemd/system"
 UNITS = (systemd.BLOCK_UNIT, systemd.FAILED_UNIT, systemd.OFF_UNIT)

@@ -23,8 +23,8 @@ from earlyfw import config as configuration
 from earlyfw import install
 from earlyfw.linux import systemd, watcher_unit
 from earlyfw.root import Root
+from tests.configs import CONFIG_TEXT
 from tests.recording_runner import RecordingRunner
-from tests.test_boot_targets import CONFIG_TEXT
 from tests.test_units import OVERLAY_USR_LIB, UNIT_DIR, instance, need, systemd_transaction, unit_path
 
 # What brings tunnels up: every network manager earlyfw knows, and wg-quick

@@ -26,15 +26,15 @@ import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from earlyfw import config as configuration
-from earlyfw import policy
-from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
+from earlyfw import handshake, policy
+from earlyfw.config import Config, Endpoint, Transport, TunnelKind
 from earlyfw.errors import CommandError, ConfigError
+from earlyfw.handshake import Peer, SourceError, Verdict
 from earlyfw.linux import watcher_unit as watcher_target
 from earlyfw.linux.watcher import daemon, events, openvpn, ruleset, sources, tunnels
-from earlyfw.linux.watcher.daemon import Clock, Stopped, Watcher
+from earlyfw.linux.watcher.daemon import Stopped, Watcher
 from earlyfw.linux.watcher.ruleset import Finding, Ruleset
-from earlyfw.linux.watcher.sources import Peer, SourceError
-from earlyfw.linux.watcher.tunnels import Verdict
+from earlyfw.linux.watcher.tunnels import Clock
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Result
@@ -92,7 +92,7 @@ WG_DUMP = (
 FIRST_KEY = "iCZintXpSMwCKdGxfHXVmN2OMebs4ZW+QbihbEJz52k="
 
 
-def cfg(*endpoints: tuple[str, int] | tuple[str, int, Protocol], reject_after: int = 180) -> Config:
+def cfg(*endpoints: tuple[str, int] | tuple[str, int, Transport], reject_after: int = 180) -> Config:
     return Config(
         tunnel_kind=TunnelKind.WIREGUARD,
         interface="wg0",
@@ -133,18 +133,18 @@ def test_uapi_reply_errors_are_refused(reply: str, message: str) -> None:
 
 
 def test_wg_dump_is_parsed_like_uapi() -> None:
-    assert [(p.public_key, p.endpoint, p.keepalive) for p in sources.parse_wg_dump(WG_DUMP)] == [
+    assert [(p.public_key, p.endpoint, p.keepalive) for p in handshake.parse_wg_dump(WG_DUMP)] == [
         (p.public_key, p.endpoint, p.keepalive) for p in sources.parse_uapi(UAPI_REPLY)
     ]
     # `wg show dump` has whole seconds only.
-    assert sources.parse_wg_dump(WG_DUMP)[0].last_handshake == 1795671947
+    assert handshake.parse_wg_dump(WG_DUMP)[0].last_handshake == 1795671947
 
 
 def test_wg_dump_errors_are_refused() -> None:
     with pytest.raises(SourceError, match="empty"):
-        sources.parse_wg_dump("")
+        handshake.parse_wg_dump("")
     with pytest.raises(SourceError, match="unexpected peer line"):
-        sources.parse_wg_dump("a\tb\t1\toff\nshort\tline\n")
+        handshake.parse_wg_dump("a\tb\t1\toff\nshort\tline\n")
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
@@ -206,12 +206,12 @@ def test_kernel_netlink_reply_is_parsed_through_pyroute2() -> None:
 
 
 def test_endpoints_parse_in_every_spelling() -> None:
-    assert sources.parse_endpoint("192.0.2.1:51820") == (ip("192.0.2.1"), 51820)
-    assert sources.parse_endpoint("[2001:db8::1]:443") == (ip("2001:db8::1"), 443)
+    assert handshake.parse_endpoint("192.0.2.1:51820") == (ip("192.0.2.1"), 51820)
+    assert handshake.parse_endpoint("[2001:db8::1]:443") == (ip("2001:db8::1"), 443)
     # A dual-stack socket reports IPv4 peers mapped; the config lists them plain.
-    assert sources.parse_endpoint("[::ffff:192.0.2.1]:51820") == (ip("192.0.2.1"), 51820)
+    assert handshake.parse_endpoint("[::ffff:192.0.2.1]:51820") == (ip("192.0.2.1"), 51820)
     with pytest.raises(SourceError):
-        sources.parse_endpoint("192.0.2.1")
+        handshake.parse_endpoint("192.0.2.1")
 
 
 def test_uapi_source_reports_a_missing_socket_as_interface_gone(tmp_path: Path) -> None:
@@ -235,7 +235,7 @@ def peer(endpoint: tuple[str, int] | None, age: float | None, key: str = FIRST_K
 
 
 def verdict(*peers: Peer, not_before: float = 0.0, config: Config = CONFIG) -> Verdict:
-    return tunnels.wireguard_verdict(config, peers, now=NOW, not_before=not_before)
+    return handshake.wireguard_verdict(config, peers, now=NOW, not_before=not_before)
 
 
 def test_fresh_handshake_at_a_configured_endpoint_relaxes() -> None:
@@ -270,7 +270,7 @@ def test_no_proof_stays_blocked(candidate: Peer, reason: str) -> None:
 
 
 def test_a_tcp_endpoint_does_not_vouch_for_wireguard() -> None:
-    config = cfg(("192.0.2.1", 51820, Protocol.TCP))
+    config = cfg(("192.0.2.1", 51820, Transport.TCP))
     assert verdict(peer(("192.0.2.1", 51820), 1), config=config).state is State.BLOCKED
 
 
@@ -333,13 +333,19 @@ class StaticSource:
         pass
 
 
+def look(tunnel: tunnels.WireGuardTunnel, wall: float, not_before: float = 0.0) -> Verdict:
+    """The tunnel's verdict with its wall clock at `wall`."""
+    tunnel.clock.wall = lambda: wall
+    return tunnel.evaluate(not_before)
+
+
 def test_wireguard_tunnel_polls_fast_only_while_waiting() -> None:
     relaxed = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), 1)))
-    assert relaxed.evaluate(lambda: NOW, 0).recheck == tunnels.IDLE_POLL
+    assert look(relaxed, NOW).recheck == handshake.IDLE_POLL
     waiting = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), None)))
-    assert waiting.evaluate(lambda: NOW, 0).recheck == StaticSource.fast_poll
+    assert look(waiting, NOW).recheck == StaticSource.fast_poll
     ageing = tunnels.WireGuardTunnel(CONFIG, StaticSource(peer(("192.0.2.1", 51820), 179.5)))
-    assert ageing.evaluate(lambda: NOW, 0).recheck == pytest.approx(0.5)
+    assert look(ageing, NOW).recheck == pytest.approx(0.5)
 
 
 def test_wireguard_tunnel_reads_the_clock_after_the_peers() -> None:
@@ -354,17 +360,17 @@ def test_wireguard_tunnel_reads_the_clock_after_the_peers() -> None:
             clock[0] += 5.0  # the read takes 5 s; the handshake lands at its end
             return (Peer(FIRST_KEY, (ip("192.0.2.1"), 51820), clock[0]),)
 
-    verdict = tunnels.WireGuardTunnel(CONFIG, SlowSource()).evaluate(lambda: clock[0], 0)
+    verdict = tunnels.WireGuardTunnel(CONFIG, SlowSource(), clock=Clock(wall=lambda: clock[0])).evaluate(0)
     assert verdict.state is State.RELAXED, verdict.reason
 
 
 def test_wireguard_tunnel_blocks_when_the_interface_goes_or_cannot_be_read() -> None:
     gone = tunnels.WireGuardTunnel(CONFIG, StaticSource(error=sources.InterfaceGone("interface wg0 does not exist")))
-    assert gone.evaluate(lambda: NOW, 0) == Verdict(
+    assert look(gone, NOW) == Verdict(
         State.BLOCKED, "interface wg0 does not exist", situation=tunnels.Situation.NO_INTERFACE
     )
     broken = tunnels.WireGuardTunnel(CONFIG, StaticSource(error=SourceError("UAPI: errno=5")))
-    v = broken.evaluate(lambda: NOW, 0)
+    v = look(broken, NOW)
     assert v.state is State.BLOCKED
     assert "errno=5" in v.reason
 
@@ -385,39 +391,36 @@ def wg_peer(handshake: float | None, *, tx: int = 0, keepalive: int = 0, endpoin
     return Peer(FIRST_KEY, endpoint, handshake, keepalive, rx=tx, tx=tx)  # type: ignore[arg-type]
 
 
-def test_a_blocked_peer_without_keepalive_is_made_to_start_a_handshake(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_blocked_peer_without_keepalive_is_made_to_start_a_handshake(tmp_path: Path) -> None:
     """Issue 11 (a): WireGuard starts a handshake only when it has something
     to send, which the block prevents. The watcher turns the peer's
     persistent keepalive on (one keepalive goes out at once) and puts the
     peer's own 0 back; WireGuard then retries by itself for 90 s."""
     mono = [100.0]
-    monkeypatch.setattr("earlyfw.linux.watcher.tunnels.time.monotonic", lambda: mono[0])
     source = StaticSource(wg_peer(None))
-    tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
-    v = tunnel.evaluate(lambda: NOW, 0)
+    tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path), clock=Clock(monotonic=lambda: mono[0]))
+    v = look(tunnel, NOW)
     assert (v.state, v.situation) == (State.BLOCKED, tunnels.Situation.UNANSWERED)
     assert "handshake initiated by earlyfw and unanswered since" in v.reason
     assert source.keepalives == [(FIRST_KEY, tunnels.KICK_KEEPALIVE), (FIRST_KEY, 0)]
     # Nothing went out (wireguard-go had not seen its link up yet): again soon.
     mono[0] += tunnels.KICK_RETRY + 0.01
-    tunnel.evaluate(lambda: NOW + 0.5, 0)
+    look(tunnel, NOW + 0.5)
     assert len(source.keepalives) == 4
     # The initiation went out: WireGuard retries on its own for 90 s.
     source.result = (wg_peer(None, tx=148),)
     mono[0] += tunnels.KICK_RETRY + 0.01
-    tunnel.evaluate(lambda: NOW + 1, 0)
+    look(tunnel, NOW + 1)
     assert len(source.keepalives) == 4, "WireGuard retries on its own meanwhile"
     mono[0] += tunnels.KICK_AGAIN_AFTER
-    tunnel.evaluate(lambda: NOW + tunnels.KICK_AGAIN_AFTER, 0)
+    look(tunnel, NOW + tunnels.KICK_AGAIN_AFTER)
     assert len(source.keepalives) == 6, "started again once WireGuard has given up"
     # Down and up again: a new start at once.
     link(tmp_path, up=False)
-    down = tunnel.evaluate(lambda: NOW + 100, 0)
+    down = look(tunnel, NOW + 100)
     assert down.situation == tunnels.Situation.INTERFACE_DOWN
     link(tmp_path, up=True)
-    tunnel.evaluate(lambda: NOW + 101, 0)
+    look(tunnel, NOW + 101)
     assert len(source.keepalives) == 8
 
 
@@ -435,7 +438,7 @@ def test_no_handshake_is_started_where_there_is_nothing_to_start_or_wireguard_tr
     tmp_path: Path, peers: tuple[Peer, ...], situation: str
 ) -> None:
     source = StaticSource(*peers)
-    v = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path)).evaluate(lambda: NOW, 0)
+    v = look(tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path)), NOW)
     assert (v.state, v.situation) == (State.BLOCKED, situation)
     assert source.keepalives == []
 
@@ -449,7 +452,7 @@ def test_a_failed_start_is_reported_and_the_keepalive_still_restored(tmp_path: P
 
     source = Refusing(wg_peer(None))
     tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
-    tunnel.evaluate(lambda: NOW, 0)
+    look(tunnel, NOW)
     assert source.keepalives[-1] == (FIRST_KEY, 0)
     assert tunnel.notes and "could not start a handshake" in tunnel.notes[0]
 
@@ -457,7 +460,7 @@ def test_a_failed_start_is_reported_and_the_keepalive_still_restored(tmp_path: P
 def relaxed_tunnel(tmp_path: Path) -> tuple[tunnels.WireGuardTunnel, StaticSource]:
     source = StaticSource(wg_peer(NOW, tx=148))
     tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
-    v = tunnel.evaluate(lambda: NOW + 1, 0)
+    v = look(tunnel, NOW + 1)
     assert (v.state, v.situation) == (State.RELAXED, tunnels.Situation.ACTIVE)
     return tunnel, source
 
@@ -468,15 +471,15 @@ def test_an_idle_tunnel_stays_relaxed_and_one_that_sends_unanswered_locks(tmp_pa
     (a handshake initiation: the session is over) and no handshake completes
     within WireGuard's own 90 s of attempts: dead, blocked."""
     tunnel, source = relaxed_tunnel(tmp_path)
-    idle = tunnel.evaluate(lambda: NOW + 600, 0)
+    idle = look(tunnel, NOW + 600)
     assert (idle.state, idle.situation) == (State.RELAXED, tunnels.Situation.IDLE)
     assert "the next packet starts a handshake" in idle.reason
     source.result = (wg_peer(NOW, tx=148 + 148),)
     sent = NOW + 601
-    pending = tunnel.evaluate(lambda: sent, 0)
+    pending = look(tunnel, sent)
     assert (pending.state, pending.situation) == (State.RELAXED, tunnels.Situation.PENDING)
-    assert tunnel.evaluate(lambda: sent + tunnels.DEAD_AFTER - 0.5, 0).state is State.RELAXED
-    dead = tunnel.evaluate(lambda: sent + tunnels.DEAD_AFTER, 0)
+    assert look(tunnel, sent + tunnels.DEAD_AFTER - 0.5).state is State.RELAXED
+    dead = look(tunnel, sent + tunnels.DEAD_AFTER)
     assert (dead.state, dead.situation) == (State.BLOCKED, tunnels.Situation.UNANSWERED)
     assert "no handshake completed within" in dead.reason
     assert "the tunnel is dead" in dead.reason
@@ -487,19 +490,19 @@ def test_traffic_within_the_session_is_not_a_reason_to_lock(tmp_path: Path) -> N
     for second in range(2, 179, 3):
         source.result = (wg_peer(NOW, tx=148 + second * 1000),)
         at = NOW + second
-        assert tunnel.evaluate(lambda: at, 0).situation == tunnels.Situation.ACTIVE  # noqa: B023
+        assert look(tunnel, at).situation == tunnels.Situation.ACTIVE
     # The session ends; a new handshake after the traffic renews it.
     source.result = (wg_peer(NOW, tx=10**6),)
-    assert tunnel.evaluate(lambda: NOW + 200, 0).situation == tunnels.Situation.PENDING
+    assert look(tunnel, NOW + 200).situation == tunnels.Situation.PENDING
     source.result = (wg_peer(NOW + 201, tx=10**6 + 148),)
-    renewed = tunnel.evaluate(lambda: NOW + 202, 0)
+    renewed = look(tunnel, NOW + 202)
     assert (renewed.state, renewed.situation) == (State.RELAXED, tunnels.Situation.ACTIVE)
 
 
 @pytest.mark.parametrize("change", ["endpoint", "replaced", "removed", "locked"])
 def test_an_idle_tunnel_locks_when_it_is_dead_for_other_reasons(tmp_path: Path, change: str) -> None:
     tunnel, source = relaxed_tunnel(tmp_path)
-    assert tunnel.evaluate(lambda: NOW + 600, 0).situation == tunnels.Situation.IDLE
+    assert look(tunnel, NOW + 600).situation == tunnels.Situation.IDLE
     not_before = 0.0
     if change == "endpoint":
         source.result = (wg_peer(NOW, tx=148, endpoint=(ip("203.0.113.9"), 51820)),)
@@ -510,20 +513,20 @@ def test_an_idle_tunnel_locks_when_it_is_dead_for_other_reasons(tmp_path: Path, 
     else:
         tunnel.request(State.BLOCKED)
         not_before = NOW + 600
-    v = tunnel.evaluate(lambda: NOW + 601, not_before)
+    v = look(tunnel, NOW + 601, not_before)
     assert v.state is State.BLOCKED, v
 
 
 def test_hints_name_the_situation_after_a_while_and_clear_with_it(tmp_path: Path) -> None:
     source = StaticSource(wg_peer(None))
     tunnel = tunnels.WireGuardTunnel(CONFIG, source, link(tmp_path))
-    tunnel.evaluate(lambda: NOW, 0)
+    look(tunnel, NOW)
     assert tunnel.hint is None
-    tunnel.evaluate(lambda: NOW + tunnels.HINT_AFTER, 0)
+    look(tunnel, NOW + tunnels.HINT_AFTER)
     assert tunnel.hint is not None
     assert "has not answered" in tunnel.hint
     source.result = (wg_peer(NOW + 16),)
-    tunnel.evaluate(lambda: NOW + 16.5, 0)
+    look(tunnel, NOW + 16.5)
     assert tunnel.hint is None
 
 
@@ -703,6 +706,7 @@ class RecordingRuleset(Ruleset):
         self.puts: list[State] = []
         self.finding = Finding()
         self.fail = False
+        self.wake_groups: list[int] = []
 
     def put(self, state: State, *, repair: bool = False, wake_group: int | None = None) -> None:
         if self.fail:
@@ -712,33 +716,31 @@ class RecordingRuleset(Ruleset):
     def inspect(self, state: State) -> Finding:
         return self.finding
 
+    def load_wake(self, group: int) -> bool:
+        self.wake_groups.append(group)
+        return True
+
 
 @dataclass
-class ScriptedTunnel:
+class ScriptedTunnel(tunnels.Tunnel):
     verdict: Verdict = field(default_factory=lambda: Verdict(State.BLOCKED, "waiting"))
     follows_requests: bool = False
     requests: list[State] = field(default_factory=list)
     error: BaseException | None = None
     hint: str | None = None
-
-    def fileno(self) -> int | None:
-        return None
-
-    def on_readable(self) -> None:
-        pass
+    config: Config = CONFIG
+    notes: list[str] = field(default_factory=list)
+    woken: bool = False
 
     def request(self, state: State) -> None:
         self.requests.append(state)
         if self.follows_requests:
             self.verdict = Verdict(state, "as asked")
 
-    def evaluate(self, now: tunnels.Clock, not_before: float) -> Verdict:
+    def evaluate(self, not_before: float) -> Verdict:
         if self.error:
             raise self.error
         return self.verdict
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -886,6 +888,54 @@ def test_reloading_the_blocked_ruleset_while_blocked_still_raises_the_bar() -> N
     assert len(lines) == 1, "no state change, no line"
 
 
+class PipeWake(events.HandshakeLog):
+    """Handshake wake-ups through a pipe instead of an NFLOG group."""
+
+    def __init__(self) -> None:
+        self.group = 7
+        self.reader, self.writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self.reader
+
+    def read(self) -> int:
+        try:
+            return len(os.read(self.reader, 64))
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        os.close(self.reader)
+        os.close(self.writer)
+
+
+@dataclass
+class HearingTunnel(ScriptedTunnel):
+    wakes_on_handshakes = True
+    wakes: int = 0
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+@pytest.mark.parametrize("tunnel", [HearingTunnel(), ScriptedTunnel()], ids=["hears", "deaf"])
+def test_handshake_wake_ups_reach_whichever_tunnel_hears_them(tunnel: ScriptedTunnel) -> None:
+    """The watcher asks the tunnel whether handshake packets are news to it,
+    not whether it is a WireGuardTunnel."""
+    hears = isinstance(tunnel, HearingTunnel)
+    wake = PipeWake()
+    rules, lines = RecordingRuleset(CONFIG), list[str]()
+    watcher = Watcher(CONFIG, rules, tunnel, None, None, log=lines.append, clock=FakeClock().clock(), wake=wake)
+    watcher.start()
+    assert rules.wake_groups == ([wake.group] if hears else [])
+    assert tunnel.woken is hears
+    os.write(wake.writer, b"x")
+    watcher.step(0)
+    if isinstance(tunnel, HearingTunnel):
+        assert tunnel.wakes == 1
+    watcher.close()
+
+
 def test_a_hint_repeats_when_its_situation_recurs_at_most_once_per_interval() -> None:
     """Issue 11 (d): the one hint used to be said once per watcher process,
     however often its situation came back."""
@@ -1006,7 +1056,7 @@ def test_units_are_hardened(tmp_path: Path, unit: str) -> None:
 
 
 def test_wake_table_logs_handshakes_from_udp_endpoints_only() -> None:
-    config = cfg(("192.0.2.1", 51820), ("2001:db8::7", 51820), ("198.51.100.9", 443, Protocol.TCP))
+    config = cfg(("192.0.2.1", 51820), ("2001:db8::7", 51820), ("198.51.100.9", 443, Transport.TCP))
     script = ruleset.wake_script(config, 17734)
     assert "ip saddr . udp sport { 192.0.2.1 . 51820 }" in script
     assert "ip6 saddr . udp sport { 2001:db8::7 . 51820 }" in script
@@ -1029,11 +1079,11 @@ def test_a_woken_tunnel_polls_fast_only_after_a_handshake_packet() -> None:
     source = StaticSource(wg_peer(None, tx=148))
     tunnel = tunnels.WireGuardTunnel(CONFIG, source)
     tunnel.woken = True
-    assert tunnel.evaluate(lambda: NOW, 0).recheck == tunnels.KICK_RETRY, "a start not yet seen going out"
+    assert look(tunnel, NOW).recheck == tunnels.KICK_RETRY, "a start not yet seen going out"
     source.result = (wg_peer(None, tx=296),)
-    assert tunnel.evaluate(lambda: NOW, 0).recheck == tunnels.IDLE_POLL
+    assert look(tunnel, NOW).recheck == handshake.IDLE_POLL
     tunnel.wake()
-    assert tunnel.evaluate(lambda: NOW, 0).recheck == StaticSource.fast_poll
+    assert look(tunnel, NOW).recheck == StaticSource.fast_poll
 
 
 def test_install_reloads_systemd_and_restarts_a_running_watcher_only(tmp_path: Path) -> None:
@@ -1066,11 +1116,11 @@ def test_a_longer_reject_after_relaxes_on_an_older_handshake_but_not_past_a_dead
     longer = cfg(("192.0.2.1", 51820), reject_after=600)
     source = StaticSource(wg_peer(NOW, tx=148))
     tunnel = tunnels.WireGuardTunnel(longer, source, link(tmp_path))
-    idle = tunnel.evaluate(lambda: NOW + 300, 0)
+    idle = look(tunnel, NOW + 300)
     assert (idle.state, idle.situation) == (State.RELAXED, tunnels.Situation.IDLE), "proof, but no session"
     source.result = (wg_peer(NOW, tx=296),)
-    tunnel.evaluate(lambda: NOW + 301, 0)
-    dead = tunnel.evaluate(lambda: NOW + 301 + tunnels.DEAD_AFTER, 0)
+    look(tunnel, NOW + 301)
+    dead = look(tunnel, NOW + 301 + tunnels.DEAD_AFTER)
     assert dead.state is State.BLOCKED, "dead within WireGuard's limits, however long reject_after is"
 
 

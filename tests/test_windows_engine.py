@@ -43,24 +43,13 @@ from earlyfw.windows import engine, rules, security
 from earlyfw.windows import structs as s
 from earlyfw.windows.rules import Action, Interface, Layer
 from tests import wfp_model
+from tests.configs import example_toml
 from tests.wfp_model import DecodedFilter, RecordingBfe, Store
 
 TUNNEL_LUID = 0x0035_0000_0012_0000  # IF_TYPE_PROP_VIRTUAL, as wintun adapters have
 OTHER_LUID = 0x0006_0000_0001_0000  # an Ethernet adapter
 
-EXAMPLE = """
-[tunnel]
-kind = "wireguard"
-interface = "wg0"
-[[endpoint]]
-address = "198.51.100.7"
-port = 51820
-[[endpoint]]
-address = "2001:db8::7"
-port = 51820
-[dns]
-servers = ["10.64.0.1"]
-"""
+EXAMPLE = example_toml()
 # OpenVPN over TCP port 53: an endpoint on the DNS port must still work.
 OPENVPN_LAN = """
 [tunnel]

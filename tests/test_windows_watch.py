@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from earlyfw import config as configuration
+from earlyfw import handshake
 from earlyfw.errors import EarlyfwError
-from earlyfw.linux.watcher import sources
 from earlyfw.policy import State
 from earlyfw.run import Result
 from earlyfw.windows import engine, rules, watcher
+from tests.configs import example_toml
 from tests.recording_runner import RecordingRunner
 from tests.wfp_model import Adapter, RecordingBfe
 
@@ -29,21 +30,7 @@ KEY = "hIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
 
 
 def config(kind: str = "wireguard", reject_after: int = 180) -> configuration.Config:
-    return configuration.parse(
-        f"""
-[tunnel]
-kind = "{kind}"
-interface = "wg0"
-[[endpoint]]
-address = "198.51.100.7"
-port = 51820
-[[endpoint]]
-address = "2001:db8::7"
-port = 51820
-[watch]
-reject_after_seconds = {reject_after}
-"""
-    )
+    return configuration.parse(example_toml(kind, extra=f"[watch]\nreject_after_seconds = {reject_after}\n"))
 
 
 def dump(*peers: tuple[str, int]) -> str:
@@ -54,7 +41,7 @@ def dump(*peers: tuple[str, int]) -> str:
 
 def test_parse_dump() -> None:
     """wg.exe prints the same dump as Linux's wg: the Linux parser reads it."""
-    peers = sources.parse_wg_dump(dump(("198.51.100.7:51820", NOW - 5), ("[2001:db8::7]:51820", 0), ("(none)", 0)))
+    peers = handshake.parse_wg_dump(dump(("198.51.100.7:51820", NOW - 5), ("[2001:db8::7]:51820", 0), ("(none)", 0)))
     assert [(str(p.endpoint[0]) if p.endpoint else None, p.last_handshake) for p in peers] == [
         ("198.51.100.7", NOW - 5),
         ("2001:db8::7", None),

@@ -54,7 +54,9 @@ class TunnelKind(StrEnum):
         return {"wireguard": "wg0", "openvpn": "tun0", "manual": "tun0"}[self.value]
 
 
-class Protocol(StrEnum):
+class Transport(StrEnum):
+    """What an endpoint is reached over; the config spells the key `protocol`."""
+
     UDP = "udp"
     TCP = "tcp"
 
@@ -63,7 +65,7 @@ class Protocol(StrEnum):
 class Endpoint:
     address: IPAddress
     port: int
-    protocol: Protocol = Protocol.UDP
+    protocol: Transport = Transport.UDP
     # The hostname this address was resolved from (`import --resolve`), kept so
     # the config stays readable and `earlyfw endpoints refresh` can re-resolve.
     host: str | None = None
@@ -73,7 +75,7 @@ class Endpoint:
         return self.address.version
 
     @property
-    def key(self) -> tuple[IPAddress, int, Protocol]:
+    def key(self) -> tuple[IPAddress, int, Transport]:
         """What the firewall matches on: one set element."""
         return (self.address, self.port, self.protocol)
 
@@ -249,7 +251,7 @@ def _endpoint(doc: _Doc) -> Endpoint:
     return Endpoint(
         address=endpoint_address(doc.key("address"), doc.get("address", required=True)),
         port=doc.integer("port", required=True, low=1, high=65535),
-        protocol=doc.enum("protocol", Protocol, default=Protocol.UDP),
+        protocol=doc.enum("protocol", Transport, default=Transport.UDP),
         host=None if host is None else hostname(doc.key("host"), host),
     )
 

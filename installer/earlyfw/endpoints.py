@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Set
 from pathlib import Path
 
-from earlyfw.config import Config, Endpoint, IPAddress, Protocol, endpoint_dict, unusable_endpoint
+from earlyfw.config import Config, Endpoint, IPAddress, Transport, endpoint_dict, unusable_endpoint
 from earlyfw.errors import EarlyfwError
 from earlyfw.importers import Resolve
 from earlyfw.linux import boot, nft
@@ -44,7 +44,7 @@ from earlyfw.targets.core import CONFIG_PATH, Core
 Log = Callable[[str], None]
 
 
-Key = tuple[IPAddress, int, Protocol]
+Key = tuple[IPAddress, int, Transport]
 
 
 def refreshed(config: Config, lookup: Resolve, log: Log, in_use: Set[Key] = frozenset()) -> Config:
@@ -113,7 +113,7 @@ def tunnel_flows(config: Config, log: Log, table: Path = Path("/proc/net/nf_conn
     for line in text.splitlines():
         match = _FLOW.match(line)
         if match:
-            key = (ipaddress.ip_address(match["dst"]), int(match["dport"]), Protocol(match["proto"]))
+            key = (ipaddress.ip_address(match["dst"]), int(match["dport"]), Transport(match["proto"]))
             if key in pinned:
                 found.add(key)
     return found

@@ -74,8 +74,9 @@ LOADED, FALLBACK, UNPROTECTED = 0, 1, 2
 
 
 @dataclass(frozen=True)
-class Generator:
-    """An initramfs generator: how to recognise it and how to rebuild with it."""
+class InitramfsGenerator:
+    """An initramfs generator a Linux system may use: how to recognise it and
+    how to rebuild with it."""
 
     name: str
     binaries: tuple[str, ...]
@@ -87,21 +88,21 @@ class Generator:
 
 
 GENERATORS = (
-    Generator(
+    InitramfsGenerator(
         "dracut",
         ("/usr/bin/dracut", "/usr/sbin/dracut", "/sbin/dracut"),
         ("/etc/kernel/postinst.d/dracut", "/usr/lib/kernel/install.d/50-dracut.install"),
         ("fedora", "rhel", "centos", "rocky", "almalinux", "opensuse", "suse", "sles", "void", "gentoo"),
         ("dracut", "--force", "--regenerate-all"),
     ),
-    Generator(
+    InitramfsGenerator(
         "initramfs-tools",
         ("/usr/sbin/update-initramfs", "/sbin/update-initramfs"),
         ("/etc/kernel/postinst.d/initramfs-tools",),
         ("debian", "ubuntu", "linuxmint", "pop", "raspbian", "kali"),
         ("update-initramfs", "-u", "-k", "all"),
     ),
-    Generator(
+    InitramfsGenerator(
         "mkinitcpio",
         ("/usr/bin/mkinitcpio", "/usr/sbin/mkinitcpio"),
         ("/usr/share/libalpm/hooks/90-mkinitcpio-install.hook", "/usr/lib/kernel/install.d/50-mkinitcpio.install"),
@@ -111,7 +112,7 @@ GENERATORS = (
 )
 
 
-def generator(name: str) -> Generator:
+def generator(name: str) -> InitramfsGenerator:
     return next(g for g in GENERATORS if g.name == name)
 
 
@@ -121,7 +122,7 @@ def distro_ids(root: Root) -> tuple[str, ...]:
     return (info.id(), *info.like().split())
 
 
-def active_generator(root: Root) -> Generator | None:
+def active_generator(root: Root) -> InitramfsGenerator | None:
     """The one initramfs generator the system under `root` uses: the only one
     installed, else the one wired into kernel installation, else the distro's."""
     installed = [g for g in GENERATORS if any(root.exists(b) for b in g.binaries)]

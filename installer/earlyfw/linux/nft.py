@@ -28,7 +28,7 @@ from earlyfw.policy import EGRESS_TABLE, TABLE, Counters, State
 from earlyfw.run import Runner
 
 NFT = "nft"
-# earlyfw watch's owned copies of the two tables (see earlyfw/watch/ruleset.py).
+# The watcher's owned copies of the two tables (see earlyfw/linux/watcher/ruleset.py).
 GUARD_TABLE = "earlyfw_guard"
 GUARD_EGRESS_TABLE = "earlyfw_egress_guard"
 WAKE_TABLE = "earlyfw_wake"

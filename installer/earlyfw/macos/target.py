@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from earlyfw import policy, templates
-from earlyfw.config import Config, Endpoint, IPAddress, Protocol, TunnelKind
+from earlyfw.config import Config, Endpoint, IPAddress, Transport, TunnelKind
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.macos import pf
 from earlyfw.policy import State
@@ -122,7 +122,7 @@ class EndpointGroup:
     table, since pf tables hold addresses only. Grouping by (protocol, port)
     keeps the pairing exact: an address is reachable only on its own port."""
 
-    protocol: Protocol
+    protocol: Transport
     port: int
     addresses: tuple[IPAddress, ...]
 
@@ -137,7 +137,7 @@ class EndpointGroup:
 
 
 def endpoint_groups(endpoints: Iterable[Endpoint]) -> tuple[EndpointGroup, ...]:
-    groups: dict[tuple[Protocol, int], list[IPAddress]] = defaultdict(list)
+    groups: dict[tuple[Transport, int], list[IPAddress]] = defaultdict(list)
     for e in endpoints:
         groups[(e.protocol, e.port)].append(e.address)
     return tuple(
@@ -215,7 +215,7 @@ def render(config: Config, layout: Layout = LAYOUT) -> Rendered:
         label=LABEL,
         layout=layout,
         kind=config.tunnel_kind,
-        wg_endpoints=[wg_endpoint(e) for e in config.endpoints if e.protocol is Protocol.UDP],
+        wg_endpoints=[wg_endpoint(e) for e in config.endpoints if e.protocol is Transport.UDP],
         rule_count=len(main),
         reject_after=config.reject_after_seconds,
         interval=WATCH_INTERVAL,

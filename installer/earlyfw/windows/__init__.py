@@ -12,6 +12,6 @@ talks to BFE itself through fwpuclnt.dll with ctypes:
 - `engine`: the transactions (install, relax, lock, uninstall) against a
   `Backend`, which is either the real DLLs (`backend`, Windows only) or, in
   tests, a recording BFE model (tests/wfp_model.py), so the same code runs on Linux;
-- `watch`: the handshake watcher the scheduled task runs, holding its relax
+- `watcher`: the handshake watcher the scheduled task runs, holding its relax
   permits in a dynamic session.
 """

@@ -39,14 +39,14 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from earlyfw import policy
-from earlyfw.config import Config, Endpoint, Protocol, TunnelKind
+from earlyfw.config import Config, Endpoint, Transport, TunnelKind
 from earlyfw.windows import security
 from earlyfw.windows import structs as s
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
-PROTOCOLS = {Protocol.TCP: IPPROTO_TCP, Protocol.UDP: IPPROTO_UDP}
+PROTOCOLS = {Transport.TCP: IPPROTO_TCP, Transport.UDP: IPPROTO_UDP}
 DNS_PORTS = (53, 853)  # DNS and DNS-over-TLS, as in the nft policy
 # NT SERVICE\Dhcp, the DHCP client service's SID: S-1-5-80-2940520708-...
 DHCP_CLIENT = security.service_sid("Dhcp")

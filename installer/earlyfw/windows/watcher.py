@@ -21,7 +21,7 @@ from pathlib import Path
 
 from earlyfw.config import Config, TunnelKind
 from earlyfw.errors import EarlyfwError
-from earlyfw.linux.watcher import sources, tunnels
+from earlyfw.handshake import parse_wg_dump, wireguard_verdict
 from earlyfw.policy import State
 from earlyfw.run import Runner
 from earlyfw.windows import engine, rules
@@ -37,10 +37,10 @@ def wg_exe() -> str:
 
 
 def wireguard_live(config: Config, dump: str, now: float, not_before: float = 0.0) -> bool:
-    """The Linux watcher's rule, on `wg.exe show TUNNEL dump`: a peer at a
+    """Every watcher's WireGuard rule, on `wg.exe show TUNNEL dump`: a peer at a
     configured UDP endpoint shook hands within reject_after_seconds, and
     after the last explicit lock."""
-    verdict = tunnels.wireguard_verdict(config, sources.parse_wg_dump(dump), now=now, not_before=not_before)
+    verdict = wireguard_verdict(config, parse_wg_dump(dump), now=now, not_before=not_before)
     return verdict.state is State.RELAXED
 
 

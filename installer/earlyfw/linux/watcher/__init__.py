@@ -8,7 +8,9 @@ suspend and on any error, and it puts earlyfw's table back the moment anything
 removes or alters it.
 
   sources   where WireGuard peers are read from (UAPI socket, kernel netlink, `wg`)
-  tunnels   what each tunnel kind considers proof (pure verdicts) and how it is polled
+  tunnels   what each tunnel kind considers proof (pure verdicts) and how it is polled;
+            the WireGuard peer and its handshake verdict are earlyfw.handshake's,
+            which the Windows watcher shares
   openvpn   the OpenVPN management-interface client
   libnft    an in-process libnftables context (owns the guard tables)
   ruleset   one-transaction state changes, the guard tables, inspection

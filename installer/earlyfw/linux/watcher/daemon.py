@@ -32,10 +32,8 @@ import selectors
 import signal
 import socket
 import sys
-import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,12 +41,13 @@ from typing import Any
 from earlyfw import config as configuration
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
+from earlyfw.handshake import Verdict
 from earlyfw.linux import nft
 from earlyfw.linux.watcher.events import Generation, HandshakeLog, LinkEvents, NftablesEvents
 from earlyfw.linux.watcher.libnft import Libnftables
 from earlyfw.linux.watcher.ruleset import WATCHED_TABLES, Ruleset
 from earlyfw.linux.watcher.sources import SourceKind
-from earlyfw.linux.watcher.tunnels import Tunnel, Verdict, WireGuardTunnel, make_tunnel
+from earlyfw.linux.watcher.tunnels import Clock, Tunnel, make_tunnel
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
@@ -114,13 +113,6 @@ def notify_ready() -> None:
 class Stopped(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
-
-
-@dataclass
-class Clock:
-    wall: Callable[[], float] = time.time
-    monotonic: Callable[[], float] = time.monotonic
-    boottime: Callable[[], float] = field(default=lambda: time.clock_gettime(time.CLOCK_BOOTTIME))
 
 
 class Watcher:
@@ -235,7 +227,7 @@ class Watcher:
         self.publish(stopped=True)
 
     def _start_wake(self) -> None:
-        if self.wake is None or not isinstance(self.tunnel, WireGuardTunnel):
+        if self.wake is None or not self.tunnel.wakes_on_handshakes:
             return
         if self.ruleset.load_wake(self.wake.group):
             self.tunnel.woken = True
@@ -278,7 +270,7 @@ class Watcher:
                 if self.links.read():
                     self.due = 0.0
             elif source is self.wake and self.wake is not None:
-                if self.wake.read() and isinstance(self.tunnel, WireGuardTunnel):
+                if self.wake.read():
                     self.tunnel.wake()
                     self.due = 0.0
             else:
@@ -303,10 +295,11 @@ class Watcher:
         self._tunnel_fd = fd
 
     def evaluate(self) -> Verdict:
-        verdict = self.tunnel.evaluate(self.clock.wall, self.not_before)
+        verdict = self.tunnel.evaluate(self.not_before)
         self.due = self.clock.monotonic() + verdict.recheck
-        for note in self._drain_notes():
+        for note in self.tunnel.notes:
             self.log(f"warning: {note}")
+        self.tunnel.notes.clear()
         situation = self._situation(verdict)
         if verdict.state is not self.state:
             self.change(verdict.state, verdict.reason, situation)
@@ -315,7 +308,7 @@ class Watcher:
             self.situation, self.situation_since, self.reason = situation, self.clock.wall(), verdict.reason
             self.log(f"{self.state}, {situation}: {verdict.reason}")
             self.publish()
-        self._show_hint(getattr(self.tunnel, "hint", None))
+        self._show_hint(self.tunnel.hint)
         return verdict
 
     def _situation(self, verdict: Verdict) -> str:
@@ -323,18 +316,9 @@ class Watcher:
             return ", ".join(filter(None, (f"after {self.locked_by}", verdict.situation)))
         return verdict.situation or str(verdict.state)
 
-    def _drain_notes(self) -> list[str]:
-        notes = getattr(self.tunnel, "notes", None)
-        if not isinstance(notes, list) or not notes:
-            return []
-        drained = [str(n) for n in notes]
-        notes.clear()
-        return drained
-
-    def _show_hint(self, hint: object) -> None:
+    def _show_hint(self, current: str | None) -> None:
         """A hint when its situation starts, again when it recurs, never
         more often than HINT_INTERVAL."""
-        current = hint if isinstance(hint, str) else None
         if current == self.hint:
             return
         self.hint = current
@@ -416,7 +400,7 @@ class Watcher:
             return
         old = self.config
         self._use(new)
-        verdict = self.tunnel.evaluate(self.clock.wall, self.not_before)
+        verdict = self.tunnel.evaluate(self.not_before)
         try:
             self.ruleset.put(verdict.state, wake_group=self.wake.group if self.wake is not None else None)
         except EarlyfwError as e:
@@ -441,8 +425,7 @@ class Watcher:
 
     def _use(self, config: Config) -> None:
         self.config = self.ruleset.config = config
-        # Every tunnel keeps its config here; what it has observed stays.
-        self.tunnel.config = config  # type: ignore[attr-defined]
+        self.tunnel.config = config
 
     # --- outside changes --------------------------------------------------------
 
@@ -476,7 +459,7 @@ class Watcher:
 
     def relax_request(self, who: str) -> None:
         self.tunnel.request(State.RELAXED)
-        verdict = self.tunnel.evaluate(self.clock.wall, self.not_before)
+        verdict = self.tunnel.evaluate(self.not_before)
         self.due = self.clock.monotonic() + verdict.recheck
         self.ruleset.put(verdict.state)
         self.state = verdict.state
@@ -501,11 +484,12 @@ class Watcher:
 
 def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *, log: Log = log_to_stderr) -> int:
     nft.require_root_for("watch")
-    tunnel = make_tunnel(config, runner, source)
+    clock = Clock()
+    tunnel = make_tunnel(config, runner, clock, source)
     # Subscribe before the first change, so nothing can slip in between.
     tables, links = NftablesEvents(), LinkEvents()
     wake = None
-    if isinstance(tunnel, WireGuardTunnel):
+    if tunnel.wakes_on_handshakes:
         try:
             wake = HandshakeLog()
         except OSError as e:
@@ -519,6 +503,7 @@ def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *
         tables,
         links,
         log=log,
+        clock=clock,
         fallback_lock=lambda: nft.put_state(runner, watcher.config, State.BLOCKED),
         wake=wake,
         verdict_dir=VERDICT_DIR,

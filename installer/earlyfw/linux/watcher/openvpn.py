@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from earlyfw.config import IPAddress
-from earlyfw.linux.watcher.sources import SourceError, parse_endpoint
+from earlyfw.handshake import SourceError, parse_endpoint
 
 CONNECTED = "CONNECTED"
 # The states in which OpenVPN is taking the tunnel down or rebuilding it.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from earlyfw import policy, templates
-from earlyfw.config import Config, Protocol
+from earlyfw.config import Config, Transport
 from earlyfw.errors import CommandError
 from earlyfw.linux import nft
 from earlyfw.linux.nft import GUARD_EGRESS_TABLE, GUARD_TABLE, WAKE_TABLE
@@ -84,7 +84,7 @@ def wake_script(config: Config, group: int) -> str:
     endpoints to NFLOG `group`, for the watcher to wake on."""
 
     def elements(version: int) -> list[str]:
-        return [f"{e.address} . {e.port}" for e in config.endpoints_of(version) if e.protocol is Protocol.UDP]
+        return [f"{e.address} . {e.port}" for e in config.endpoints_of(version) if e.protocol is Transport.UDP]
 
     return templates.render(
         WAKE_TEMPLATE,

@@ -9,7 +9,9 @@ Three ways to ask, as `wg` itself has them:
                  peers when `wg` is installed (or pyroute2 is not).
 `AutoSource` picks per call, so a tunnel can come, go and change
 implementation while the watcher runs; for the kernel module it prefers `wg`
-when installed, so no read waits for pyroute2's import.
+when installed, so no read waits for pyroute2's import. What they read
+(`Peer`) and the `wg show dump` format are WireGuard's on every platform
+(earlyfw.handshake).
 """
 
 from __future__ import annotations
@@ -17,17 +19,15 @@ from __future__ import annotations
 import base64
 import errno
 import importlib.util
-import ipaddress
 import shutil
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from earlyfw.config import IPAddress
 from earlyfw.errors import EarlyfwError
+from earlyfw.handshake import Peer, SourceError, handshake_time, parse_endpoint, parse_wg_dump
 from earlyfw.run import Runner
 
 UAPI_DIR = Path("/var/run/wireguard")
@@ -37,54 +37,6 @@ UAPI_TIMEOUT = 2.0
 
 class InterfaceGone(EarlyfwError):
     """The tunnel interface does not exist (now)."""
-
-
-class SourceError(EarlyfwError):
-    """The peers could not be read; the watcher stays (or becomes) blocked."""
-
-
-@dataclass(frozen=True)
-class Peer:
-    public_key: str  # base64, as `wg` shows it
-    # Where the peer's packets come from and go to: the address WireGuard last
-    # authenticated a packet from (it roams), or the configured one.
-    endpoint: tuple[IPAddress, int] | None
-    last_handshake: float | None  # wall-clock seconds since the epoch; None: never
-    keepalive: int = 0
-    # Bytes received from and sent to the peer, handshake messages included:
-    # what tells an idle tunnel (nothing sent) from a dead one (sent, unanswered).
-    rx: int = 0
-    tx: int = 0
-
-    def describe(self) -> str:
-        return f"peer {self.public_key[:8]}… at {format_endpoint(self.endpoint)}"
-
-
-def format_endpoint(endpoint: tuple[IPAddress, int] | None) -> str:
-    if endpoint is None:
-        return "(no endpoint)"
-    address, port = endpoint
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
-
-
-def parse_endpoint(text: str) -> tuple[IPAddress, int]:
-    """'192.0.2.1:51820' or '[2001:db8::1]:51820'; IPv4-mapped IPv6 becomes IPv4."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise SourceError(f"endpoint {text!r} is not ADDRESS:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise SourceError(f"endpoint {text!r} has no IP address") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address, int(port)
-
-
-def _handshake(seconds: int, nanoseconds: int) -> float | None:
-    return None if seconds == 0 and nanoseconds == 0 else seconds + nanoseconds / 1e9
 
 
 _UAPI_NUMBERS = {
@@ -109,7 +61,7 @@ def parse_uapi(text: str) -> tuple[Peer, ...]:
                 Peer(
                     current["key"],
                     current.get("endpoint"),
-                    _handshake(current.get("sec", 0), current.get("nsec", 0)),
+                    handshake_time(current.get("sec", 0), current.get("nsec", 0)),
                     current.get("keepalive", 0),
                     current.get("rx", 0),
                     current.get("tx", 0),
@@ -146,37 +98,6 @@ def parse_uapi(text: str) -> tuple[Peer, ...]:
     return tuple(peers)
 
 
-def parse_wg_dump(text: str) -> tuple[Peer, ...]:
-    """`wg show IF dump`: the interface line (4 fields), then per peer
-    public-key, preshared-key, endpoint, allowed-ips, latest-handshake,
-    transfer-rx, transfer-tx, persistent-keepalive, tab-separated."""
-    lines = [line for line in text.splitlines() if line]
-    if not lines:
-        raise SourceError("wg show dump: empty output")
-    if len(lines[0].split("\t")) != 4:
-        raise SourceError(f"wg show dump: unexpected interface line {lines[0]!r}")
-    peers = []
-    for line in lines[1:]:
-        fields = line.split("\t")
-        if len(fields) != 8:
-            raise SourceError(f"wg show dump: unexpected peer line {line!r}")
-        key, _psk, endpoint, _ips, latest, rx, tx, keepalive = fields
-        for name, value in (("latest-handshake", latest), ("transfer-rx", rx), ("transfer-tx", tx)):
-            if not value.isdigit():
-                raise SourceError(f"wg show dump: {name} {value!r} is not a number")
-        peers.append(
-            Peer(
-                key,
-                None if endpoint == "(none)" else parse_endpoint(endpoint),
-                _handshake(int(latest), 0),
-                0 if keepalive == "off" else int(keepalive),
-                int(rx),
-                int(tx),
-            )
-        )
-    return tuple(peers)
-
-
 def peers_from_netlink(messages: Iterable[Any]) -> tuple[Peer, ...]:
     """Peers from pyroute2's decoded WG_CMD_GET_DEVICE replies (a device with
     many peers arrives as several messages)."""
@@ -194,7 +115,7 @@ def peers_from_netlink(messages: Iterable[Any]) -> tuple[Peer, ...]:
                 Peer(
                     value.decode() if isinstance(value, bytes) else str(value),
                     parse_endpoint(f"[{endpoint['addr']}]:{endpoint['port']}") if endpoint else None,
-                    _handshake(int(handshake["tv_sec"]), int(handshake["tv_nsec"])),
+                    handshake_time(int(handshake["tv_sec"]), int(handshake["tv_nsec"])),
                     int(peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0),
                     int(peer.get_attr("WGPEER_A_RX_BYTES") or 0),
                     int(peer.get_attr("WGPEER_A_TX_BYTES") or 0),

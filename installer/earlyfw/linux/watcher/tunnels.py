@@ -1,47 +1,49 @@
 """What counts as proof that the tunnel is live, per tunnel kind.
 
 The verdict functions are pure (config, observations, clock in; state and
-reason out) so each rule is tested on its own; the Tunnel classes gather the
-observations and say when to look again.
+reason out) so each rule is tested on its own; the WireGuard one is every
+platform's (earlyfw.handshake). The Tunnel classes gather the observations,
+on the watcher's clock, and say when to look again.
 """
 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 
-from earlyfw.config import Config, IPAddress, TunnelKind
-from earlyfw.config import Protocol as Transport
+from earlyfw.config import Config, TunnelKind
 from earlyfw.errors import EarlyfwError
+from earlyfw.handshake import (
+    IDLE_POLL,
+    Peer,
+    SourceError,
+    Verdict,
+    format_endpoint,
+    udp_endpoints,
+    wireguard_verdict,
+)
 from earlyfw.linux.watcher import openvpn
 from earlyfw.linux.watcher.openvpn import Management, StateEvent
-from earlyfw.linux.watcher.sources import (
-    SYS_CLASS_NET,
-    InterfaceGone,
-    Peer,
-    PeerSource,
-    SourceError,
-    SourceKind,
-    format_endpoint,
-    make_source,
-)
+from earlyfw.linux.watcher.sources import SYS_CLASS_NET, InterfaceGone, PeerSource, SourceKind, make_source
 from earlyfw.policy import State
 from earlyfw.run import Runner
 
-# The wall clock, read when the verdict is made.
-Clock = Callable[[], float]
 
-# How long a watcher with nothing to wait for sleeps between looks: a relaxed
-# tunnel's interface and counters, a missing interface, a closed management
-# socket. Netlink link events and the handshake deadline cut it short.
-IDLE_POLL = 1.0
-# A handshake stamped up to this far in the future (clock granularity between
-# the tunnel and the watcher) still counts.
-CLOCK_SLACK = 1.0
+@dataclass
+class Clock:
+    """The watcher's clocks, one object for the loop and its tunnel, so a
+    test can drive both."""
+
+    wall: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    # Runs through suspend, where monotonic stops: the daemon tells sleep by the gap.
+    boottime: Callable[[], float] = field(default=lambda: time.clock_gettime(time.CLOCK_BOOTTIME))
+
+
 # After a handshake packet arrives, poll fast this long: WireGuard records the
 # handshake a moment after the packet (the responder, after the first data).
 WAKE_BURST = 1.0
@@ -96,50 +98,6 @@ class Situation(StrEnum):
     FOLLOWING = "following requests"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    state: State
-    reason: str
-    # Seconds after which the verdict may change with no event: a handshake
-    # ages out, a poll is due.
-    recheck: float = IDLE_POLL
-    situation: str = ""
-
-
-def _udp_endpoints(config: Config) -> frozenset[tuple[IPAddress, int]]:
-    return frozenset((e.address, e.port) for e in config.endpoints if e.protocol is Transport.UDP)
-
-
-def wireguard_verdict(config: Config, peers: tuple[Peer, ...], *, now: float, not_before: float) -> Verdict:
-    """RELAXED iff a peer whose endpoint is a configured UDP endpoint completed
-    a handshake less than reject_after_seconds ago, and after `not_before`
-    (the last lock request or resume from suspend)."""
-    allowed = _udp_endpoints(config)
-    limit = config.reject_after_seconds
-    best: tuple[Peer, float] | None = None
-    why = f"no peer of {config.interface} has completed a handshake"
-    for peer in peers:
-        if peer.endpoint not in allowed:
-            if peer.last_handshake is not None:
-                why = f"{peer.describe()} is not a configured endpoint"
-            continue
-        if peer.last_handshake is None:
-            continue
-        age = now - peer.last_handshake
-        if peer.last_handshake <= not_before:
-            why = f"{peer.describe()}: last handshake predates the last lock or resume"
-        elif age >= limit:
-            why = f"{peer.describe()}: last handshake {age:.0f}s ago, over {limit}s"
-        elif age < -CLOCK_SLACK:
-            why = f"{peer.describe()}: handshake time is {-age:.0f}s in the future"
-        elif best is None or peer.last_handshake > best[0].last_handshake:  # type: ignore[operator]
-            best = (peer, age)
-    if best is None:
-        return Verdict(State.BLOCKED, why)
-    peer, age = best
-    return Verdict(State.RELAXED, f"{peer.describe()}: handshake {max(age, 0.0):.3f}s ago", recheck=limit - age)
-
-
 def openvpn_verdict(
     config: Config, event: StateEvent | None, *, seen_at: float, not_before: float, problem: str | None
 ) -> Verdict:
@@ -164,24 +122,49 @@ def openvpn_verdict(
     )
 
 
-class Tunnel(Protocol):
+class Tunnel(ABC):
+    """What the watcher asks of every tunnel kind alike. The defaults are a
+    tunnel's with nothing to read and no handshake packet to hear."""
+
     # True where an outside `earlyfw relax` / `earlyfw lock` is the decision
     # (manual, OpenVPN hook scripts); False where the watcher decides and an
     # outside relax is refused unless the proof holds.
     follows_requests: bool
+    # True where a handshake packet is news (WireGuard): the watcher then has
+    # the kernel wake it on one (ruleset.wake_script) and sets `woken` once it does.
+    wakes_on_handshakes = False
 
-    def fileno(self) -> int | None: ...
+    def __init__(self, config: Config) -> None:
+        # Replaced on a reload; what the tunnel has observed stays.
+        self.config = config
+        self.woken = False
+        # The current advice for the user, None when there is none; the
+        # watcher decides when to repeat it.
+        self.hint: str | None = None
+        # One-line notes for the journal since the watcher last took them.
+        self.notes: list[str] = []
 
-    def on_readable(self) -> None: ...
+    def fileno(self) -> int | None:
+        return None
 
-    def request(self, state: State) -> None: ...
+    def on_readable(self) -> None:
+        """The file descriptor fileno() gave has something to read."""
 
-    # `now` is read after the tunnel is observed: a first read can take
-    # seconds (a library import under a slow CPU), and a handshake recorded
-    # meanwhile must not look as if it came from the future.
-    def evaluate(self, now: Clock, not_before: float) -> Verdict: ...
+    def wake(self) -> None:
+        """A handshake packet arrived."""
 
-    def close(self) -> None: ...
+    @abstractmethod
+    def request(self, state: State) -> None:
+        """An outside `earlyfw relax` or `earlyfw lock`."""
+
+    # The wall clock is read after the tunnel is observed: a first read can
+    # take seconds (a library import under a slow CPU), and a handshake
+    # recorded meanwhile must not look as if it came from the future.
+    @abstractmethod
+    def evaluate(self, not_before: float) -> Verdict: ...
+
+    def close(self) -> None:
+        """Let go of what the tunnel holds open."""
 
 
 @dataclass
@@ -205,21 +188,19 @@ def _stamp(when: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(when))
 
 
-class WireGuardTunnel:
+class WireGuardTunnel(Tunnel):
     follows_requests = False
+    # Once handshake packets wake the watcher (`woken`), a blocked tunnel is
+    # polled fast only right after one.
+    wakes_on_handshakes = True
 
-    def __init__(self, config: Config, source: PeerSource, sys_class_net: Path = SYS_CLASS_NET) -> None:
-        self.config = config
+    def __init__(
+        self, config: Config, source: PeerSource, sys_class_net: Path = SYS_CLASS_NET, *, clock: Clock | None = None
+    ) -> None:
+        super().__init__(config)
         self.source = source
         self.sys_class_net = sys_class_net
-        # The current advice for the user, None when there is none; the
-        # watcher decides when to repeat it.
-        self.hint: str | None = None
-        # One-line notes for the journal (a handshake could not be started).
-        self.notes: list[str] = []
-        # True once handshake packets wake the watcher (see ruleset.wake_script):
-        # then a blocked tunnel is polled fast only right after one.
-        self.woken = False
+        self.clock = clock or Clock()
         self._burst_until = 0.0
         self._tracks: dict[str, _Track] = {}
         # (ifindex, up) at the last look: a new index is a new interface.
@@ -229,29 +210,24 @@ class WireGuardTunnel:
         self._situation: tuple[str, float] | None = None
 
     def wake(self) -> None:
-        self._burst_until = time.monotonic() + WAKE_BURST
-
-    def fileno(self) -> int | None:
-        return None
-
-    def on_readable(self) -> None:
-        pass
+        self._burst_until = self.clock.monotonic() + WAKE_BURST
 
     def request(self, state: State) -> None:
         if state is State.BLOCKED:
             self._live = False
 
-    def evaluate(self, now: Clock, not_before: float) -> Verdict:
+    def evaluate(self, not_before: float) -> Verdict:
         try:
             peers = self.source.peers()
         except InterfaceGone as e:
             self._forget()
-            return self._blocked(Verdict(State.BLOCKED, str(e), situation=Situation.NO_INTERFACE), time.time())
+            verdict = Verdict(State.BLOCKED, str(e), situation=Situation.NO_INTERFACE)
+            return self._blocked(verdict, self.clock.wall())
         except SourceError as e:
             self._live = False
             reason = f"cannot read {self.config.interface}'s peers: {e}"
-            return self._blocked(Verdict(State.BLOCKED, reason, situation=Situation.UNREADABLE), time.time())
-        at = now()
+            return self._blocked(Verdict(State.BLOCKED, reason, situation=Situation.UNREADABLE), self.clock.wall())
+        at = self.clock.wall()
         replaced = self._observe_link()
         self._observe(peers, at)
         proof = wireguard_verdict(self.config, peers, now=at, not_before=not_before)
@@ -272,7 +248,7 @@ class WireGuardTunnel:
         return self._waiting(peers, at, not_before, proof, dead)
 
     def _in_session(self, peers: tuple[Peer, ...], at: float, not_before: float) -> bool:
-        allowed = _udp_endpoints(self.config)
+        allowed = udp_endpoints(self.config)
         return any(
             p.endpoint in allowed
             and p.last_handshake is not None
@@ -287,7 +263,7 @@ class WireGuardTunnel:
         """A relaxed tunnel with no fresh handshake stays relaxed while one of
         its peers is idle (nothing sent since its session ended) or waiting
         for a handshake WireGuard has not given up on yet."""
-        allowed = _udp_endpoints(self.config)
+        allowed = udp_endpoints(self.config)
         dead = f"no peer of {self.config.interface} at a configured endpoint is left"
         best: Verdict | None = None
         for peer in peers:
@@ -323,7 +299,7 @@ class WireGuardTunnel:
     def _waiting(
         self, peers: tuple[Peer, ...], at: float, not_before: float, proof: Verdict, dead: str | None
     ) -> Verdict:
-        allowed = _udp_endpoints(self.config)
+        allowed = udp_endpoints(self.config)
         ours = [p for p in peers if p.endpoint in allowed]
         up = self._link is None or self._link[1]
         reason = proof.reason if dead is None else f"{dead}; {proof.reason}"
@@ -359,7 +335,7 @@ class WireGuardTunnel:
             situation = Situation.UNANSWERED
             how = "initiated" if not started else "initiated by earlyfw"
             reason = f"{reason}; handshake {how} and unanswered since {_stamp(since)}"
-        waiting = not self.woken or time.monotonic() < self._burst_until
+        waiting = not self.woken or self.clock.monotonic() < self._burst_until
         recheck = self.source.fast_poll if waiting else IDLE_POLL
         if any(self._unconfirmed(p) for p in ours):
             recheck = min(recheck, KICK_RETRY)
@@ -371,7 +347,7 @@ class WireGuardTunnel:
         return track.kicked_at is not None and peer.tx <= track.kicked_tx
 
     def _kick(self, peer: Peer, track: _Track) -> bool:
-        mono = time.monotonic()
+        mono = self.clock.monotonic()
         if track.kicked_at is not None:
             wait = KICK_AGAIN_AFTER if peer.tx > track.kicked_tx else KICK_RETRY
             if mono - track.kicked_at < wait:
@@ -464,14 +440,15 @@ class WireGuardTunnel:
         self.source.close()
 
 
-class OpenVPNTunnel:
+class OpenVPNTunnel(Tunnel):
     """With a management socket, OpenVPN's state decides. Without one, the
     --up/--down hook earlyfw installs runs `earlyfw relax` / `earlyfw lock`,
     and the watcher follows those, locking on its own if the interface goes."""
 
-    def __init__(self, config: Config, sys_class_net: Path = SYS_CLASS_NET) -> None:
-        self.config = config
+    def __init__(self, config: Config, sys_class_net: Path = SYS_CLASS_NET, *, clock: Clock | None = None) -> None:
+        super().__init__(config)
         self.sys_class_net = sys_class_net
+        self.clock = clock or Clock()
         path = config.openvpn_management
         self.management = Management(path) if path is not None else None
         self.follows_requests = self.management is None
@@ -492,22 +469,22 @@ class OpenVPNTunnel:
             self.last = event
             # History lines carry OpenVPN's whole-second clock; a live
             # notification is "now" at sub-second precision.
-            self.seen_at = time.time() if event.live else float(event.timestamp)
+            self.seen_at = self.clock.wall() if event.live else float(event.timestamp)
         if self.management.sock is None:
             self.last = None
-            self._retry_at = time.monotonic() + IDLE_POLL
+            self._retry_at = self.clock.monotonic() + IDLE_POLL
 
     def request(self, state: State) -> None:
         self.requested = state
 
-    def evaluate(self, now: Clock, not_before: float) -> Verdict:
+    def evaluate(self, not_before: float) -> Verdict:
         if not (self.sys_class_net / self.config.interface).exists():
             self.requested = State.BLOCKED
             reason = f"interface {self.config.interface} does not exist"
             return Verdict(State.BLOCKED, reason, situation=Situation.NO_INTERFACE)
         if self.management is None:
             return Verdict(self.requested, "as the OpenVPN hook asked", situation=Situation.FOLLOWING)
-        if self.management.sock is None and time.monotonic() >= self._retry_at and not self.management.connect():
+        if self.management.sock is None and self.clock.monotonic() >= self._retry_at and not self.management.connect():
             self.last = None
         return openvpn_verdict(
             self.config, self.last, seen_at=self.seen_at, not_before=not_before, problem=self.management.problem
@@ -518,35 +495,27 @@ class OpenVPNTunnel:
             self.management.close()
 
 
-class ManualTunnel:
+class ManualTunnel(Tunnel):
     follows_requests = True
 
-    def __init__(self) -> None:
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
         self.requested = State.BLOCKED
-
-    def fileno(self) -> int | None:
-        return None
-
-    def on_readable(self) -> None:
-        pass
 
     def request(self, state: State) -> None:
         self.requested = state
 
-    def evaluate(self, now: Clock, not_before: float) -> Verdict:
+    def evaluate(self, not_before: float) -> Verdict:
         return Verdict(
             self.requested, "as `earlyfw relax` / `earlyfw lock` asked", recheck=60.0, situation=Situation.FOLLOWING
         )
 
-    def close(self) -> None:
-        pass
 
-
-def make_tunnel(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO) -> Tunnel:
+def make_tunnel(config: Config, runner: Runner, clock: Clock, source: SourceKind = SourceKind.AUTO) -> Tunnel:
     match config.tunnel_kind:
         case TunnelKind.WIREGUARD:
-            return WireGuardTunnel(config, make_source(source, config.interface, runner))
+            return WireGuardTunnel(config, make_source(source, config.interface, runner), clock=clock)
         case TunnelKind.OPENVPN:
-            return OpenVPNTunnel(config)
+            return OpenVPNTunnel(config, clock=clock)
         case TunnelKind.MANUAL:
-            return ManualTunnel()
+            return ManualTunnel(config)

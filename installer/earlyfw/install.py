@@ -73,13 +73,13 @@ def system_of(root: Root, names: Sequence[str] = ()) -> System:
     registry = _registry(names)
     if names:
         systems = {registry[n].system for n in names}
-        what = "--target " + ", ".join(names)
+        what = f"--target {', '.join(names)}: targets of"
     else:
         systems = {cls.system for name, cls in registry.items() if name != "core" and cls.detect(root)}
-        what = f"{root.path} looks like"
+        what = f"{root.path}: detected targets of"
     if len(systems) > 1:
         raise EarlyfwError(
-            f"{what}: {' and '.join(sorted(s.label for s in systems))} at once; an image is of one system",
+            f"{what} {' and '.join(sorted(s.label for s in systems))} at once; an image is of one system",
             hint="name the image's own targets with --target",
         )
     return systems.pop() if systems else System.LINUX
@@ -397,7 +397,7 @@ def uninstall(
             report.removed.append(STATE_DIR + NEW_SUFFIX)
             return report
         if manifest is None:
-            if root.is_host:
+            if root.is_host:  # with nothing recorded, "not installed" only once nothing is loaded either
                 report.removed = System.current().platform.remove_leftovers(runner)
                 if report.removed:
                     return report

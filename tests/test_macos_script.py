@@ -38,8 +38,10 @@ from earlyfw.macos import pf
 from earlyfw.macos import target as macos
 from earlyfw.macos.pf import Action, Direction
 from earlyfw.policy import State
+from earlyfw.system import System
 from tests.pf_evaluator import Packet, evaluate
 from tests.recording_runner import RecordingRunner
+from tests.systems import force
 from tests.test_macos_pf import EXAMPLE_CONFIG, LAN_TCP_CONFIG, ip
 
 APPLE_MAIN = 'scrub-anchor "com.apple/*" all fragment reassemble\nanchor "com.apple/*" all\n'
@@ -598,7 +600,7 @@ def test_relax_and_lock_calls(booted: Mac) -> None:
 
 
 def test_python_put_state_runs_the_installed_script(booted: Mac, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(macos, "is_darwin", lambda: True)
+    force(monkeypatch, System.MACOS)
     runner = RecordingRunner()
     macos.put_state(runner, EXAMPLE_CONFIG, State.RELAXED, booted.layout)
     macos.put_state(runner, EXAMPLE_CONFIG, State.BLOCKED, booted.layout)

@@ -27,12 +27,15 @@ from earlyfw.macos import target as macos
 from earlyfw.policy import State
 from earlyfw.root import Root, Transaction
 from earlyfw.run import Result
-from earlyfw.targets import File, System
+from earlyfw.system import System
+from earlyfw.targets import File
 from tests.recording_runner import RecordingRunner
+from tests.systems import force
 from tests.test_macos_pf import EXAMPLE_CONFIG, LAN_TCP_CONFIG
 
 SUPPORT = "/Library/Application Support/earlyfw"
 FILES = {
+    "/etc/earlyfw/earlyfw.toml": 0o644,  # the macos target's own: no core target, no unused .nft files
     "/Library/LaunchDaemons/org.earlyfw.pf.plist": 0o644,
     f"{SUPPORT}/earlyfw-pf": 0o755,
     f"{SUPPORT}/earlyfw.pf": 0o644,
@@ -69,7 +72,7 @@ def homebrew_wg(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def darwin(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    force(monkeypatch, System.MACOS)
 
 
 def target(root: Root, runner: RecordingRunner | None = None) -> macos.MacOS:
@@ -310,8 +313,8 @@ def test_put_state_on_linux_is_refused() -> None:
 
 def test_cli_relax_dispatches_to_pf_on_darwin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[State] = []
-    monkeypatch.setattr(macos, "is_darwin", lambda: True)
-    monkeypatch.setattr(macos, "put_state", lambda runner, cfg, state: seen.append(state))
+    force(monkeypatch, System.MACOS)
+    monkeypatch.setattr(macos, "put_state", lambda runner, cfg, state, root: seen.append(state))
     path = tmp_path / "earlyfw.toml"
     path.write_text(EXAMPLE_CONFIG.to_toml())
     assert os.geteuid() == 0, "the CLI checks for root first"

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from earlyfw import cli, policy
+from earlyfw import policy
 from earlyfw.config import TunnelKind
 from earlyfw.linux import boot
+from earlyfw.linux import platform as linux_platform
 from earlyfw.linux.watcher import daemon, tunnels
 from earlyfw.linux.watcher.events import HandshakeLog, NftablesEvents
 from earlyfw.linux.watcher.libnft import Libnftables
@@ -454,7 +455,7 @@ def watcher_status(pair: WgPair) -> str:
     rendered by status's own code. (Rendered here rather than by running
     `earlyfw status`: nft 1.0.6 aborts in `nft -j list tables` on the watcher's
     owned tables, which fails the whole command.)"""
-    return "watcher: " + cli._describe_verdict(daemon.read_verdict(pair.client_wg.name))
+    return "watcher: " + linux_platform.describe_verdict(daemon.read_verdict(pair.client_wg.name))
 
 
 def test_a_tunnel_without_keepalive_comes_up(lab: netns.Lab, tmp_path: Path) -> None:

@@ -1096,18 +1096,20 @@ def test_install_reloads_systemd_and_restarts_a_running_watcher_only(tmp_path: P
 
 
 def test_status_shows_the_watchers_verdict_and_whether_it_still_runs(tmp_path: Path) -> None:
-    from earlyfw import cli  # noqa: PLC0415
+    from earlyfw.linux import platform as linux_platform  # noqa: PLC0415
 
-    assert cli._describe_verdict(None).startswith("no verdict published")
+    assert linux_platform.describe_verdict(None).startswith("no verdict published")
     path = daemon.verdict_path("wg0", tmp_path)
     verdict = {"pid": os.getpid(), "state": "relaxed", "situation": "tunnel idle", "reason": "peer X", "since": NOW}
     path.write_text(json.dumps(verdict))
-    shown = cli._describe_verdict(daemon.read_verdict("wg0", tmp_path))
+    shown = linux_platform.describe_verdict(daemon.read_verdict("wg0", tmp_path))
     assert re.fullmatch(r"relaxed, tunnel idle since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: peer X", shown), shown
     dead = subprocess.Popen(["true"])  # a pid that has exited
     dead.wait()
     path.write_text(json.dumps({**verdict, "pid": dead.pid}))
-    assert cli._describe_verdict(daemon.read_verdict("wg0", tmp_path)).startswith("NOT RUNNING; its last word: relaxed")
+    assert linux_platform.describe_verdict(daemon.read_verdict("wg0", tmp_path)).startswith(
+        "NOT RUNNING; its last word: relaxed"
+    )
     path.write_text("{not json")
     assert daemon.read_verdict("wg0", tmp_path) is None
 

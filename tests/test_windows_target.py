@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import sys
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -27,13 +26,13 @@ from earlyfw import install as installer
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.root import Root
 from earlyfw.run import Result
-from earlyfw.targets import System
+from earlyfw.system import System
 from earlyfw.windows import backend, engine, rules, security
-from earlyfw.windows import cli as windows_cli
 from earlyfw.windows import structs as s
 from earlyfw.windows import target as windows
 from earlyfw.windows.target import Windows
 from tests.recording_runner import RecordingRunner
+from tests.systems import force
 from tests.wfp_model import PROGRAMDATA_DEFAULT, USER_SID, Adapter, RecordingBfe, Store
 
 EXAMPLE = Path(__file__).parent.parent / "payload" / "examples" / "earlyfw.toml"
@@ -149,7 +148,7 @@ def test_a_failing_task_leaves_the_host_blocked_and_uninstall_still_works(tmp_pa
 def windows_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bfe: RecordingBfe) -> HostRoot:
     """A live "Windows" host: the target's backend is the BFE model (which
     also keeps the files' security descriptors), earlyfw.exe in place."""
-    monkeypatch.setattr(windows, "on_windows", lambda: True)
+    force(monkeypatch, System.WINDOWS)
     monkeypatch.setattr(backend, "load", lambda: bfe)
     root = HostRoot(tmp_path)
     exe = root / windows.EXE_PATH
@@ -159,7 +158,7 @@ def windows_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bfe: Recording
 
 
 def test_apply_on_a_windows_host_needs_the_exe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(windows, "on_windows", lambda: True)
+    force(monkeypatch, System.WINDOWS)
     monkeypatch.setattr(backend, "load", lambda: RecordingBfe(aliases={"wg0": LUID}))
     with pytest.raises(EarlyfwError, match=r"earlyfw\.exe is missing"):
         installer.install(config(), HostRoot(tmp_path), responder(), ["windows"])
@@ -264,7 +263,7 @@ def test_relax_and_lock_dispatch_to_wfp_on_windows(tmp_path: Path, monkeypatch: 
     conf = tmp_path / "earlyfw.toml"  # `lock` records its time beside the config
     conf.write_text(EXAMPLE.read_text())
     bfe = RecordingBfe(aliases={"wg0": LUID})
-    monkeypatch.setattr(windows_cli, "ON_WINDOWS", True)
+    force(monkeypatch, System.WINDOWS)
     monkeypatch.setattr(backend, "load", lambda: bfe)
     assert invoke("--config", str(conf), "windows", "apply").exit_code == 0
     blocked = bfe.filters()
@@ -295,7 +294,7 @@ def test_status_warns_about_rival_sublayers_and_reports_boot_time_filters(
     """Weight 0xFFFF is no precedence: another product's 0xFFFF sublayer can
     hold a hard permit that earlyfw's blocks do not override."""
     bfe = RecordingBfe(aliases={"wg0": LUID})
-    monkeypatch.setattr(windows_cli, "ON_WINDOWS", True)
+    force(monkeypatch, System.WINDOWS)
     monkeypatch.setattr(backend, "load", lambda: bfe)
     assert invoke("--config", str(conf), "windows", "apply").exit_code == 0
     quiet = invoke("--config", str(conf), "windows", "status")
@@ -317,12 +316,12 @@ def test_status_warns_about_rival_sublayers_and_reports_boot_time_filters(
 def test_on_a_live_windows_host_only_windows_targets_are_chosen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "platform", "win32")
+    force(monkeypatch, System.WINDOWS)
     chosen = installer.select(HostRoot(tmp_path))
     assert Windows in chosen
     assert all(cls.system is System.WINDOWS for cls in chosen), chosen
-    # An image directory is not the host: there the named Linux targets stay.
-    assert {cls.name for cls in installer.select(Root(tmp_path), ["windows"])} == {"core", "windows"}
+    # An image directory is not the host: its system is the named targets' (no core, that is Linux's).
+    assert {cls.name for cls in installer.select(Root(tmp_path), ["windows"])} == {"windows"}
 
 
 # -- Windows adapter names -------------------------------------------------------

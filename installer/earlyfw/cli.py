@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
+from earlyfw.system import System
 
 
 @dataclass
@@ -32,11 +31,18 @@ class Context:
     config_path: Path | None
     runner: Runner
 
-    def config(self, root: Root | None = None) -> configuration.Config:
-        if self.config_path is not None or root is None:
-            return configuration.load(self.config_path or configuration.DEFAULT_CONFIG_PATH)
+    @property
+    def path(self) -> Path:
+        """The config file: --config, or this system's own."""
+        return self.config_path or System.current().default_config()
+
+    def config(self, root: Root | None = None, system: System | None = None) -> configuration.Config:
+        """The config; for an image (`root` not the host) without --config,
+        the one in the image where `system` keeps it."""
+        if self.config_path is not None or root is None or root.is_host or system is None:
+            return configuration.load(self.path)
         # The image's own config, read inside the image: a symlink there is the image's path, never the host's.
-        where = str(configuration.DEFAULT_CONFIG_PATH)
+        where = system.config_path
         return configuration.load(
             root / where,
             lambda: root.read_bytes(where),
@@ -85,7 +91,7 @@ class _Group(click.Group):
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Config file [default: /etc/earlyfw/earlyfw.toml, inside --root when given].",
+    help=f"Config file [default: {System.current().default_config()}; with --root, the image's own].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Do not echo the commands earlyfw runs.")
 @click.pass_context
@@ -98,10 +104,9 @@ def cli(ctx: click.Context, config_path: Path | None, quiet: bool) -> None:
 @click.option("--state", type=STATE, default=State.BLOCKED.value, show_default=True)
 @pass_context
 def render(ctx: Context, state: str) -> None:
-    """Print the nft script for a state (loads nothing)."""
-    from earlyfw import policy  # noqa: PLC0415
-
-    click.echo(policy.render(ctx.config(), State(state)), nl=False)
+    """Print the rules of a state as this system loads them: the nft script on
+    Linux, pf rules on macOS, WFP filters on Windows (loads nothing)."""
+    click.echo(System.current().platform.render(ctx.config(), State(state)), nl=False)
 
 
 @cli.command()
@@ -127,20 +132,9 @@ def lock(ctx: Context) -> None:
 
 
 def _put(ctx: Context, state: State) -> None:
-    from earlyfw.linux import nft  # noqa: PLC0415
-    from earlyfw.macos import target as macos  # noqa: PLC0415
-    from earlyfw.windows import cli as windows_cli  # noqa: PLC0415
-
-    if windows_cli.ON_WINDOWS:  # WFP filters in BFE, not nft (see earlyfw.windows)
-        windows_cli.put_state(ctx, state)
-        click.echo(f"earlyfw: {state}")
-        return
-    nft.require_root_for(f"apply --state {state}")
-    config = ctx.config()
-    if macos.is_darwin():  # pf through the installed launchd job's script, not nft
-        macos.put_state(ctx.runner, config, state)
-    else:
-        nft.put_state(ctx.runner, config, state)
+    platform = System.current().platform
+    platform.require_admin(f"apply --state {state}")
+    platform.put_state(ctx.runner, ctx.config(), state, root=Root(), config_path=ctx.path)
     click.echo(f"earlyfw: {state}")
 
 
@@ -172,70 +166,25 @@ def watch(ctx: Context, source: str) -> None:
 )
 @pass_context
 def status(ctx: Context, as_json: bool, textfile: Path | None) -> None:
-    """Show the live state, whether earlyfw's tables are intact, and what was refused."""
-    from earlyfw import metrics, policy  # noqa: PLC0415
-    from earlyfw.linux import nft  # noqa: PLC0415
-    from earlyfw.linux.watcher import daemon  # noqa: PLC0415
-
-    nft.require_root_for("status")
+    """Show the live state, whether earlyfw's block is intact, and (Linux) what was refused."""
+    platform = System.current().platform
+    platform.require_admin("status")
     config = ctx.config()
     ctx.runner.verbose = False
-    result = nft.status(ctx.runner, config)
-    verdict = daemon.read_verdict(config.interface)
-    document = metrics.status_document(
-        {**result.to_json(), "watcher": verdict}, last_handshake=metrics.last_handshake(config, ctx.runner)
-    )
-    if textfile is not None:
-        metrics.write_textfile(textfile, metrics.prometheus(document, now=metrics.now()))
-    if as_json:
-        click.echo(json.dumps(document, indent=2))
-    else:
-        click.echo(f"table inet earlyfw: {'present' if result.present else 'ABSENT'}")
-        if result.present:
-            click.echo(f"state: {result.state or 'unknown'} ({'intact' if result.intact else 'ALTERED'})")
-        click.echo(f"tunnel: {config.tunnel_kind} on {config.interface}")
-        click.echo(f"watcher: {_describe_verdict(verdict)}")
-        if config.egress_interfaces:
-            click.echo("raw egress filtered on: " + (", ".join(result.egress_devices) or "none present"))
-        if result.guarded:
-            click.echo("guard: earlyfw watch holds its owned copy (counted below too)")
-        click.echo("endpoints: " + _summary(result.endpoints))
-        for name, (packets, size) in sorted(result.counters.items()):
-            click.echo(f"  {name:16} {packets:>10} packets {size:>12} bytes  {policy.COUNTERS.get(name, '')}")
-        for warning in result.warnings:
-            click.echo(f"warning: {warning}")
-    if not result.intact:
-        sys.exit(3)
-
-
-def _describe_verdict(verdict: dict[str, object] | None) -> str:
-    """The watcher's own account: state, situation since when, and why."""
-    if verdict is None:
-        return "no verdict published (not running, or not started since boot)"
-    since = verdict.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
-    line = f"{verdict.get('state')}, {verdict.get('situation')} since {when}: {verdict.get('reason')}"
-    return line if verdict.get("running") else f"NOT RUNNING; its last word: {line}"
-
-
-def _summary(items: list[str], shown: int = 10) -> str:
-    """A long list cut for a terminal (--json has it whole)."""
-    if len(items) <= shown:
-        return ", ".join(items)
-    return ", ".join(items[:shown]) + f", … ({len(items)} in all)"
+    code = platform.status(ctx.runner, config, as_json=as_json, textfile=textfile)
+    if code:
+        sys.exit(code)
 
 
 @cli.command()
 @pass_context
 def verify(ctx: Context) -> None:
-    """Check the config, and load every rendered state into a private namespace."""
-    from earlyfw.linux import nft  # noqa: PLC0415
-
+    """Check the config and every state it renders, as far as this system can
+    without touching the live firewall (Linux: loaded into a private namespace)."""
     config = ctx.config()
     click.echo(f"config {config.source}: ok")
-    for state in State:
-        nft.check(ctx.runner, config, state)
-        click.echo(f"ruleset {state}: nft ok")
+    for line in System.current().platform.verify(ctx.runner, config):
+        click.echo(line)
 
 
 @cli.command()
@@ -260,17 +209,16 @@ def install(  # noqa: PLR0917  (click: one parameter per option)
 ) -> None:
     """Write earlyfw's files (config, rulesets, boot hooks) into / or --root."""
     from earlyfw import install as installer  # noqa: PLC0415
-    from earlyfw.linux import nft  # noqa: PLC0415
     from earlyfw.root import describe_mode  # noqa: PLC0415
-    from earlyfw.windows import cli as windows_cli  # noqa: PLC0415
 
     root = Root(root_dir or Path("/"))
     if now and not root.is_host:
         raise click.UsageError("--now loads the ruleset into the running kernel; it cannot go with --root")
     _check_rebuild(root, rebuild_initramfs, initramfs_trigger)
-    if root.is_host and not windows_cli.ON_WINDOWS:  # there: BFE refuses a non-admin
-        nft.require_root_for("install")
-    config = ctx.config(root)
+    system = installer.system_of(root, targets)
+    if root.is_host:
+        system.platform.require_admin("install")
+    config = ctx.config(root, system)
     with _os_errors():
         report = installer.install(
             config,
@@ -298,13 +246,11 @@ def install(  # noqa: PLR0917  (click: one parameter per option)
 def uninstall(ctx: Context, root_dir: Path | None, rebuild_initramfs: bool, initramfs_trigger: bool) -> None:
     """Remove exactly what install wrote, and restore what it replaced."""
     from earlyfw import install as installer  # noqa: PLC0415
-    from earlyfw.linux import nft  # noqa: PLC0415
-    from earlyfw.windows import cli as windows_cli  # noqa: PLC0415
 
     root = Root(root_dir or Path("/"))
     _check_rebuild(root, rebuild_initramfs, initramfs_trigger)
-    if root.is_host and not windows_cli.ON_WINDOWS:
-        nft.require_root_for("uninstall")
+    if root.is_host:
+        System.current().platform.require_admin("uninstall")
     with _os_errors():
         report = installer.uninstall(
             root, ctx.runner, rebuild_initramfs=rebuild_initramfs, initramfs_trigger=initramfs_trigger
@@ -357,9 +303,7 @@ def import_(
     from earlyfw import resolve as resolver  # noqa: PLC0415
 
     imported = importers.READERS[kind](source)
-    targets = (
-        [] if output == "-" else [Path(output) if output else (ctx.config_path or configuration.DEFAULT_CONFIG_PATH)]
-    )
+    targets = [] if output == "-" else [Path(output) if output else ctx.path]
     if client_out is not None:
         if client_out.exists() and client_out.resolve() == source.resolve():
             raise ConfigError(f"--client-out {client_out}: is the source file; earlyfw never rewrites it")
@@ -392,10 +336,8 @@ def _write(target: Path, data: bytes, mode: int) -> None:
 
 
 def _refuse_dns_while_blocked(runner: Runner) -> None:
-    from earlyfw.linux import nft  # noqa: PLC0415
-
     runner.verbose = False
-    state = nft.live_state(runner)
+    state = System.current().platform.live_state(runner)
     if state is not None and not state.allows_tunnel:
         raise EarlyfwError(
             f"earlyfw is {state}: DNS is blocked, so hostnames cannot be resolved now",
@@ -421,7 +363,7 @@ def refresh(ctx: Context) -> None:
     from earlyfw.linux import nft  # noqa: PLC0415
 
     nft.require_root_for("endpoints refresh")
-    path = ctx.config_path or configuration.DEFAULT_CONFIG_PATH
+    path = ctx.path
     config = configuration.load(path)
     if not any(e.host for e in config.endpoints):
         click.echo("earlyfw: no endpoint has a host; nothing to refresh")

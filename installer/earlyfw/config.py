@@ -23,8 +23,6 @@ from earlyfw.errors import ConfigError
 
 E = TypeVar("E", bound=StrEnum)
 
-DEFAULT_CONFIG_PATH = Path("/etc/earlyfw/earlyfw.toml")
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Linux allows almost any byte in an interface name; earlyfw accepts the subset

@@ -28,12 +28,13 @@ from pathlib import PurePosixPath
 
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
-from earlyfw.linux import boot, nft
+from earlyfw.linux import boot
 from earlyfw.manifest import Entry, Manifest, Saved, backup_path, check_backups
 from earlyfw.policy import State
 from earlyfw.root import MANIFEST, NEW_SUFFIX, STATE_DIR, UNDO_SUFFIX, Root, Transaction, copy, fingerprint, sha256
 from earlyfw.run import Runner
-from earlyfw.targets import Artifact, File, Plan, System, Target, load_all
+from earlyfw.system import System
+from earlyfw.targets import Artifact, File, Plan, Target, load_all
 
 # Where uninstall leaves the file earlyfw replaced when the user changed
 # earlyfw's version of it: beside their version, which it keeps.
@@ -55,20 +56,53 @@ class Report:
     failures: list[str] = field(default_factory=list)
 
 
-def select(root: Root, names: Sequence[str] = ()) -> list[type[Target]]:
-    """The core target plus the named ones, or plus every one detected."""
+def _registry(names: Sequence[str]) -> dict[str, type[Target]]:
     registry = load_all()
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise EarlyfwError(f"--target {unknown[0]!r}: unknown target", hint=f"known targets: {', '.join(registry)}")
+    return registry
+
+
+def system_of(root: Root, names: Sequence[str] = ()) -> System:
+    """The system an install is for: the live host's; for an image, the one its
+    named targets are for, or the one its detected targets are (the core
+    target, always there, says nothing), Linux when none is."""
+    if root.is_host:
+        return System.current()
+    registry = _registry(names)
+    if names:
+        systems = {registry[n].system for n in names}
+        what = f"--target {', '.join(names)}: targets of"
+    else:
+        systems = {cls.system for name, cls in registry.items() if name != "core" and cls.detect(root)}
+        what = f"{root.path}: detected targets of"
+    if len(systems) > 1:
+        raise EarlyfwError(
+            f"{what} {' and '.join(sorted(s.label for s in systems))} at once; an image is of one system",
+            hint="name the image's own targets with --target",
+        )
+    return systems.pop() if systems else System.LINUX
+
+
+def select(root: Root, names: Sequence[str] = ()) -> list[type[Target]]:
+    """The named targets, or every one detected, with the ones they require,
+    of the install's system only; the core target with every Linux install."""
+    registry = _registry(names)
+    system = system_of(root, names)
+    foreign = [registry[n] for n in names if registry[n].system is not system]
+    if foreign:  # only on a live host: an image takes its system from the names
+        other = foreign[0].system
+        raise EarlyfwError(
+            f"--target {foreign[0].name}: that target installs on {other.label}, and this is not {other.label}",
+            hint=f"to prepare a {other.label} image's files from here: "
+            f"earlyfw install --target {foreign[0].name} --root DIR",
+        )
     chosen = [cls for name, cls in registry.items() if name == "core" or name in names]
     if not names:
         chosen = [cls for cls in registry.values() if cls.detect(root)]
     needed = {r for cls in chosen for r in cls.requires}
-    chosen = [cls for cls in registry.values() if cls in chosen or cls.name in needed]
-    if root.is_host and sys.platform == "win32":  # Linux's files mean nothing to a live Windows
-        chosen = [cls for cls in chosen if cls.system is System.WINDOWS]
-    return chosen
+    return [cls for cls in registry.values() if (cls in chosen or cls.name in needed) and cls.system is system]
 
 
 def plan(config: Config, targets: Sequence[Target]) -> list[Plan]:
@@ -105,7 +139,10 @@ def install(
         if root.is_host:
             _finish_host(runner, targets, lambda t: t.after_install(config), trigger=initramfs_trigger)
             if now:
-                nft.put_state(runner, config, State.BLOCKED)
+                system = System.current()
+                system.platform.put_state(
+                    runner, config, State.BLOCKED, root=root, config_path=root / system.config_path
+                )
         else:
             _finish_image(root, runner, targets, report, run=rebuild_initramfs)
     return report
@@ -360,16 +397,16 @@ def uninstall(
             report.removed.append(STATE_DIR + NEW_SUFFIX)
             return report
         if manifest is None:
-            if root.is_host and _leftover_tables(runner, report):
-                return report
+            if root.is_host:  # with nothing recorded, "not installed" only once nothing is loaded either
+                report.removed = System.current().platform.remove_leftovers(runner)
+                if report.removed:
+                    return report
             raise EarlyfwError(f"earlyfw is not installed under {root.path} (no {MANIFEST})")
         if root.is_host:
             # Kernel state that needs the files to be undone (Windows: WFP objects, whose break-glass
             # script is one of them) goes first; a failure here leaves every file for a second run.
-            registry = load_all()
-            for name, cls in registry.items():
-                if name in manifest.targets:
-                    cls(root, runner).before_uninstall()
+            for target in _recorded(root, runner, manifest.targets):
+                target.before_uninstall()
         for entry in sorted(manifest.entries.values(), key=lambda e: e.path):
             _unwind(root, entry, report)
         # The files are done; what is left is recorded until it is done too.
@@ -388,18 +425,16 @@ def uninstall(
     return report
 
 
-def _leftover_tables(runner: Runner, report: Report) -> bool:
-    """With nothing recorded, earlyfw's tables may still be loaded (an
-    `earlyfw apply` without install, a run killed after its manifest was gone):
-    "not installed" only once none remains."""
-    try:
-        present = nft.tables(runner) & set(nft.MAIN_TABLES)
-    except (EarlyfwError, OSError):
-        return False  # no nft here (Windows, macOS): nothing of this kind to find
-    if present:
-        nft.delete_tables(runner)
-        report.removed.extend(f"table {family} {name}" for family, name in sorted(present))
-    return bool(present)
+def _recorded(root: Root, runner: Runner, names: Sequence[str]) -> list[Target]:
+    """The manifest's targets whose steps run here: on a live host only the
+    host's system's (a Mac's manifest from before the core target was Linux's
+    alone lists it, and it has nothing there to undo)."""
+    registry = load_all()
+    return [
+        cls(root, runner)
+        for name, cls in registry.items()
+        if name in names and (not root.is_host or cls.system.is_current)
+    ]
 
 
 def _after_uninstall(
@@ -407,8 +442,7 @@ def _after_uninstall(
 ) -> list[str]:
     """Run every after-step, whatever fails before it; say which failed. With
     `trigger` the initramfs is rebuilt by dpkg's trigger (see _finish_host)."""
-    registry = load_all()
-    targets = [cls(root, runner) for name, cls in registry.items() if name in names]
+    targets = _recorded(root, runner, names)
     steps: list[tuple[str, Callable[[], object]]] = []
     if root.is_host:
         rebuilt_by_dpkg = [t for t in targets if trigger and t.in_root_commands()]

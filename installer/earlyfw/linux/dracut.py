@@ -9,7 +9,8 @@ from typing import ClassVar
 
 from earlyfw.config import Config
 from earlyfw.linux import boot
-from earlyfw.targets import File, Plan, System
+from earlyfw.system import System
+from earlyfw.targets import File, Plan
 
 MODULE_DIR = "/usr/lib/dracut/modules.d/50earlyfw"
 CONF = "/etc/dracut.conf.d/earlyfw.conf"

@@ -8,7 +8,8 @@ from typing import ClassVar
 
 from earlyfw.config import Config
 from earlyfw.linux import boot
-from earlyfw.targets import Plan, System
+from earlyfw.system import System
+from earlyfw.targets import Plan
 
 HOOK = "/etc/initramfs-tools/hooks/earlyfw"
 # init-top runs first, and "earlyfw" sorts before "udev", the init-top script

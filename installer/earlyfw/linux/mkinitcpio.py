@@ -12,7 +12,8 @@ from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
 from earlyfw.linux import boot
 from earlyfw.root import Transaction
-from earlyfw.targets import File, Plan, System
+from earlyfw.system import System
+from earlyfw.targets import File, Plan
 
 INSTALL = "/etc/initcpio/install/earlyfw"
 HOOK = "/etc/initcpio/hooks/earlyfw"

@@ -11,7 +11,8 @@ from earlyfw.config import Config
 from earlyfw.linux import boot
 from earlyfw.linux.systemd import UNIT_DIR
 from earlyfw.root import Root
-from earlyfw.targets import File, Plan, System, Target
+from earlyfw.system import System
+from earlyfw.targets import File, Plan, Target
 
 REFRESH_SERVICE = "earlyfw-refresh.service"
 REFRESH_TIMER = "earlyfw-refresh.timer"

@@ -14,7 +14,8 @@ from earlyfw.config import Config
 from earlyfw.linux import boot, firewalls
 from earlyfw.root import Root
 from earlyfw.run import Runner
-from earlyfw.targets import Artifact, File, Plan, Symlink, System, Target
+from earlyfw.system import System
+from earlyfw.targets import Artifact, File, Plan, Symlink, Target
 from earlyfw.targets.core import CONFIG_DIR
 
 UNIT_DIR = firewalls.UNIT_DIR

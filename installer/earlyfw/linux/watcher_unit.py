@@ -14,7 +14,8 @@ from earlyfw.config import Config, TunnelKind
 from earlyfw.linux import boot, nft
 from earlyfw.linux.systemd import NETWORK_MANAGERS, UNIT_DIR
 from earlyfw.root import Root
-from earlyfw.targets import Artifact, File, Plan, Symlink, System, Target
+from earlyfw.system import System
+from earlyfw.targets import Artifact, File, Plan, Symlink, Target
 
 WATCH_UNIT = "earlyfw-watch.service"
 SLEEP_UNIT = "earlyfw-sleep.service"

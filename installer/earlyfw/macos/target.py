@@ -12,7 +12,6 @@ the `tunnel` sub-anchor when WireGuard's handshake completes.
 from __future__ import annotations
 
 import os
-import platform
 import plistlib
 import re
 import time
@@ -28,8 +27,9 @@ from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.macos import pf
 from earlyfw.policy import State
 from earlyfw.root import Root, Transaction
-from earlyfw.run import Runner
-from earlyfw.targets import File, Plan, System, Target
+from earlyfw.run import Result, Runner
+from earlyfw.system import System
+from earlyfw.targets import File, Plan, Target
 
 LABEL = "org.earlyfw.pf"
 PLIST = f"/Library/LaunchDaemons/{LABEL}.plist"
@@ -163,12 +163,8 @@ def require_utun(interface: str) -> str:
     return interface
 
 
-def is_darwin() -> bool:
-    return platform.system() == "Darwin"
-
-
 def require_darwin(action: str) -> None:
-    if not is_darwin():
+    if not System.MACOS.is_current:
         raise EarlyfwError(
             f"{action}: the macos target drives launchctl and pfctl, which exist only on macOS",
             hint="on Linux it can only install into a Mac image: --root DIR --target macos",
@@ -213,6 +209,7 @@ def render(config: Config, layout: Layout = LAYOUT) -> Rendered:
     script = templates.render(
         f"{TEMPLATES}/earlyfw-pf.sh.j2",
         label=LABEL,
+        plist=PLIST,
         layout=layout,
         kind=config.tunnel_kind,
         wg_endpoints=[wg_endpoint(e) for e in config.endpoints if e.protocol is Transport.UDP],
@@ -248,11 +245,13 @@ class MacOS(Target):
 
     @classmethod
     def detect(cls, root: Root) -> bool:
-        return is_darwin() and (root.is_host or root.exists(SYSTEM_VERSION))
+        return System.MACOS.is_current and (root.is_host or root.exists(SYSTEM_VERSION))
 
     def plan(self, config: Config) -> Plan:
         r = render(config, LAYOUT)
         files = [
+            # What `earlyfw relax|lock` read on the Mac; the job itself runs on the rendered files.
+            File(System.MACOS.config_path, config.to_toml().encode(), 0o644),
             # launchd refuses a job whose plist is not root:wheel and not group/world-writable.
             File(PLIST, r.plist, 0o644),
             File(LAYOUT.script, r.script.encode(), 0o755),
@@ -362,14 +361,31 @@ def bootstrap(runner: Runner, attempts: int = 3, delay: float = 0.5) -> None:
 # --- Relax and lock on a live Mac (`earlyfw relax` / `earlyfw lock`) ----------
 
 
-def put_state(runner: Runner, config: Config, state: State, layout: Layout = LAYOUT) -> None:
+def put_state(runner: Runner, config: Config, state: State, layout: Layout = LAYOUT, root: Root | None = None) -> None:
     """What `earlyfw relax|lock|apply --state` do on macOS: run the installed
     earlyfw-pf, so the CLI, the OpenVPN up/down hooks and the launchd job
     share one implementation (and its record of the last lock)."""
     require_darwin(f"apply --state {state}")
     require_utun(config.interface)
+    require_pf_state(state)
+    script = installed_script(root or Root(), layout)
+    runner.run(["/bin/sh", script, "relax" if state is State.RELAXED else "lock"])
+
+
+def status(runner: Runner, layout: Layout = LAYOUT, root: Root | None = None) -> Result:
+    """What earlyfw-pf reads back from pf (`earlyfw-pf status`): its lines, and
+    exit status 3 when earlyfw's block is not in force."""
+    require_darwin("status")
+    return runner.run(["/bin/sh", installed_script(root or Root(), layout), "status"], check=False)
+
+
+def require_pf_state(state: State) -> None:
     if state is State.INITRAMFS:
         raise EarlyfwError(f"state {state} exists only in a Linux initramfs")
-    if not Path(layout.script).exists():
-        raise EarlyfwError(f"{layout.script}: missing; earlyfw is not installed", hint="sudo earlyfw install")
-    runner.run(["/bin/sh", layout.script, "relax" if state is State.RELAXED else "lock"])
+
+
+def installed_script(root: Root, layout: Layout = LAYOUT) -> str:
+    """earlyfw-pf as installed under `root`, as a path on this machine."""
+    if not root.exists(layout.script):
+        raise EarlyfwError(f"{root / layout.script}: missing; earlyfw is not installed", hint="sudo earlyfw install")
+    return str(root / layout.script)

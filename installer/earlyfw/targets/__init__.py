@@ -15,19 +15,13 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 from earlyfw.config import Config, TunnelKind
 from earlyfw.root import Root, Transaction
 from earlyfw.run import Runner
-
-
-class System(StrEnum):
-    LINUX = "linux"
-    WINDOWS = "windows"
-    MACOS = "macos"
+from earlyfw.system import System
 
 
 @dataclass(frozen=True)
@@ -59,6 +53,8 @@ class Plan:
 
 class Target(ABC):
     name: ClassVar[str]
+    # The system this target installs for: on a live host only the host's
+    # system's targets are chosen (earlyfw.install.select).
     system: ClassVar[System]
     # Lower runs first; the core files come before anything that reads them.
     order: ClassVar[int] = 50

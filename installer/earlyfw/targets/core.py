@@ -1,19 +1,21 @@
 """The core target: the config and one ruleset per state under /etc/earlyfw.
-Every other Linux target loads these files; none renders its own policy."""
+Every other Linux target loads these files; none renders its own policy. It
+comes with every Linux install (macOS and Windows write their own config)."""
 
 from __future__ import annotations
 
-import platform
+from pathlib import PurePosixPath
 from typing import ClassVar
 
 from earlyfw import policy
 from earlyfw.config import Config
 from earlyfw.linux import nft
 from earlyfw.root import Root
-from earlyfw.targets import File, Plan, System, Target
+from earlyfw.system import System
+from earlyfw.targets import File, Plan, Target
 
-CONFIG_DIR = "/etc/earlyfw"
-CONFIG_PATH = f"{CONFIG_DIR}/earlyfw.toml"
+CONFIG_PATH = System.LINUX.config_path
+CONFIG_DIR = str(PurePosixPath(CONFIG_PATH).parent)
 
 
 def ruleset_path(state: policy.State) -> str:
@@ -35,7 +37,5 @@ class Core(Target):
         return Plan(self.name, tuple(files))
 
     def after_uninstall(self) -> None:
-        if platform.system() != "Linux":  # no nft there; the macos/windows targets clean up their own firewall
-            return
         # Nobody is locked out: with earlyfw gone, so is its table.
         nft.delete_tables(self.runner)

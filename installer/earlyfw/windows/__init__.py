@@ -13,5 +13,7 @@ talks to BFE itself through fwpuclnt.dll with ctypes:
   `Backend`, which is either the real DLLs (`backend`, Windows only) or, in
   tests, a recording BFE model (tests/wfp_model.py), so the same code runs on Linux;
 - `watcher`: the handshake watcher the scheduled task runs, holding its relax
-  permits in a dynamic session.
+  permits in a dynamic session;
+- `platform`: Windows's side of earlyfw.system (what `earlyfw render|relax|
+  lock|status|verify` do here).
 """

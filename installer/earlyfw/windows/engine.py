@@ -141,6 +141,16 @@ def marshal_filter(spec: Filter, keep: _Keep) -> s.FWPM_FILTER0:
     return f
 
 
+def encode(filters: Iterable[Filter]) -> None:
+    """Marshal each filter into the structures BFE is handed, as install and
+    relax do, with no BFE: what `earlyfw verify` can check anywhere."""
+    for spec in filters:
+        try:
+            marshal_filter(spec, _Keep())
+        except ValueError as e:  # a rules bug, never a user error
+            raise EarlyfwError(f"WFP filter {spec.role!r} at {spec.layer}: {e}") from None
+
+
 class Session:
     """One session with BFE. A plain one commits what outlives the process; a
     dynamic one (the watcher's) owns what it adds, and BFE deletes that when

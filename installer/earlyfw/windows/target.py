@@ -12,9 +12,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from ctypes import byref, c_void_p, c_wchar_p
+from pathlib import PurePosixPath
 from typing import ClassVar
 
 from earlyfw import templates
@@ -22,12 +22,13 @@ from earlyfw.config import Config, TunnelKind
 from earlyfw.errors import EarlyfwError
 from earlyfw.root import Root, Transaction
 from earlyfw.run import Runner
-from earlyfw.targets import File, Plan, System, Target, write_artifacts
+from earlyfw.system import System
+from earlyfw.targets import File, Plan, Target, write_artifacts
 from earlyfw.windows import backend, engine, rules, security
 from earlyfw.windows import structs as s
 
-DATA_DIR = "/ProgramData/earlyfw"
-CONFIG_PATH = f"{DATA_DIR}/earlyfw.toml"
+CONFIG_PATH = System.WINDOWS.config_path
+DATA_DIR = str(PurePosixPath(CONFIG_PATH).parent)
 FILTERS_PATH = f"{DATA_DIR}/wfp-filters.json"
 TASK_PATH = f"{DATA_DIR}/earlyfw-watch.xml"
 BREAKGLASS_PATH = f"{DATA_DIR}/earlyfw-breakglass.ps1"
@@ -45,10 +46,6 @@ TASK_NAME = "earlyfw-watch"
 DATA_DIR_SDDL = "O:BAD:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;0x1200a9;;;BU)"
 DATA_FILE_SDDL = "O:BAD:P(A;;FA;;;SY)(A;;FA;;;BA)(A;;0x1200a9;;;BU)"
 _SECURITY_INFO = s.OWNER_SECURITY_INFORMATION | s.DACL_SECURITY_INFORMATION | s.PROTECTED_DACL_SECURITY_INFORMATION
-
-
-def on_windows() -> bool:
-    return sys.platform == "win32"
 
 
 def schtasks() -> str:
@@ -113,10 +110,10 @@ class Windows(Target):
 
     @classmethod
     def detect(cls, root: Root) -> bool:
-        return on_windows()
+        return System.WINDOWS.is_current
 
     def plan(self, config: Config) -> Plan:
-        if self.root.is_host and not on_windows():
+        if self.root.is_host and not System.WINDOWS.is_current:
             # Refused here, while every target is still planning: nothing written.
             raise EarlyfwError(
                 "the windows target puts filters into Windows' Base Filtering Engine; this is not Windows",
@@ -142,7 +139,7 @@ class Windows(Target):
         return Plan(self.name, tuple(files), image_notes=notes)
 
     def apply(self, plan: Plan, txn: Transaction) -> None:
-        if self.root.is_host and on_windows():
+        if self.root.is_host and System.WINDOWS.is_current:
             exe = self.root / EXE_PATH
             if not exe.exists():
                 raise EarlyfwError(

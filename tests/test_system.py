@@ -252,6 +252,34 @@ def test_each_command_goes_through_its_systems_room(
         assert {f.key for f in bfe.filters()} & rules.relax_keys(), "the tunnel permits are in BFE"
 
 
+@pytest.mark.parametrize(
+    ("system", "command", "says"),
+    [
+        (System.WINDOWS, ["watch"], "earlyfw windows watch"),
+        (System.MACOS, ["watch"], "earlyfw-pf watch"),
+        (System.WINDOWS, ["endpoints", "refresh"], "Windows has none"),
+        (System.MACOS, ["endpoints", "refresh"], "macOS has none"),
+    ],
+)
+def test_linux_only_commands_say_why_elsewhere(
+    system: System,
+    command: list[str],
+    says: str,
+    *,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    recorded: RecordingRunner,
+) -> None:
+    """The Linux watcher and the nft pin swap are never started on another
+    system: one line names what that system does instead."""
+    force(monkeypatch, system)
+    path = tmp_path / "earlyfw.toml"
+    path.write_text(EXAMPLE_CONFIG.to_toml())
+    result = click.testing.CliRunner().invoke(cli.cli, ["-q", "--config", str(path), *command])
+    assert says in str(one_line(result.exception))
+    assert recorded.argvs() == []
+
+
 # --- install --now and uninstall on every system, on a live host under tmp -------------------------------------
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,10 +149,8 @@ def _put(ctx: Context, state: State) -> None:
 def watch(ctx: Context, source: str) -> None:
     """Relax the block only once the tunnel's handshake completes; lock it again
     when the tunnel stops being live; repair earlyfw's table if it is removed."""
-    from earlyfw.linux.watcher import daemon, sources  # noqa: PLC0415
-
     ctx.runner.verbose = False
-    sys.exit(daemon.main(ctx.config(), ctx.runner, sources.SourceKind(source)))
+    sys.exit(System.current().platform.watch(ctx.runner, ctx.config(), source))
 
 
 @cli.command()
@@ -332,7 +329,8 @@ def import_(
 
 def _write(target: Path, data: bytes, mode: int) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    Root().write(str(target.resolve()), data, mode=mode, uid=os.geteuid(), gid=os.getegid())
+    uid, gid = System.current().file_owner()
+    Root().write(str(target.resolve()), data, mode=mode, uid=uid, gid=gid)
 
 
 def _refuse_dns_while_blocked(runner: Runner) -> None:
@@ -358,34 +356,7 @@ def refresh(ctx: Context) -> None:
     resolvers, while relaxed) and swap the pins in the config, the installed
     boot rulesets and the live sets (through a running watcher, which reloads),
     new before old. A host that cannot be resolved keeps its pins."""
-    from earlyfw import endpoints as endpoints_refresh  # noqa: PLC0415
-    from earlyfw import resolve as resolver  # noqa: PLC0415
-    from earlyfw.linux import nft  # noqa: PLC0415
-
-    nft.require_root_for("endpoints refresh")
-    path = ctx.path
-    config = configuration.load(path)
-    if not any(e.host for e in config.endpoints):
-        click.echo("earlyfw: no endpoint has a host; nothing to refresh")
-        return
-    ctx.runner.verbose = False
-    state = nft.live_state(ctx.runner)
-    if state is not State.RELAXED:
-        raise EarlyfwError(
-            f"earlyfw is {state or 'not loaded'}: refresh resolves only through the tunnel, which is up only relaxed",
-            hint="run it while the tunnel is up; the pins stay as they are",
-        )
-
-    def log(line: str) -> None:
-        click.echo(f"earlyfw: {line}")
-
-    lookup = resolver.through(config.dns_servers, config.interface)
-    new = endpoints_refresh.refreshed(config, lookup, log, endpoints_refresh.tunnel_flows(config, log))
-    if {e.key for e in new.endpoints} == {e.key for e in config.endpoints}:
-        click.echo("earlyfw: endpoints unchanged")
-        return
-    ctx.runner.verbose = True
-    endpoints_refresh.apply(Root(), str(path.resolve()), config, new, runner=ctx.runner, log=log)
+    System.current().platform.refresh_endpoints(ctx.runner, ctx.path)
 
 
 def main() -> None:

@@ -52,6 +52,12 @@ class Platform(Protocol):
         """The state earlyfw's firewall is in, or None when it is not loaded or
         cannot be read here (no privileges)."""
 
+    def watch(self, runner: Runner, config: Config, source: str) -> int:
+        """Run the handshake watcher in the foreground (`earlyfw watch`)."""
+
+    def refresh_endpoints(self, runner: Runner, config_path: Path) -> None:
+        """Re-pin the endpoints' hostnames through the tunnel (`earlyfw endpoints refresh`)."""
+
     def remove_leftovers(self, runner: Runner) -> list[str]:
         """With no manifest left: remove what earlyfw still has loaded, each
         described; empty when there is nothing (or nothing this system can find)."""
@@ -96,6 +102,13 @@ class System(StrEnum):
             data = os.environ.get("PROGRAMDATA", r"C:\ProgramData")
             return Path(data, *PurePosixPath(self.config_path).parts[2:])
         return Path(self.config_path)
+
+    def file_owner(self) -> tuple[int, int]:
+        """Who the files this process creates belong to, as Root.write takes it
+        (Windows reports every owner as 0 and has no geteuid)."""
+        if self is System.WINDOWS:
+            return 0, 0
+        return os.geteuid(), os.getegid()
 
     @property
     def platform(self) -> Platform:

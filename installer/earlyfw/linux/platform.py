@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from earlyfw import config as configuration
 from earlyfw import policy
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
@@ -88,6 +89,42 @@ def verify(runner: Runner, config: Config) -> Iterator[str]:
 
 def live_state(runner: Runner) -> State | None:
     return nft.live_state(runner)
+
+
+def watch(runner: Runner, config: Config, source: str) -> int:
+    from earlyfw.linux.watcher import daemon, sources  # noqa: PLC0415 - the watcher's start path stays light
+
+    return daemon.main(config, runner, sources.SourceKind(source))
+
+
+def refresh_endpoints(runner: Runner, config_path: Path) -> None:
+    # Imported here: dnspython is needed by this command alone.
+    from earlyfw import endpoints as endpoints_refresh  # noqa: PLC0415
+    from earlyfw import resolve as resolver  # noqa: PLC0415
+
+    require_admin("endpoints refresh")
+    config = configuration.load(config_path)
+    if not any(e.host for e in config.endpoints):
+        click.echo("earlyfw: no endpoint has a host; nothing to refresh")
+        return
+    runner.verbose = False
+    state = nft.live_state(runner)
+    if state is not State.RELAXED:
+        raise EarlyfwError(
+            f"earlyfw is {state or 'not loaded'}: refresh resolves only through the tunnel, which is up only relaxed",
+            hint="run it while the tunnel is up; the pins stay as they are",
+        )
+
+    def log(line: str) -> None:
+        click.echo(f"earlyfw: {line}")
+
+    lookup = resolver.through(config.dns_servers, config.interface)
+    new = endpoints_refresh.refreshed(config, lookup, log, endpoints_refresh.tunnel_flows(config, log))
+    if {e.key for e in new.endpoints} == {e.key for e in config.endpoints}:
+        click.echo("earlyfw: endpoints unchanged")
+        return
+    runner.verbose = True
+    endpoints_refresh.apply(Root(), str(config_path.resolve()), config, new, runner=runner, log=log)
 
 
 def remove_leftovers(runner: Runner) -> list[str]:

@@ -68,6 +68,20 @@ def live_state(runner: Runner) -> State | None:
     return next((states[line] for line in lines if line in states), None)
 
 
+def watch(runner: Runner, config: Config, source: str) -> int:
+    raise EarlyfwError(
+        "`earlyfw watch` is the Linux watcher; on macOS the launchd job's `earlyfw-pf watch` relaxes and locks",
+        hint="`sudo launchctl print system/org.earlyfw.pf` shows it",
+    )
+
+
+def refresh_endpoints(runner: Runner, config_path: Path) -> None:
+    raise EarlyfwError(
+        "`earlyfw endpoints refresh` swaps pins in nftables sets; macOS has none",
+        hint="run `earlyfw import --resolve` again and then `earlyfw install`",
+    )
+
+
 def remove_leftovers(runner: Runner) -> list[str]:
     # Without the manifest there is no record of a token or a hook to take out;
     # `sudo pfctl -a com.apple/000.earlyfw -F all` is the README's break glass.

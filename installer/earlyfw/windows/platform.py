@@ -126,6 +126,20 @@ def live_state(runner: Runner) -> State | None:
     return State.RELAXED if found & rules.relax_keys() else State.BLOCKED
 
 
+def watch(runner: Runner, config: Config, source: str) -> int:
+    raise EarlyfwError(
+        "`earlyfw watch` is the Linux watcher; on Windows the watcher is `earlyfw windows watch`",
+        hint="the scheduled task `earlyfw install` registers runs it at boot",
+    )
+
+
+def refresh_endpoints(runner: Runner, config_path: Path) -> None:
+    raise EarlyfwError(
+        "`earlyfw endpoints refresh` swaps pins in nftables sets; Windows has none",
+        hint="run `earlyfw import --resolve` again and then `earlyfw install`",
+    )
+
+
 def remove_leftovers(runner: Runner) -> list[str]:
     # Filters left without a manifest are taken out by `earlyfw windows purge`.
     return []

@@ -165,7 +165,10 @@ Statement = Rule | AnchorCall
 
 
 @dataclass(frozen=True)
-class Ruleset:
+class PfRuleset:
+    """One pf ruleset as `parse` read it: an anchor's rules, or a main ruleset
+    as `pfctl -s rules` lists it."""
+
     rules: tuple[Statement, ...]
     tables: Mapping[str, Table] = field(default_factory=dict)
     scrubs: tuple[Scrub, ...] = ()
@@ -223,7 +226,7 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def parse(text: str) -> Ruleset:
+def parse(text: str) -> PfRuleset:
     """Parse and validate one anchor's rules. Raises PfError on anything
     outside the subset earlyfw emits."""
     tables: dict[str, Table] = {}
@@ -250,7 +253,7 @@ def parse(text: str) -> Ruleset:
             rules.append(_rule(tokens, Action(keyword), tables))
         else:
             raise tokens.error(f"{keyword!r} is not a statement earlyfw writes")
-    return Ruleset(tuple(rules), tables, tuple(scrubs))
+    return PfRuleset(tuple(rules), tables, tuple(scrubs))
 
 
 def _scrub(tokens: _Tokens, keyword: str) -> Scrub:
@@ -455,7 +458,7 @@ def _icmp_number(tokens: _Tokens, names: Mapping[str, int]) -> int:
 # --- What earlyfw's own anchors must look like -------------------------------
 
 
-def check_main(ruleset: Ruleset, interface: str, tunnel_anchor: str) -> None:
+def check_main(ruleset: PfRuleset, interface: str, tunnel_anchor: str) -> None:
     """The shape of earlyfw's anchor: loopback first, the tunnel sub-anchor
     right before the catch-all blocks, those last for both families, and no
     rule before them that passes anything on a tunnel device."""
@@ -494,7 +497,7 @@ def check_main(ruleset: Ruleset, interface: str, tunnel_anchor: str) -> None:
         raise PfError(first.line, "the anchor must reassemble fragments (scrub in all fragment reassemble)")
 
 
-def check_tunnel(ruleset: Ruleset, interface: str) -> None:
+def check_tunnel(ruleset: PfRuleset, interface: str) -> None:
     """Every rule of the tunnel sub-anchor names exactly the tunnel device."""
     if ruleset.anchor_calls():
         raise PfError(ruleset.anchor_calls()[0].line, "the tunnel anchor calls no further anchor")
@@ -527,7 +530,7 @@ class Packet:
         return Family.INET if self.src.version == 4 else Family.INET6
 
 
-def _called(name: str, path: str, anchors: Mapping[str, Ruleset]) -> list[str]:
+def _called(name: str, path: str, anchors: Mapping[str, PfRuleset]) -> list[str]:
     """The anchors a call reaches: relative to the caller's path; `x/*` is
     every anchor directly under x, in name order, as pf runs them."""
     full = f"{path}/{name}" if path else name
@@ -537,7 +540,7 @@ def _called(name: str, path: str, anchors: Mapping[str, Ruleset]) -> list[str]:
     return [full] if full in anchors else []
 
 
-def _reassembles(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset], path: str) -> bool:
+def _reassembles(ruleset: PfRuleset, packet: Packet, anchors: Mapping[str, PfRuleset], path: str) -> bool:
     for scrub in ruleset.scrubs:
         if scrub.direction not in (None, packet.direction):
             continue
@@ -550,7 +553,7 @@ def _reassembles(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset
 
 
 def evaluate(
-    ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset] | None = None, *, path: str = ""
+    ruleset: PfRuleset, packet: Packet, anchors: Mapping[str, PfRuleset] | None = None, *, path: str = ""
 ) -> Rule | None:
     """The rule that decides `packet`, or None when no rule matches (pf then
     passes it: its default rule is pass). `anchors` holds every loaded anchor
@@ -564,7 +567,7 @@ def evaluate(
     return _evaluate(ruleset, packet, anchors, path)
 
 
-def _evaluate(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset], path: str) -> Rule | None:
+def _evaluate(ruleset: PfRuleset, packet: Packet, anchors: Mapping[str, PfRuleset], path: str) -> Rule | None:
     for statement in ruleset.rules:
         if isinstance(statement, AnchorCall):
             for name in _called(statement.name, path, anchors):

@@ -125,15 +125,15 @@ def without_earlyfw(packet: Packet) -> str:
 
 
 def golden_files() -> list[tuple[str, str]]:
-    cases = [("example", name) for name in ("earlyfw.macos.pf", "tunnel.pf", "emergency.pf", "earlyfw-pf", "plist")]
-    return [*cases, ("lan-tcp", "earlyfw.macos.pf"), ("lan-tcp", "tunnel.pf"), ("lan-tcp", "earlyfw-pf")]
+    cases = [("example", name) for name in ("earlyfw.pf", "tunnel.pf", "emergency.pf", "earlyfw-pf", "plist")]
+    return [*cases, ("lan-tcp", "earlyfw.pf"), ("lan-tcp", "tunnel.pf"), ("lan-tcp", "earlyfw-pf")]
 
 
 @pytest.mark.parametrize(("name", "file"), golden_files(), ids=str)
 def test_rendered_files_match_golden(name: str, file: str) -> None:
     rendered = macos.render(CONFIGS[name])
     text = {
-        "earlyfw.macos.pf": rendered.rules,
+        "earlyfw.pf": rendered.rules,
         "tunnel.pf": rendered.tunnel,
         "emergency.pf": rendered.emergency,
         "earlyfw-pf": rendered.script,
@@ -151,7 +151,7 @@ def test_golden_files_parse() -> None:
     """The golden files themselves are inside the subset (a hand edit that
     broke one would otherwise be compared, not checked)."""
     for name, cfg in CONFIGS.items():
-        main = pf.parse((GOLDEN / name / "earlyfw.macos.pf").read_text())
+        main = pf.parse((GOLDEN / name / "earlyfw.pf").read_text())
         pf.check_main(main, cfg.interface, macos.TUNNEL)
         pf.check_tunnel(pf.parse((GOLDEN / name / "tunnel.pf").read_text()), cfg.interface)
 

@@ -317,7 +317,7 @@ def make_mac(tmp_path: Path, shell: list[str], cfg: config.Config = EXAMPLE_CONF
     rendered = macos.render(cfg, layout)
     support = Path(layout.support_dir)
     support.mkdir(parents=True)
-    (support / "earlyfw.macos.pf").write_text(rendered.rules)
+    (support / "earlyfw.pf").write_text(rendered.rules)
     (support / "tunnel.pf").write_text(rendered.tunnel)
     (support / "emergency.pf").write_text(rendered.emergency)
     Path(layout.script).write_text(rendered.script)

@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from earlyfw.macos.pf import Address, AnchorCall, Direction, Family, Rule, Ruleset, Table
+from earlyfw.macos.pf import Address, AnchorCall, Direction, Family, PfRuleset, Rule, Table
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -42,7 +42,7 @@ class Packet:
 
 
 def evaluate(
-    ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset] | None = None, *, path: str = ""
+    ruleset: PfRuleset, packet: Packet, anchors: Mapping[str, PfRuleset] | None = None, *, path: str = ""
 ) -> Rule | None:
     """The rule that decides `packet`, or None when no rule matches (pf then
     passes it: its default rule is pass). `anchors` holds every loaded anchor
@@ -56,7 +56,7 @@ def evaluate(
     return _evaluate(ruleset, packet, anchors, path)
 
 
-def _called(name: str, path: str, anchors: Mapping[str, Ruleset]) -> list[str]:
+def _called(name: str, path: str, anchors: Mapping[str, PfRuleset]) -> list[str]:
     """The anchors a call reaches: relative to the caller's path; `x/*` is
     every anchor directly under x, in name order, as pf runs them."""
     full = f"{path}/{name}" if path else name
@@ -66,7 +66,7 @@ def _called(name: str, path: str, anchors: Mapping[str, Ruleset]) -> list[str]:
     return [full] if full in anchors else []
 
 
-def _reassembles(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset], path: str) -> bool:
+def _reassembles(ruleset: PfRuleset, packet: Packet, anchors: Mapping[str, PfRuleset], path: str) -> bool:
     for scrub in ruleset.scrubs:
         if scrub.direction not in (None, packet.direction):
             continue
@@ -78,7 +78,7 @@ def _reassembles(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset
     return False
 
 
-def _evaluate(ruleset: Ruleset, packet: Packet, anchors: Mapping[str, Ruleset], path: str) -> Rule | None:
+def _evaluate(ruleset: PfRuleset, packet: Packet, anchors: Mapping[str, PfRuleset], path: str) -> Rule | None:
     for statement in ruleset.rules:
         if isinstance(statement, AnchorCall):
             for name in _called(statement.name, path, anchors):

@@ -434,7 +434,7 @@ def test_loader_fails_loudly_and_closed_on_a_broken_ruleset(root: Root, tmp_path
     status, stderr, calls, kmsg = run_loader(tmp_path, root / loader, "ro quiet", "broken")
     assert status == boot.FALLBACK
     assert calls[-2:] == ["nft -f /etc/earlyfw/initramfs.nft", "nft -f -"]
-    assert (tmp_path / "calls.fallback").read_text() == templates.read("hooks", "fallback.nft")
+    assert (tmp_path / "calls.fallback").read_text() == boot.fallback()
     assert "Error: stub nft refuses /etc/earlyfw/initramfs.nft" in stderr  # nft's own error reaches the console
     assert "earlyfw: FAILED to load /etc/earlyfw/initramfs.nft" in stderr
     assert "NO network until this is fixed" in stderr and "earlyfw=off" in stderr

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from earlyfw import config
+from earlyfw import config, policy
 from earlyfw.errors import ConfigError
 from earlyfw.macos import pf
 from earlyfw.macos import target as macos
@@ -114,7 +114,7 @@ class Anchor:
         return rule
 
 
-NO_EARLYFW = pf.Ruleset(())
+NO_EARLYFW = pf.PfRuleset(())
 
 
 def without_earlyfw(packet: Packet) -> str:
@@ -183,7 +183,7 @@ def test_rule_order_and_families() -> None:
             kinds.append("tunnel")
         elif r.dst.table and r.dst.table.startswith("earlyfw_") and r.dst.table != macos.LAN_TABLE:
             kinds.append("endpoint")
-        elif r.dst_port in macos.DNS_PORTS and r.action is Action.BLOCK:
+        elif r.dst_port in policy.DNS_PORTS and r.action is Action.BLOCK:
             kinds.append("dns")
         elif macos.LAN_TABLE in (r.src.table, r.dst.table):
             kinds.append("lan")

@@ -1,5 +1,6 @@
 """The pure parts of earlyfw.linux.nft: splitting a ruleset into batches for a user
-namespace, cutting a ruleset listing into tables, counters, normalising."""
+namespace, cutting a ruleset listing into tables, counters, normalising; and the
+facts the rendered rules take from earlyfw.policy alone."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import ipaddress
 import json
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from earlyfw import policy
 from earlyfw.config import Config, Endpoint, Transport, TunnelKind
 from earlyfw.linux import nft
+from earlyfw.macos import target as macos
 from earlyfw.policy import State
+from earlyfw.windows import rules as wfp
 
 
 def config(v4: int, v6: int, egress: bool) -> Config:
@@ -82,3 +86,33 @@ def test_normalise_sorts_and_deduplicates_elements() -> None:
     other = "set s {\n\t\telements = { a . udp . 2, b . udp . 1 }\n\t}\n"
     assert nft.normalise(one) == nft.normalise(other)
     assert nft.normalise(one) != nft.normalise(other.replace("a . udp", "c . udp"))
+
+
+def test_the_tables_take_their_names_from_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(policy, "MAIN", policy.Tables("other", "other_egress"))
+    script = policy.render(config(1, 1, True), State.RELAXED, egress_devices=["eth0"], guard=nft.GUARD)
+    tables = re.findall(r"^(?:delete )?table (\w+ \w+)", script, re.M)
+    assert tables == [*["inet other"] * 3, *["netdev other_egress"] * 3, *["inet earlyfw_guard"] * 3,
+                      *["netdev earlyfw_egress_guard"] * 3]  # fmt: skip
+
+
+def test_every_platform_takes_the_dns_ports_from_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(policy, "DNS_PORTS", (53, 853, 5353))
+    mac = Config(
+        tunnel_kind=TunnelKind.WIREGUARD,
+        interface="utun3",
+        endpoints=(Endpoint(ipaddress.IPv4Address("198.51.100.7"), 51820),),
+        dns_servers=(ipaddress.IPv4Address("10.64.0.1"),),
+    )
+    assert "elements = { udp . 53, tcp . 53, udp . 853, tcp . 853, udp . 5353, tcp . 5353 }" in policy.render(
+        mac, State.RELAXED
+    )
+    rendered = macos.render(mac)
+    assert "port 5353\n" in rendered.rules and "port 5353\n" in rendered.tunnel
+    ports = {
+        condition.value
+        for f in (*wfp.persistent_set(mac), *wfp.relax_set(mac, wfp.Interface("utun3", 1)))
+        for condition in f.conditions
+        if condition.field is wfp.Field.REMOTE_PORT
+    }
+    assert {53, 853, 5353} <= ports

@@ -35,6 +35,7 @@ from qemu.pcap import ETH_ARP
 
 from earlyfw import config as configuration
 from earlyfw import policy
+from earlyfw.linux import nft
 from earlyfw.policy import State
 from tests import netns
 from tests.conftest import require
@@ -929,8 +930,8 @@ def raw_dhcp_discover(lab: EgressLab) -> bytes:
 
 
 def raw_refused(ns: netns.Namespace) -> int:
-    data = json.loads(ns.exec(["nft", "-j", "list", "counter", "netdev", policy.EGRESS_TABLE, "refused_raw"]))
-    return int(next(i["counter"]["packets"] for i in data["nftables"] if "counter" in i))
+    listing = ns.exec(["nft", "-j", "list", "counter", "netdev", policy.EGRESS_TABLE, "refused_raw"])
+    return nft.parse_counters(listing)[("netdev", policy.EGRESS_TABLE)]["refused_raw"][0]
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])

@@ -92,13 +92,8 @@ def test_status_table_deletion_and_listings_while_the_watcher_guards_egress(lab:
 
     # What uninstall runs to remove earlyfw's tables; the watcher puts them back.
     mark = len(watcher.lines())
-    deleted = client.exec_result(
-        [
-            *PYTHON_MODULE[:1],
-            "-c",
-            "from earlyfw import run; from earlyfw.linux import nft; nft.delete_tables(run.Runner())",
-        ]
-    )
+    code = "from earlyfw import run\nfrom earlyfw.linux import nft\nnft.delete_tables(run.Runner())"
+    deleted = client.exec_result([*PYTHON_MODULE[:1], "-c", code])
     assert deleted.returncode == 0, deleted.stderr
     assert "+ nft -f -" in deleted.stderr, deleted.stderr
     watcher.wait_for(r"^repaired: table inet earlyfw was removed", 5, after=mark)

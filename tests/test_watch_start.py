@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from earlyfw import policy, templates
+from earlyfw import templates
 from earlyfw.linux.watcher import ruleset
 from tests import netns, ready
 from tests.netns import Lab, Namespace
@@ -34,7 +34,6 @@ OTHER_COMMANDS = (
     "earlyfw.targets",
     "earlyfw.windows",
 )
-WATCHER_TEMPLATES = (policy.TEMPLATE, ruleset.WAKE_TEMPLATE)
 
 
 def loaded(modules: list[str], prefixes: tuple[str, ...]) -> list[str]:
@@ -84,7 +83,7 @@ def compiled_matches(directory: Path, name: str, source: str) -> bool:
 
 
 def check_compiled(directory: Path) -> None:
-    for name in WATCHER_TEMPLATES:
+    for name in ruleset.WATCHER_TEMPLATES:
         folder, _, rest = name.partition("/")
         source = templates.read(folder, rest)
         assert compiled_matches(directory, name, source), name
@@ -94,7 +93,7 @@ def check_compiled(directory: Path) -> None:
 
 
 def test_compiled_templates_are_taken_only_for_their_own_source(tmp_path: Path) -> None:
-    templates.compile_into(tmp_path, list(WATCHER_TEMPLATES))
+    templates.compile_into(tmp_path, list(ruleset.WATCHER_TEMPLATES))
     check_compiled(tmp_path / templates.COMPILED)
 
 

@@ -30,10 +30,11 @@ from earlyfw import handshake, policy
 from earlyfw.config import Config, Endpoint, Transport, TunnelKind
 from earlyfw.errors import CommandError, ConfigError
 from earlyfw.handshake import Peer, SourceError, Verdict
+from earlyfw.linux import nft
 from earlyfw.linux import watcher_unit as watcher_target
 from earlyfw.linux.watcher import daemon, events, openvpn, ruleset, sources, tunnels
 from earlyfw.linux.watcher.daemon import Stopped, Watcher
-from earlyfw.linux.watcher.ruleset import Finding, Ruleset
+from earlyfw.linux.watcher.ruleset import Finding, LiveRuleset
 from earlyfw.linux.watcher.tunnels import Clock
 from earlyfw.policy import State
 from earlyfw.root import Root
@@ -618,9 +619,12 @@ EXAMPLE = configuration.parse(
 
 
 @pytest.mark.parametrize("state", list(State))
-def test_guard_script_is_the_same_ruleset_renamed_and_owned(state: State) -> None:
-    script = policy.render(EXAMPLE, state, egress_devices=["eth0"])
-    guard = ruleset.guard_script(script)
+def test_the_guard_is_the_same_ruleset_renamed_and_owned(state: State) -> None:
+    carried = {name: (3, 300) for name in policy.COUNTERS}
+    script = policy.render(EXAMPLE, state, counters=carried, egress_devices=["eth0"])
+    both = policy.render(EXAMPLE, state, counters=carried, egress_devices=["eth0"], guard=nft.GUARD)
+    assert both.startswith(script)
+    guard = both[len(script) :]
     assert guard.count("flags owner") == 4  # declaration and definition, for both tables
     assert "table inet earlyfw\n" not in guard
     assert "table netdev earlyfw_egress\n" not in guard
@@ -631,24 +635,21 @@ def test_guard_script_is_the_same_ruleset_renamed_and_owned(state: State) -> Non
         .replace("earlyfw_egress_guard", "earlyfw_egress")
         .replace("earlyfw_guard", "earlyfw")
     )
-    assert back == script
+    # The main tables carry the counts over; the guard counts from zero.
+    zero = policy.render(EXAMPLE, state, egress_devices=["eth0"])
+    assert zero.endswith(back) and zero.index("table inet earlyfw\n") == len(zero) - len(back)
+    assert "packets 3 bytes 300" in script and "packets 3 bytes 300" not in guard
 
 
-def test_guard_script_loads_with_nft() -> None:
-    script = policy.render(EXAMPLE, State.RELAXED)
+def test_the_guard_loads_with_nft() -> None:
     result = subprocess.run(
         ["unshare", "--map-root-user", "--net", "nft", "-c", "-f", "-"],
-        input=script + ruleset.guard_script(script),
+        input=policy.render(EXAMPLE, State.RELAXED, guard=nft.GUARD),
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-
-
-def test_guard_script_refuses_a_ruleset_it_does_not_understand() -> None:
-    with pytest.raises(ValueError, match="expected way"):
-        ruleset.guard_script("table inet earlyfw {\n}\n")
 
 
 def test_claimed_state_and_normalise() -> None:
@@ -696,7 +697,7 @@ def test_lost_events_are_assumed_to_touch_earlyfw() -> None:
 # --- the state machine ------------------------------------------------------------------------
 
 
-class RecordingRuleset(Ruleset):
+class RecordingRuleset(LiveRuleset):
     """Records each transaction instead of talking to the kernel."""
 
     def __init__(self, config: Config) -> None:

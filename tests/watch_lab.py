@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from earlyfw import config as configuration
+from earlyfw import policy
 from earlyfw.config import Config, Endpoint, TunnelKind
 from earlyfw.linux.watcher.daemon import verdict_path
 from tests import netns
@@ -272,7 +273,7 @@ def write_config(directory: Path, config: Config, name: str = "earlyfw.toml") ->
 
 # --- the watcher ------------------------------------------------------------------
 
-_CLAIM = re.compile(r'comment "earlyfw state=(\w+)"')
+_CLAIM = re.compile(rf'comment "{policy.CLAIM}(\w+)"')
 
 
 def live_state(ns: Namespace, table: str = "earlyfw") -> str | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 
 class EarlyfwError(Exception):
     """A failure the user can act on; `hint` says how."""
@@ -23,7 +21,3 @@ class ConfigError(EarlyfwError):
 
 class CommandError(EarlyfwError):
     """An external command failed; its stderr is part of the message."""
-
-
-def die(message: str, *, hint: str | None = None) -> NoReturn:
-    raise EarlyfwError(message, hint=hint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
 from earlyfw import templates
@@ -13,6 +14,30 @@ from earlyfw.config import Config
 TABLE = "earlyfw"
 EGRESS_TABLE = "earlyfw_egress"
 TEMPLATE = "payload/nftables/earlyfw.nft.j2"
+# Where the tables themselves are written, as macros: TEMPLATE and the boot's
+# raw-egress file (earlyfw.linux.boot) import them, with `context` below.
+TABLES_TEMPLATE = "payload/nftables/tables.nft.j2"
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The names one copy of earlyfw's two tables goes by, and whether it is
+    owned: nft's `owner` flag ties a table to the netlink socket that created
+    it, so the kernel drops it with that socket and refuses every other process
+    that tries to change it (the watcher's guard, earlyfw.linux.watcher.ruleset)."""
+
+    inet: str
+    netdev: str
+    owned: bool = False
+
+
+MAIN = Tables(TABLE, EGRESS_TABLE)
+
+# The sets `earlyfw endpoints refresh` changes in place (earlyfw.linux.nft), by version.
+ENDPOINT_SETS = {4: "endpoints_v4", 6: "endpoints_v6"}
+# DNS and DNS-over-TLS: outside the tunnel refused everywhere, inside it allowed
+# only to the VPN's resolvers when [dns] servers names them (nft, pf and WFP alike).
+DNS_PORTS = (53, 853)
 
 # Refuse rules carry named counters so `earlyfw status` can say what was stopped.
 INET_COUNTERS = {
@@ -82,8 +107,9 @@ class State(StrEnum):
 
 Counters = Mapping[str, tuple[int, int]]
 
-# The comment each rendered table carries, naming its state.
-_CLAIM = re.compile(r'^\s*comment "earlyfw state=(\w+)"$', re.M)
+# How the comment each rendered table carries, naming its state, begins.
+CLAIM = "earlyfw state="
+_CLAIM = re.compile(rf'^\s*comment "{CLAIM}(\w+)"$', re.M)
 
 
 def claimed_state(listing: str) -> State | None:
@@ -103,22 +129,42 @@ def render(
     *,
     counters: Counters | None = None,
     egress_devices: Iterable[str] = (),
+    guard: Tables | None = None,
 ) -> str:
     """The nft script that atomically puts `state` in place.
 
     `counters` carries the refuse counters over a state change; `egress_devices`
     are the physical interfaces, present right now, whose raw egress is filtered.
+    `guard`: the same tables once more under its names, their counters at zero,
+    in the same script (the watcher's owned copy).
     """
     devices = sorted(set(egress_devices))
     unknown = set(devices) - set(config.egress_interfaces)
     if unknown:
         raise ValueError(f"egress devices not in the config: {sorted(unknown)}")
-    return templates.render(
-        TEMPLATE,
-        config=config,
-        state=state,
-        counters={name: (counters or {}).get(name, (0, 0)) for name in COUNTERS},
-        egress_devices=devices,
-        lan_v4=LAN_V4,
-        lan_v6=LAN_V6,
-    )
+    copies = [(MAIN, counter_values(counters))]
+    if guard is not None:
+        copies.append((guard, counter_values()))
+    return templates.render(TEMPLATE, copies=copies, egress_devices=devices, **context(config, state))
+
+
+def counter_values(counters: Counters | None = None) -> dict[str, tuple[int, int]]:
+    """Every refuse counter's (packets, bytes): from `counters`, else zero."""
+    return {name: (counters or {}).get(name, (0, 0)) for name in COUNTERS}
+
+
+def context(config: Config, state: State) -> dict[str, object]:
+    """What the tables (TABLES_TEMPLATE) read besides a copy's names and
+    counters: the config, the state and the facts above, each written once."""
+    return {
+        "config": config,
+        "state": state,
+        "main": MAIN,
+        "claim": f"{CLAIM}{state}",
+        "inet_counters": list(INET_COUNTERS),
+        "egress_counters": list(EGRESS_COUNTERS),
+        "endpoint_sets": ENDPOINT_SETS,
+        "dns_ports": DNS_PORTS,
+        "lan_v4": LAN_V4,
+        "lan_v6": LAN_V6,
+    }

@@ -8,7 +8,6 @@ config or the filesystem is ever interpolated into a shell script or a unit.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -173,7 +172,7 @@ def loader(*, unprotected: str = "") -> bytes:
     loaded (initramfs-tools runs it as a child, so it panics itself)."""
     return render(
         "hooks/earlyfw-load.sh.j2",
-        fallback=templates.read("hooks", "fallback.nft"),
+        fallback=fallback(),
         unprotected=unprotected,
     )
 
@@ -182,14 +181,15 @@ def egress_ruleset(config: Config) -> bytes:
     """The netdev egress table of the blocked state, for every [egress]
     interface, attached to the devices in the nft variable EARLYFW_EGRESS_DEVICES
     (the attach script puts the listed interfaces present in its place): the same
-    rendering the watcher loads, so the two cannot drift."""
-    script = policy.render(config, State.BLOCKED, egress_devices=config.egress_interfaces)
-    start = script.index(f"table netdev {policy.EGRESS_TABLE}\n")
-    table, replaced = re.subn(r"devices = \{[^}]*\}", f"devices = ${EGRESS_DEVICES_VARIABLE}", script[start:], count=1)
-    if not replaced:
-        raise RuntimeError(f"no devices = {{...}} in the rendered table netdev {policy.EGRESS_TABLE}")
-    header = f"#!{NFT} -f\n# earlyfw: raw-socket egress, loaded by {EGRESS_ATTACH} (udev, boot).\n"
-    return (header + table).encode()
+    table the watcher loads, so the two cannot drift."""
+    return render(
+        "units/earlyfw-egress.nft.j2", counters=policy.counter_values(), **policy.context(config, State.BLOCKED)
+    )
+
+
+def fallback() -> str:
+    """The drop-everything table for when the rendered ruleset cannot be loaded."""
+    return templates.render("hooks/fallback.nft.j2", table=policy.TABLE, claim=f"{policy.CLAIM}fallback")
 
 
 def executable(path: str, content: bytes) -> File:

@@ -28,9 +28,10 @@ from earlyfw.policy import EGRESS_TABLE, TABLE, Counters, State
 from earlyfw.run import Runner
 
 NFT = "nft"
-# The watcher's owned copies of the two tables (see earlyfw/linux/watcher/ruleset.py).
+# earlyfw watch's owned copies of the two tables (see earlyfw.linux.watcher.ruleset).
 GUARD_TABLE = "earlyfw_guard"
 GUARD_EGRESS_TABLE = "earlyfw_egress_guard"
+GUARD = policy.Tables(GUARD_TABLE, GUARD_EGRESS_TABLE, owned=True)
 WAKE_TABLE = "earlyfw_wake"
 # (family, table) of the tables the boot path and `earlyfw apply` load.
 MAIN_TABLES = (("inet", TABLE), ("netdev", EGRESS_TABLE))
@@ -247,7 +248,7 @@ def delete_tables(runner: Runner) -> None:
         load(runner, script)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Status:
     present: bool
     state: State | None
@@ -294,15 +295,15 @@ def status(runner: Runner, config: Config) -> Status:
     main = live[("inet", TABLE)]
     if main is None:
         return Status(
-            False,
-            None,
-            False,
-            totals,
-            endpoints,
-            others,
-            ["table inet earlyfw is not loaded: nothing is blocked", *firewalls.warnings(others)],
-            devices,
-            guarded,
+            present=False,
+            state=None,
+            intact=False,
+            counters=totals,
+            endpoints=endpoints,
+            other_tables=others,
+            warnings=[f"table inet {TABLE} is not loaded: nothing is blocked", *firewalls.warnings(others)],
+            egress_devices=devices,
+            guarded=guarded,
         )
     # A table claims the state it was rendered for; an unaltered one matches
     # that state's canonical listing (one private load, however large).
@@ -332,7 +333,17 @@ def status(runner: Runner, config: Config) -> Status:
             + "); they cannot open what earlyfw blocks, but a `flush ruleset` from their loader removes earlyfw"
         )
     warnings += firewalls.warnings(others)
-    return Status(True, state, state is not None, totals, endpoints, others, warnings, devices, guarded)
+    return Status(
+        present=True,
+        state=state,
+        intact=state is not None,
+        counters=totals,
+        endpoints=endpoints,
+        other_tables=others,
+        warnings=warnings,
+        egress_devices=devices,
+        guarded=guarded,
+    )
 
 
 def require_root_for(action: str) -> None:
@@ -369,7 +380,8 @@ def swap_endpoints(runner: Runner, old: Config, new: Config) -> None:
             for version in (4, 6):
                 elements = [f"{a} . {p} . {port}" for a, port, p in keys if a.version == version]
                 if elements:
-                    script += f"{verb} element {family} {table} endpoints_v{version} {{ {', '.join(elements)} }}\n"
+                    endpoint_set = policy.ENDPOINT_SETS[version]
+                    script += f"{verb} element {family} {table} {endpoint_set} {{ {', '.join(elements)} }}\n"
     load(runner, script)
 
 

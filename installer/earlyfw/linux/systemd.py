@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from earlyfw import templates
 from earlyfw.config import Config
 from earlyfw.linux import boot, firewalls
 from earlyfw.root import Root
@@ -78,7 +77,7 @@ class Systemd(Target):
             boot.executable(boot.SWITCH, boot.render("units/earlyfw-switch.j2")),
             boot.executable(boot.EGRESS_ATTACH, boot.render("units/earlyfw-egress.j2")),
             File(boot.EGRESS_RULE, boot.render("units/udev/earlyfw-egress.rules")),
-            File(boot.FALLBACK_RULESET, templates.read("hooks", "fallback.nft").encode()),
+            File(boot.FALLBACK_RULESET, boot.fallback().encode()),
         ]
         if config.egress_interfaces:
             artifacts += [

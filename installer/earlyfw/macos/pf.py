@@ -151,7 +151,10 @@ Statement = Rule | AnchorCall
 
 
 @dataclass(frozen=True)
-class Ruleset:
+class PfRuleset:
+    """One pf ruleset as `parse` read it: an anchor's rules, or a main ruleset
+    as `pfctl -s rules` lists it."""
+
     rules: tuple[Statement, ...]
     tables: Mapping[str, Table] = field(default_factory=dict)
     scrubs: tuple[Scrub, ...] = ()
@@ -209,7 +212,7 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def parse(text: str) -> Ruleset:
+def parse(text: str) -> PfRuleset:
     """Parse and validate one anchor's rules. Raises PfError on anything
     outside the subset earlyfw emits."""
     tables: dict[str, Table] = {}
@@ -236,7 +239,7 @@ def parse(text: str) -> Ruleset:
             rules.append(_rule(tokens, Action(keyword), tables))
         else:
             raise tokens.error(f"{keyword!r} is not a statement earlyfw writes")
-    return Ruleset(tuple(rules), tables, tuple(scrubs))
+    return PfRuleset(tuple(rules), tables, tuple(scrubs))
 
 
 def _scrub(tokens: _Tokens, keyword: str) -> Scrub:
@@ -467,7 +470,7 @@ def _icmp_number(tokens: _Tokens, names: Mapping[str, int]) -> int:
 # --- What earlyfw's own anchors must look like -------------------------------
 
 
-def check_main(ruleset: Ruleset, interface: str, tunnel_anchor: str) -> None:
+def check_main(ruleset: PfRuleset, interface: str, tunnel_anchor: str) -> None:
     """The shape of earlyfw's anchor: loopback first, the tunnel sub-anchor
     right before the catch-all blocks, those last for both families, and no
     rule before them that passes anything on a tunnel device."""
@@ -506,7 +509,7 @@ def check_main(ruleset: Ruleset, interface: str, tunnel_anchor: str) -> None:
         raise PfError(first.line, "the anchor must reassemble fragments (scrub in all fragment reassemble)")
 
 
-def check_tunnel(ruleset: Ruleset, interface: str) -> None:
+def check_tunnel(ruleset: PfRuleset, interface: str) -> None:
     """Every rule of the tunnel sub-anchor names exactly the tunnel device."""
     if ruleset.anchor_calls():
         raise PfError(ruleset.anchor_calls()[0].line, "the tunnel anchor calls no further anchor")

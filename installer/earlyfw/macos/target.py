@@ -53,7 +53,6 @@ WATCH_INTERVAL = 2  # seconds between two full watchdog passes
 # enabled, the anchor call in place) runs this often, so `pfctl -d` or a
 # flushed main ruleset is repaired within a quarter second, not two.
 FAST_INTERVAL = 0.25
-DNS_PORTS = (53, 853)
 LAN_TABLE = "earlyfw_lan"
 DNS_TABLE = "earlyfw_dns"
 SYSTEM_VERSION = "/System/Library/CoreServices/SystemVersion.plist"
@@ -184,7 +183,7 @@ def render(config: Config, layout: Layout = LAYOUT) -> Rendered:
     """Every file of the target, each checked against the pf subset and the
     anchor's required shape before it can be written."""
     interface = require_utun(config.interface)
-    common = {"anchor": ANCHOR, "tunnel": TUNNEL, "interface": interface, "dns_ports": DNS_PORTS}
+    common = {"anchor": ANCHOR, "tunnel": TUNNEL, "interface": interface, "dns_ports": policy.DNS_PORTS}
     rules = templates.render(
         f"{TEMPLATES}/earlyfw.pf.j2",
         groups=endpoint_groups(config.endpoints),

@@ -47,7 +47,6 @@ IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
 PROTOCOLS = {Transport.TCP: IPPROTO_TCP, Transport.UDP: IPPROTO_UDP}
-DNS_PORTS = (53, 853)  # DNS and DNS-over-TLS, as in the nft policy
 # NT SERVICE\Dhcp, the DHCP client service's SID: S-1-5-80-2940520708-...
 DHCP_CLIENT = security.service_sid("Dhcp")
 
@@ -379,7 +378,7 @@ def _dns(
 ) -> Filter:
     """DNS and DNS-over-TLS, on any interface or only on the tunnel, to any
     resolver or only to the given ones."""
-    dns = (*_conditions(Field.PROTOCOL, (IPPROTO_TCP, IPPROTO_UDP)), *_conditions(Field.REMOTE_PORT, DNS_PORTS))
+    dns = (*_conditions(Field.PROTOCOL, (IPPROTO_TCP, IPPROTO_UDP)), *_conditions(Field.REMOTE_PORT, policy.DNS_PORTS))
     return Filter(role, layer, lifetime, action, weight, (*tunnel, *dns, *resolvers))
 
 

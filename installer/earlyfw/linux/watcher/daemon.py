@@ -45,7 +45,7 @@ from earlyfw.handshake import Verdict
 from earlyfw.linux import nft
 from earlyfw.linux.watcher.events import Generation, HandshakeLog, LinkEvents, NftablesEvents
 from earlyfw.linux.watcher.libnft import Libnftables
-from earlyfw.linux.watcher.ruleset import WATCHED_TABLES, Ruleset
+from earlyfw.linux.watcher.ruleset import WATCHED_TABLES, LiveRuleset
 from earlyfw.linux.watcher.sources import SourceKind
 from earlyfw.linux.watcher.tunnels import Clock, Tunnel, make_tunnel
 from earlyfw.policy import State
@@ -119,7 +119,7 @@ class Watcher:
     def __init__(
         self,
         config: Config,
-        ruleset: Ruleset,
+        ruleset: LiveRuleset,
         tunnel: Tunnel,
         tables: NftablesEvents | None,
         links: LinkEvents | None,
@@ -495,7 +495,7 @@ def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *
         except OSError as e:
             log(f"warning: no handshake wake-ups (NFLOG: {e}); polling instead")
     context = Libnftables()
-    ruleset = Ruleset(config, context)
+    ruleset = LiveRuleset(config, context)
     watcher = Watcher(
         config,
         ruleset,

@@ -28,53 +28,24 @@ from earlyfw import policy, templates
 from earlyfw.config import Config, Transport
 from earlyfw.errors import CommandError
 from earlyfw.linux import nft
-from earlyfw.linux.nft import GUARD_EGRESS_TABLE, GUARD_TABLE, WAKE_TABLE
+from earlyfw.linux.nft import GUARD, WAKE_TABLE
 from earlyfw.linux.watcher.libnft import Libnftables
 from earlyfw.policy import EGRESS_TABLE, TABLE, State, claimed_state
 
 # (family, table the boot path loads, the watcher's owned copy of it)
-PAIRS = (("inet", TABLE, GUARD_TABLE), ("netdev", EGRESS_TABLE, GUARD_EGRESS_TABLE))
+PAIRS = (("inet", TABLE, GUARD.inet), ("netdev", EGRESS_TABLE, GUARD.netdev))
 WATCHED_TABLES = frozenset({TABLE, EGRESS_TABLE})
 
 _HEADER = re.compile(r"^table (\w+) \S+ \{.*$")
 
-
-def _header(family: str, name: str) -> str:
-    # How policy.render opens each table: declare, delete, define, so that
-    # one transaction replaces exactly that table.
-    return f"table {family} {name}\ndelete table {family} {name}\ntable {family} {name} {{\n"
-
-
-# A counter declaration's values in a rendered script.
-_COUNTER_VALUES = re.compile(r"^(\s*)packets \d+ bytes \d+$", re.M)
 # Which counters each family's table declares.
 _COUNTER_NAMES = {"inet": frozenset(policy.INET_COUNTERS), "netdev": frozenset(policy.EGRESS_COUNTERS)}
 
 
-def guard_script(script: str) -> str:
-    """`script` again, each table renamed to its guard and owned by the caller.
-    The guard's counters start at zero: a refusal is counted by whichever
-    table refuses it, the main table carries the totals over each change, and
-    `earlyfw status` adds the two."""
-    guarded = _COUNTER_VALUES.sub(r"\1packets 0 bytes 0", script)
-    for family, name, guard in PAIRS:
-        count = guarded.count(_header(family, name))
-        if count == 0 and name == EGRESS_TABLE:
-            continue
-        if count != 1:
-            raise ValueError(f"rendered ruleset does not open table {family} {name} the expected way")
-        guarded = guarded.replace(
-            _header(family, name),
-            # The owner flag must be on every declaration: the kernel refuses
-            # to change it on an existing table.
-            f"table {family} {guard} {{ flags owner; }}\n"
-            f"delete table {family} {guard}\n"
-            f"table {family} {guard} {{\n\tflags owner\n",
-        )
-    return guarded
-
-
 WAKE_TEMPLATE = "payload/nftables/earlyfw-watch.nft.j2"
+# Every template the watcher renders: the frozen build ships them compiled
+# (installer/earlyfw.spec), for its first render at boot.
+WATCHER_TEMPLATES = (policy.TEMPLATE, policy.TABLES_TEMPLATE, WAKE_TEMPLATE)
 # At most this many wake-ups a second from handshake packets, spoofed or not.
 WAKE_RATE = 20
 
@@ -116,7 +87,10 @@ class Finding:
     claimed: State | None = None
 
 
-class Ruleset:
+class LiveRuleset:
+    """The watcher's hold on earlyfw's live tables and their guards: puts a
+    state in place, repairs it, and tells whether it is still intact."""
+
     def __init__(
         self,
         config: Config,
@@ -140,35 +114,38 @@ class Ruleset:
 
     def put(self, state: State, *, repair: bool = False, wake_group: int | None = None) -> None:
         """Replace earlyfw's tables (and the guards) with `state`, atomically,
-        carrying the refuse counters over. A repair leaves the guards alone:
-        no other process can have changed them, so they still hold `state`,
-        and the batch is half the size. `wake_group`: the wake table is
-        replaced in the same batch (a reload: its endpoints changed too)."""
+        carrying the refuse counters over. The guards are the same tables
+        rendered under their own names, owned, their counters at zero: a
+        refusal is counted by whichever table refuses it, the main tables carry
+        the totals over each change, and `earlyfw status` adds the two. A
+        repair leaves the guards alone: no other process can have changed them,
+        so they still hold `state`, and the batch is half the size.
+        `wake_group`: the wake table is replaced in the same batch (a reload:
+        its endpoints changed too)."""
         counters = self._counters(with_guard=self.guarded and not repair)
-        script = policy.render(self.config, state, counters=counters, egress_devices=self._devices())
-        self._put(script, repair=repair, wake_group=wake_group)
-        self._carried = counters
+        devices = self._devices()
 
-    def _put(self, script: str, *, repair: bool, wake_group: int | None = None) -> None:
-        if self.guarded and repair:
-            self.nft.run(script)
-            return
-        if self.guarded:
+        def script(guard: policy.Tables | None = None) -> str:
+            return policy.render(self.config, state, counters=counters, egress_devices=devices, guard=guard)
+
+        if self.guarded and not repair:
             wake = wake_script(self.config, wake_group) if wake_group is not None else ""
             try:
-                self.nft.run(script + guard_script(script) + wake)
+                self.nft.run(script(GUARD) + wake)
             except CommandError as e:
                 if "Operation not supported" not in str(e):
                     raise
-                self.nft.run(script)  # raises if the guard was not the problem
+                self.nft.run(script())  # raises if the guard was not the problem
                 self.guarded = False
                 self.notes.append(
                     "this kernel has no owned nftables tables (needs Linux 5.12): running without the "
                     "guard table, so a `flush ruleset` leaves nothing filtered until the repair"
                 )
-            return
-        self.nft.run(script)
-        self._reference = {name: self.nft.list_table(family, name) for family, name, _ in PAIRS}
+        else:
+            self.nft.run(script())
+            if not self.guarded:
+                self._reference = {name: self.nft.list_table(family, name) for family, name, _ in PAIRS}
+        self._carried = counters
 
     def load_wake(self, group: int) -> bool:
         """Load the wake table; False where the kernel cannot own tables

@@ -20,10 +20,11 @@ import pytest
 
 from earlyfw import config, importers, resolve
 from earlyfw.config import Config, Endpoint, IPAddress, Transport
-from earlyfw.endpoints import apply, refreshed, running_watcher, tunnel_flows
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.handshake import Verdict
 from earlyfw.linux import boot
+from earlyfw.linux.core import CONFIG_PATH, Core, ruleset_path
+from earlyfw.linux.endpoints import apply, refreshed, running_watcher, tunnel_flows
 from earlyfw.linux.refresh_timer import REFRESH_SERVICE, REFRESH_TIMER, Refresh
 from earlyfw.linux.watcher.daemon import Watcher
 from earlyfw.manifest import Entry, Manifest
@@ -31,7 +32,6 @@ from earlyfw.policy import State
 from earlyfw.root import MANIFEST, Root, sha256
 from earlyfw.run import Result
 from earlyfw.targets import File, Symlink
-from earlyfw.targets.core import CONFIG_PATH, Core, ruleset_path
 from tests import netns
 from tests.recording_runner import RecordingRunner
 from tests.test_watch_units import FakeClock, RecordingRuleset, ScriptedTunnel

@@ -27,7 +27,7 @@ OTHER_COMMANDS = (
     "dns",  # import --resolve, endpoints refresh
     "distro",
     "earlyfw.resolve",
-    "earlyfw.endpoints",
+    "earlyfw.linux.endpoints",
     "earlyfw.install",
     "earlyfw.manifest",
     "earlyfw.metrics",

@@ -1,5 +1,5 @@
 /* Included first by the probe tests/test_windows_layout.py generates: the
- * real mingw-w64 headers the ctypes layouts in earlyfw.wfp.structs must match.
+ * real mingw-w64 headers the ctypes layouts in earlyfw.windows.structs must match.
  * The probe is compiled and linked for x86_64 Windows, never run: every number
  * it checks is known at compile time. */
 #define WIN32_LEAN_AND_MEAN

@@ -17,11 +17,11 @@ import distro
 
 from earlyfw import policy, templates
 from earlyfw.config import Config
+from earlyfw.linux.core import CONFIG_DIR, ruleset_path
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
 from earlyfw.targets import File, Plan, Target
-from earlyfw.targets.core import CONFIG_DIR, ruleset_path
 
 # Debian, Fedora and Arch all have nft at /usr/sbin/nft (on Arch /usr/sbin is a
 # symlink to /usr/bin); units need an absolute path.

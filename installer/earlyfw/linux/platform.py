@@ -99,8 +99,8 @@ def watch(runner: Runner, config: Config, source: str) -> int:
 
 def refresh_endpoints(runner: Runner, config_path: Path) -> None:
     # Imported here: dnspython is needed by this command alone.
-    from earlyfw import endpoints as endpoints_refresh  # noqa: PLC0415
     from earlyfw import resolve as resolver  # noqa: PLC0415
+    from earlyfw.linux import endpoints as endpoints_refresh  # noqa: PLC0415
 
     require_admin("endpoints refresh")
     config = configuration.load(config_path)

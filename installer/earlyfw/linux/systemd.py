@@ -11,11 +11,11 @@ from typing import ClassVar
 
 from earlyfw.config import Config
 from earlyfw.linux import boot, firewalls
+from earlyfw.linux.core import CONFIG_DIR
 from earlyfw.root import Root
 from earlyfw.run import Runner
 from earlyfw.system import System
 from earlyfw.targets import Artifact, File, Plan, Symlink, Target
-from earlyfw.targets.core import CONFIG_DIR
 
 UNIT_DIR = firewalls.UNIT_DIR
 BLOCK_UNIT = "earlyfw-block.service"

@@ -125,7 +125,7 @@ def write_artifacts(artifacts: Iterable[Artifact], txn: Transaction) -> None:
 
 # The modules that define targets, one room per system beside the shared core.
 TARGET_MODULES = (
-    "earlyfw.targets.core",
+    "earlyfw.linux.core",
     "earlyfw.linux.dracut",
     "earlyfw.linux.initramfs_tools",
     "earlyfw.linux.mkinitcpio",

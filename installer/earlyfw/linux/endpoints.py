@@ -34,12 +34,12 @@ from earlyfw.config import Config, Endpoint, IPAddress, Transport, endpoint_dict
 from earlyfw.errors import EarlyfwError
 from earlyfw.importers import Resolve
 from earlyfw.linux import boot, nft
+from earlyfw.linux.core import CONFIG_PATH, Core
 from earlyfw.linux.watcher import daemon
 from earlyfw.manifest import Manifest
 from earlyfw.root import MANIFEST, Root, Transaction, sha256
 from earlyfw.run import Runner
 from earlyfw.targets import File
-from earlyfw.targets.core import CONFIG_PATH, Core
 
 Log = Callable[[str], None]
 

@@ -116,6 +116,7 @@ class Windows(Target):
         return on_windows()
 
     def plan(self, config: Config) -> Plan:
+        rules.refuse_unsupported(config)
         if self.root.is_host and not on_windows():
             # Refused here, while every target is still planning: nothing written.
             raise EarlyfwError(

@@ -229,6 +229,9 @@ class Probe:
                 s.setblocking(False)
                 s.connect_ex((str(self.dst), self.port))
 
+    def arrived(self, frame: Frame) -> bool:
+        return frame.incoming and self.matches(frame)
+
     def matches(self, frame: Frame) -> bool:
         if frame.dst != self.dst or frame.dport != self.port:
             return False
@@ -286,7 +289,7 @@ def test_forwarded_traffic_leaves_only_through_the_tunnel(host: DockerHost, mode
     if leaves:
         capture, start = (host.tunnel_capture, tunnel) if route == "tunnel" else (host.world_capture, world)
         for probe in PROBES:
-            frame = capture.wait_for(lambda f, p=probe: f.incoming and p.matches(f), 3, start=start)
+            frame = capture.wait_for(probe.arrived, 3, start=start)
             assert frame is not None, f"{mode} via {route}: {probe.name} did not arrive"
             masqueraded = {4: TUNNEL_V4, 6: TUNNEL_V6} if route == "tunnel" else {4: netns.CLIENT_V4}
             if frame.src is not None and frame.src.version in masqueraded:
@@ -358,7 +361,7 @@ def test_dns_over_tls_is_refused_not_redirected(host: DockerHost) -> None:
     netns.wait_until(lambda: host.counter("refused_dns") == refused + 1, 5, "the refusal of DoT to a public resolver")
     to_vpn = Probe("dot-vpn", "tcp", VPN_DNS_V4, 853)
     to_vpn.send(host)
-    assert host.tunnel_capture.wait_for(lambda f: f.incoming and to_vpn.matches(f), 3, start=tunnel)
+    assert host.tunnel_capture.wait_for(to_vpn.arrived, 3, start=tunnel)
     assert [f.dst for f in dns_frames(host.tunnel_capture, tunnel) if f.tcp_flags == 0x02] == [VPN_DNS_V4]
 
 
@@ -410,4 +413,3 @@ def test_a_listed_bridge_is_served_dhcp_while_blocked(host: DockerHost, bridge_d
     server on its bridge; on a bridge not listed it gets none (control)."""
     host.use(name, State.BLOCKED)
     assert offered(host) is (name == "listed")
-

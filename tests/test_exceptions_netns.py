@@ -292,7 +292,9 @@ def test_control_every_probe_leaves_and_gets_in(lab: Lab) -> None:
     lab.use(None)
     left, got_in = run_probes(lab)
     assert left == {p.name for p in PROBES}, f"control: probes that did not leave: {set(p.name for p in PROBES) - left}"
-    assert got_in == {p.name for p in INBOUND}, f"control: inbound that did not arrive: {set(p.name for p in INBOUND) - got_in}"
+    assert got_in == {p.name for p in INBOUND}, (
+        f"control: inbound that did not arrive: {set(p.name for p in INBOUND) - got_in}"
+    )
 
 
 @pytest.mark.parametrize("state", STATES, ids=str)
@@ -319,4 +321,3 @@ def test_dns_through_a_side_vpn_is_counted_as_refused_dns(lab: Lab) -> None:
     before = refused_dns()
     next(p for p in PROBES if p.name == "tailnet-dns").send(lab)
     assert refused_dns() == before + 1
-

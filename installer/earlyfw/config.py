@@ -431,23 +431,21 @@ def parse_network(key: str, value: object) -> IPNetwork:
     address, slash, length = value.partition("/")
     if not slash:
         host = " for that one host" if _is_address(address) else ""
-        length = "128" if ":" in address else "32"
+        bits = "128" if ":" in address else "32"
         raise ConfigError(
             f"{key}: {value!r} has no /prefix length",
-            hint=f"a network in CIDR notation, e.g. {value}/{length}{host}",
+            hint=f"a network in CIDR notation, e.g. {value}/{bits}{host}",
         )
     if "%" in address:
         raise ConfigError(f"{key}: {value!r} carries a zone index", hint="give the network without %zone")
+    if not _PREFIX_LENGTH.fullmatch(length):  # ipaddress also takes netmasks and leading zeros
+        raise ConfigError(f"{key}: {value!r} is not an IPv4 or IPv6 network in CIDR notation")
     try:
-        if not _PREFIX_LENGTH.fullmatch(length):
-            raise ValueError(length)
         network = ipaddress.ip_network(value)
     except ValueError:
         try:
-            loose = ipaddress.ip_network(value, strict=False) if _PREFIX_LENGTH.fullmatch(length) else None
+            loose = ipaddress.ip_network(value, strict=False)
         except ValueError:
-            loose = None
-        if loose is None:
             raise ConfigError(f"{key}: {value!r} is not an IPv4 or IPv6 network in CIDR notation") from None
         raise ConfigError(f"{key}: {value!r} has host bits set", hint=f"the network is {loose}") from None
     if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):

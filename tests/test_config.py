@@ -239,6 +239,8 @@ FIELDS = [
     "egress.interfaces",
     "initramfs.allow",
     "watch.reject_after_seconds",
+    "allow",
+    "forward.via_tunnel",
 ]
 
 
@@ -290,3 +292,191 @@ def test_every_address_form_in_the_rules_is_the_normalised_one() -> None:
     parsed = config.Config.from_dict(data)
     assert parsed.endpoints[0].address == ipaddress.IPv6Address("2001:db8::7")
     assert "2001:db8::7 . udp . 51820" in policy.render(parsed, policy.State.BLOCKED)
+
+
+# --- Precise exceptions: [lan] allow = [networks], [[allow]], [forward] via_tunnel ---
+
+EXCEPTIONS_BAD = [
+    ("lan.allow", ["192.168.1.1/24"], ["lan.allow[0]", "192.168.1.1/24", "host bits"]),
+    ("lan.allow", ["192.168.1.1"], ["lan.allow[0]", "192.168.1.1", "prefix"]),
+    ("lan.allow", ["10.0.0.0/08"], ["lan.allow[0]", "10.0.0.0/08", "CIDR"]),
+    ("lan.allow", ["10.0.0.0/255.0.0.0"], ["lan.allow[0]", "10.0.0.0/255.0.0.0", "CIDR"]),
+    ("lan.allow", ["fe80::%eth0/64"], ["lan.allow[0]", "fe80::%eth0/64", "zone"]),
+    ("lan.allow", ["::ffff:0:0/96"], ["lan.allow[0]", "::ffff:0:0/96", "IPv4-mapped"]),
+    ("lan.allow", ["0.0.0.0/0"], ["lan.allow[0]", "0.0.0.0/0", "every IPv4 address"]),
+    ("lan.allow", ["::/0"], ["lan.allow[0]", "::/0", "every IPv6 address"]),
+    ("lan.allow", ["10.0.0.0/8", "10.1.0.0/16"], ["lan.allow[1]", "10.1.0.0/16", "overlaps lan.allow[0]"]),
+    ("lan.allow", ["fd00::/8", "FD00::/8"], ["lan.allow[1]", "FD00::/8", "repeats lan.allow[0]"]),
+    ("lan.allow", [24], ["lan.allow[0]", "24"]),
+    ("lan.allow", "192.168.1.0/24", ["lan.allow", "192.168.1.0/24", "list of networks"]),
+    ("allow", [{}], ["allow[0].interface", "missing"]),
+    ("allow", [{"interface": "tailscale0", "cidrs": []}], ["allow[0].cidrs", "unknown key"]),
+    ("allow", [{"interface": "wg0"}], ["allow[0].interface", "wg0", "tunnel"]),
+    ("allow", [{"interface": "lo"}], ["allow[0].interface", "lo"]),
+    ("allow", [{"interface": "tail scale"}], ["allow[0].interface", "tail scale"]),
+    ("allow", [{"interface": "ts0"}, {"interface": "ts0"}], ["allow[1].interface", "ts0", "twice"]),
+    ("allow", [{"interface": "ts0", "networks": []}], ["allow[0].networks", "empty"]),
+    ("allow", [{"interface": "ts0", "networks": ["100.64.0.1/10"]}], ["allow[0].networks[0]", "100.64.0.1/10"]),
+    ("allow", [{"interface": "ts0", "dns": "yes"}], ["allow[0].dns", "yes"]),
+    ("allow", {"interface": "ts0"}, ["allow", "array of tables"]),
+    ("forward.via_tunnel", ["docker0", "docker0"], ["forward.via_tunnel[1]", "docker0", "repeats"]),
+    ("forward.via_tunnel", ["br-*", "br-1234"], ["forward.via_tunnel[1]", "br-1234", "overlaps"]),
+    ("forward.via_tunnel", ["w*"], ["forward.via_tunnel[0]", "w*", "wg0"]),
+    ("forward.via_tunnel", ["*"], ["forward.via_tunnel[0]", "'*'"]),
+    ("forward.via_tunnel", ["br-*x"], ["forward.via_tunnel[0]", "br-*x"]),
+    ("forward.via_tunnel", ["a-very-long-bridge*"], ["forward.via_tunnel[0]", "a-very-long-bridge*"]),
+    ("forward.via_tunnel", "docker0", ["forward.via_tunnel", "expected a list"]),
+    ("forward.bridges", ["docker0"], ["forward.bridges", "unknown key"]),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "words"), EXCEPTIONS_BAD, ids=[f"{p}={v!r}" for p, v, _ in EXCEPTIONS_BAD])
+def test_bad_exceptions_name_key_and_value(path: str, value: object, words: list[str]) -> None:
+    test_bad_values_name_key_and_value(path, value, words)
+
+
+def test_cross_key_conflicts_are_refused() -> None:
+    data = base()
+    data["egress"] = {"interfaces": ["eth0"]}
+    data["allow"] = [{"interface": "eth0"}]
+    with pytest.raises(ConfigError, match=r"^allow\[0\]\.interface: 'eth0' is in egress\.interfaces"):
+        config.Config.from_dict(data)
+    data = base()
+    data["allow"] = [{"interface": "virbr0"}]
+    data["forward"] = {"via_tunnel": ["virbr*"]}
+    with pytest.raises(ConfigError, match=r"^forward\.via_tunnel\[0\]: 'virbr\*' matches the \[\[allow\]\] interface"):
+        config.Config.from_dict(data)
+    data = base()
+    data["dns"] = {"servers": []}
+    data["forward"] = {"via_tunnel": ["docker0"]}
+    with pytest.raises(ConfigError, match=r"^forward\.via_tunnel: needs \[dns\] servers$"):
+        config.Config.from_dict(data)
+
+
+def test_lan_allow_keeps_its_boolean_form() -> None:
+    for value in (True, False):
+        parsed = config.Config.from_dict(with_value("lan.allow", value))
+        assert parsed.lan_allow is value and parsed.lan_networks == ()
+        assert policy.lan_networks(parsed, 4) == (policy.LAN_V4 if value else ())
+    empty = config.Config.from_dict(with_value("lan.allow", []))
+    assert empty.lan_allow is False and empty == config.Config.from_dict(base())
+
+
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def covers(pattern: str, name: str) -> bool:
+    """Whether the [forward] via_tunnel entry `pattern` (name or prefix*) matches interface `name`."""
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+
+def network_text(draw: st.DrawFn, version: int, *, whole: bool) -> str:
+    bits = 32 if version == 4 else 128
+    prefix = draw(st.integers(min_value=0 if whole else 1, max_value=bits))
+    address = draw(st.ip_addresses(v=4) if version == 4 else st.ip_addresses(v=6))
+    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(IPV4_MAPPED):
+        network = ipaddress.IPv6Network("2001:db8::/32")
+    return str(network)
+
+
+@st.composite
+def network_lists(draw: st.DrawFn, *, whole: bool) -> list[str]:
+    """Networks of both families, none overlapping another."""
+    picked: list[config.IPNetwork] = []
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        candidate = ipaddress.ip_network(network_text(draw, draw(st.sampled_from([4, 6])), whole=whole))
+        if not any(candidate.version == p.version and candidate.overlaps(p) for p in picked):
+            picked.append(candidate)
+    return [str(n) for n in picked]
+
+
+bridge_names = st.one_of(valid_ifnames, valid_ifnames.filter(lambda n: len(n) <= 14).map(lambda n: n + "*"))
+
+
+@st.composite
+def documents_with_exceptions(draw: st.DrawFn) -> dict[str, Any]:
+    data: dict[str, Any] = draw(valid_documents)
+    tunnel = data["tunnel"]["interface"]
+    if draw(st.booleans()):
+        data["lan"] = {"allow": draw(network_lists(whole=False))}
+    names = draw(st.lists(valid_ifnames.filter(lambda n: n not in {tunnel, "lo"}), max_size=3, unique=True))
+    data["allow"] = []
+    for name in names:
+        entry: dict[str, Any] = {"interface": name}
+        if draw(st.booleans()):
+            entry["networks"] = draw(network_lists(whole=True))
+        if draw(st.booleans()):
+            entry["dns"] = draw(st.booleans())
+        data["allow"].append(entry)
+    bridges: list[str] = []
+    for pattern in draw(st.lists(bridge_names, max_size=3)):
+        stem = pattern.rstrip("*")
+        if any(covers(pattern, name) for name in (tunnel, "lo", *names)):
+            continue
+        if any(covers(b, stem) or covers(pattern, b.rstrip("*")) for b in bridges):
+            continue
+        bridges.append(pattern)
+    if bridges:
+        data["forward"] = {"via_tunnel": bridges}
+        data["dns"]["servers"] = data["dns"]["servers"] or ["10.64.0.1"]
+    return data
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents_with_exceptions())
+def test_exceptions_render_rulesets_nft_accepts_and_round_trip(data: dict[str, Any]) -> None:
+    parsed = config.Config.from_dict(data)
+    assert len(parsed.forward_via_tunnel) == len(data.get("forward", {}).get("via_tunnel", []))
+    assert config.parse(parsed.to_toml()) == parsed
+    assert_renders_for_nft(parsed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.tuples(st.ip_addresses(v=4), st.integers(0, 32)) | st.tuples(st.ip_addresses(v=6), st.integers(0, 128)))
+def test_host_bits_are_refused_with_the_network_named(spec: tuple[config.IPAddress, int]) -> None:
+    address, prefix = spec
+    text = f"{address}/{prefix}"
+    network = ipaddress.ip_network(text, strict=False)
+    try:
+        parsed = config.Config.from_dict(with_value("lan.allow", [text]))
+    except ConfigError as e:
+        message = str(e)
+        assert "\n" not in message and message.startswith(f"lan.allow[0]: {text!r} ")
+        if network.network_address != address:
+            assert "host bits" in message and e.hint == f"the network is {network}"
+        elif prefix == 0:
+            assert "every" in message
+        else:
+            assert isinstance(network, ipaddress.IPv6Network) and network.subnet_of(IPV4_MAPPED), message
+        return
+    assert network.network_address == address and parsed.lan_networks == (network,)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=24), anything))
+def test_anything_as_a_network_is_a_network_or_one_line(value: object) -> None:
+    for path, key in (("lan.allow", "lan.allow[0]"), ("allow", "allow[0].networks[0]")):
+        listed = [value]
+        data = with_value(path, listed if path == "lan.allow" else [{"interface": "ts0", "networks": listed}])
+        try:
+            parsed = config.Config.from_dict(data)
+        except ConfigError as e:
+            assert "\n" not in str(e) and str(e).startswith(key)
+            continue
+        network = (parsed.lan_networks or parsed.allow[0].networks)[0]
+        assert isinstance(value, str) and ipaddress.ip_network(value) == network
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=20))
+def test_only_safe_names_reach_the_exception_rules(name: str) -> None:
+    for data in (with_value("allow", [{"interface": name}]), with_value("forward.via_tunnel", [name])):
+        try:
+            parsed = config.Config.from_dict(data)
+        except ConfigError as e:
+            assert "\n" not in str(e)
+            continue
+        assert len(name.encode()) <= 15
+        assert all(c.isascii() and (c.isalnum() or c in "_.-") for c in name.removesuffix("*"))
+        assert f'"{name}"' in policy.render(parsed, policy.State.RELAXED)

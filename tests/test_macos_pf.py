@@ -454,3 +454,58 @@ def test_interface_must_be_a_utun_device(name: str) -> None:
     with pytest.raises(ConfigError, match=f"'{name}' is not a macOS tunnel device") as e:
         macos.render(cfg)
     assert e.value.hint and "utun9" in e.value.hint
+
+
+# --- Precise exceptions: [lan] allow = [networks], [[allow]] ------------------------
+
+EXCEPTIONS_CONFIG = config.parse(
+    EXAMPLE.read_text()
+    .replace('interface = "wg0"', 'interface = "utun9"')
+    .replace("allow = false", 'allow = ["192.168.1.0/24"]')
+    + '[[allow]]\ninterface = "utun5"\nnetworks = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]\n'
+    + '[[allow]]\ninterface = "utun6"\ndns = true\n'
+)
+
+
+def test_lan_networks_are_exactly_the_listed_ones() -> None:
+    anchor = Anchor(EXCEPTIONS_CONFIG)
+    assert [str(n) for n in anchor.main.tables[macos.LAN_TABLE].entries] == ["192.168.1.0/24"]
+    assert anchor.verdict(out("192.168.1.20", 445, proto="tcp")) == "pass"
+    assert anchor.verdict(inbound("192.168.1.20", 445, proto="tcp")) == "pass"
+    # Built-in LAN ranges that are not listed, and DNS to the listed LAN, stay refused.
+    assert anchor.verdict(out("192.168.2.1", 445, proto="tcp")) == "return"
+    assert anchor.verdict(out("10.0.0.1", 445, proto="tcp")) == "return"
+    assert anchor.verdict(inbound("fe80::1", 5353)) == "drop"
+    assert anchor.verdict(out("192.168.1.1", 53)) == "return"
+    # Control: the same refused probe passes with [lan] allow = true.
+    assert Anchor(LAN_TCP_CONFIG).verdict(out("10.0.0.1", 445, proto="tcp")) == "pass"
+
+
+def test_an_allowed_interface_passes_its_networks_and_no_dns() -> None:
+    anchor = Anchor(EXCEPTIONS_CONFIG)
+    for relaxed in (False, True):
+        assert anchor.verdict(out("100.101.5.5", 9999, on="utun5"), relaxed=relaxed) == "pass"
+        assert anchor.verdict(out("fd7a:115c:a1e0::5", 443, proto="tcp", on="utun5"), relaxed=relaxed) == "pass"
+        assert anchor.verdict(inbound("100.101.5.5", 9999, on="utun5"), relaxed=relaxed) == "pass"
+        assert anchor.verdict(out("100.100.100.100", 53, on="utun5"), relaxed=relaxed) == "return"
+        assert anchor.verdict(out("203.0.113.77", 443, proto="tcp", on="utun5"), relaxed=relaxed) == "return"
+        # Bound to the device: the same address through another interface is refused.
+        assert anchor.verdict(out("100.101.5.5", 9999, on="en0"), relaxed=relaxed) == "return"
+        # dns = true and no networks: everything through utun6, its DNS too.
+        assert anchor.verdict(out("100.100.100.100", 53, on="utun6"), relaxed=relaxed) == "pass"
+        assert anchor.verdict(out("203.0.113.77", 443, proto="tcp", on="utun6"), relaxed=relaxed) == "pass"
+    # Control: without the [[allow]] entries utun5 is as blocked as anything else.
+    assert Anchor(EXAMPLE_CONFIG).verdict(out("100.101.5.5", 9999, on="utun5")) == "return"
+    assert without_earlyfw(out("100.101.5.5", 9999, on="utun5")) == "default"
+
+
+def test_what_pf_cannot_do_is_refused_in_one_line() -> None:
+    text = EXAMPLE.read_text().replace('interface = "wg0"', 'interface = "utun9"')
+    for extra, words in (
+        ('[forward]\nvia_tunnel = ["bridge100"]\n', "forward.via_tunnel is not supported by the macos target"),
+        ('[[allow]]\ninterface = "utun"\n', "allow[0].interface: 'utun' is not one macOS device"),
+        ('[[allow]]\ninterface = "Tailscale0"\n', "allow[0].interface: 'Tailscale0' is not one macOS device"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            macos.render(config.parse(text + extra))
+        assert str(caught.value).startswith(words) and "\n" not in str(caught.value)

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from earlyfw import config as configuration
 from earlyfw import policy
 from earlyfw.config import Config, IPAddress
-from earlyfw.errors import EarlyfwError
+from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.windows import engine, rules, security
 from earlyfw.windows import structs as s
 from earlyfw.windows.rules import Action, Interface, Layer
@@ -71,7 +71,10 @@ allow = true
 MANY = "[tunnel]\nkind = 'manual'\ninterface = 'vpn'\n" + "".join(
     f"[[endpoint]]\naddress = '198.51.100.{i}'\nport = {40000 + i}\n" for i in range(1, 71)
 )
-CONFIGS = {"example": EXAMPLE, "openvpn-lan": OPENVPN_LAN, "many": MANY}
+# [lan] allow as a list, IPv6 only: the IPv4 LAN stays blocked, and no LAN
+# permit without an address condition (which would permit every address).
+LAN_LIST = EXAMPLE + '[lan]\nallow = ["fd00::/64", "2001:db8:99::/64"]\n'
+CONFIGS = {"example": EXAMPLE, "openvpn-lan": OPENVPN_LAN, "many": MANY, "lan-list": LAN_LIST}
 
 
 def load(name: str) -> Config:
@@ -339,13 +342,13 @@ def permitted_by_policy(config: Config, state: str, p: Packet) -> bool:
             return True
         if not out and p.local_port == 130 and _in(p.remote, "fe80::/10"):
             return True
-    lan = policy.LAN_V4 if p.layer.version == 4 else policy.LAN_V6
-    return config.lan_allow and any(p.remote in n for n in lan)
+    return any(p.remote in n for n in policy.lan_networks(config, p.layer.version))
 
 
 INTERESTING_V4 = ["10.1.2.3", "192.168.1.1", "169.254.3.4", "172.16.5.4", "255.255.255.255", "224.0.0.251"]
 INTERESTING_V4 += ["8.8.8.8", "203.0.113.9", "198.51.100.8", "10.64.0.1", "10.8.0.1"]
 INTERESTING_V6 = ["fe80::1", "ff02::1:2", "ff02::1", "ff02::2", "::", "fd00::53", "fd00::1", "2001:db8::99"]
+INTERESTING_V6 += ["2001:db8:99::5", "fd00:1::1"]
 PORTS = [53, 853, 67, 68, 546, 547, 443, 80, 1194, 51820, *range(129, 144)]
 
 
@@ -405,7 +408,7 @@ def enforced(name: str, state: str) -> tuple[Config, list[DecodedFilter]]:
 
 
 @pytest.mark.parametrize("state", ["boot", "blocked", "relaxed"])
-@pytest.mark.parametrize("name", ["example", "openvpn-lan"])
+@pytest.mark.parametrize("name", ["example", "openvpn-lan", "lan-list"])
 def test_nothing_is_permitted_that_the_policy_does_not_permit(name: str, state: str) -> None:
     config, filters = enforced(name, state)
 
@@ -725,3 +728,23 @@ def test_the_model_rejects_what_bfe_rejects(bfe: RecordingBfe) -> None:
         structure.weight.uint8 = 16
         assert session.call("FwpmFilterAdd0", session.handle, ctypes.byref(structure), None, None, ok=[0x80320025])
     clean(bfe)
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ('[[allow]]\ninterface = "tailscale0"\n', "allow"),
+        ('[forward]\nvia_tunnel = ["docker0"]\n', "forward.via_tunnel"),
+    ],
+)
+def test_linux_only_keys_are_refused_not_ignored(bfe: RecordingBfe, extra: str, key: str) -> None:
+    """[[allow]] and [forward] via_tunnel have no WFP equivalent earlyfw writes:
+    install and relax refuse them in one line, and BFE is left untouched."""
+    config = configuration.parse(EXAMPLE + extra)
+    with pytest.raises(ConfigError) as caught:
+        engine.install(bfe, config)
+    assert str(caught.value).startswith(key) and "windows target" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert bfe.filters() == []
+    with pytest.raises(ConfigError):
+        rules.relax_set(config, Interface("wg0", TUNNEL_LUID))

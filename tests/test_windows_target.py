@@ -91,6 +91,18 @@ def test_install_into_a_root_writes_the_windows_files(tmp_path: Path) -> None:
     assert not data.exists()
 
 
+@pytest.mark.parametrize(
+    "extra",
+    ['[[allow]]\ninterface = "tailscale0"\n', '[forward]\nvia_tunnel = ["docker0"]\n'],
+    ids=["allow", "forward"],
+)
+def test_linux_only_keys_are_refused_before_anything_is_written(tmp_path: Path, extra: str) -> None:
+    cfg = configuration.parse(EXAMPLE.read_text() + extra)
+    with pytest.raises(ConfigError, match="not supported by the windows target"):
+        installer.install(cfg, Root(tmp_path), RecordingRunner(), ["windows"])
+    assert not (tmp_path / "ProgramData").exists()
+
+
 def test_manual_tunnels_get_no_watcher_task(tmp_path: Path) -> None:
     report = installer.install(config("manual"), Root(tmp_path), RecordingRunner(), ["windows"])
     assert windows.TASK_PATH not in report.written

@@ -24,6 +24,7 @@ from earlyfw.errors import ConfigError
 E = TypeVar("E", bound=StrEnum)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Linux allows almost any byte in an interface name; earlyfw accepts the subset
 # that is safe unquoted in nft, shell, systemd and pf, and refuses the rest.
@@ -83,6 +84,20 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Allow:
+    """An [[allow]] entry: another interface (a side VPN such as tailscale0)
+    whose traffic passes in every state, only to and from `networks` when
+    they are given. DNS through it is refused unless `dns` is true."""
+
+    interface: str
+    networks: tuple[IPNetwork, ...] = ()
+    dns: bool = False
+
+    def networks_of(self, version: int) -> tuple[IPNetwork, ...]:
+        return tuple(n for n in self.networks if n.version == version)
+
+
+@dataclass(frozen=True)
 class Config:
     tunnel_kind: TunnelKind
     interface: str
@@ -100,6 +115,14 @@ class Config:
     # Windows only: the tunnel adapter's name where it is not a valid Linux
     # interface name; `interface` otherwise.
     adapter: str | None = None
+    # [lan] allow = ["192.168.1.0/24", ...]: exactly these networks instead of
+    # the built-in LAN ranges; lan_allow is then true.
+    lan_networks: tuple[IPNetwork, ...] = ()
+    # [[allow]]: other interfaces whose traffic passes in every state.
+    allow: tuple[Allow, ...] = ()
+    # [forward] via_tunnel: bridges (docker0, virbr0, br-*) whose forwarded
+    # traffic leaves only through the tunnel, their DNS sent to [dns] servers.
+    forward_via_tunnel: tuple[str, ...] = ()
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -115,10 +138,13 @@ class Config:
     def initramfs_allow_of(self, version: int) -> tuple[Endpoint, ...]:
         return tuple(e for e in self.initramfs_allow if e.family == version)
 
+    def lan_networks_of(self, version: int) -> tuple[IPNetwork, ...]:
+        return tuple(n for n in self.lan_networks if n.version == version)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: Path | None = None) -> Config:
         doc = _Doc(data, "")
-        doc.only({"tunnel", "endpoint", "dns", "lan", "egress", "initramfs", "watch"})
+        doc.only({"tunnel", "endpoint", "dns", "lan", "egress", "initramfs", "watch", "allow", "forward"})
 
         tunnel = doc.table("tunnel", required=True)
         tunnel.only({"kind", "interface", "adapter"})
@@ -142,6 +168,7 @@ class Config:
 
         lan = doc.table("lan")
         lan.only({"allow"})
+        lan_allow, lan_networks = _lan_allow(lan)
 
         egress = doc.table("egress")
         egress.only({"interfaces"})
@@ -153,6 +180,9 @@ class Config:
                 f"egress.interfaces: {interface!r} is the tunnel interface",
                 hint="list the physical interfaces (e.g. eth0, wlan0), never the tunnel",
             )
+
+        allow = _allow_entries(doc, interface, egress_interfaces)
+        via_tunnel = _via_tunnel(doc, interface, allow, servers)
 
         initramfs = doc.table("initramfs")
         initramfs.only({"allow"})
@@ -180,12 +210,15 @@ class Config:
             interface=interface,
             endpoints=endpoints,
             dns_servers=servers,
-            lan_allow=lan.boolean("allow", default=False),
+            lan_allow=lan_allow,
             egress_interfaces=egress_interfaces,
             initramfs_allow=initramfs_allow,
             reject_after_seconds=reject_after,
             openvpn_management=None if management is None else _socket_path("watch.openvpn_management", management),
             adapter=adapter,
+            lan_networks=lan_networks,
+            allow=allow,
+            forward_via_tunnel=via_tunnel,
             source=source,
         )
 
@@ -195,7 +228,7 @@ class Config:
             "tunnel": {"kind": str(self.tunnel_kind), "interface": self.interface},
             "endpoint": [endpoint_dict(e) for e in self.endpoints],
             "dns": {"servers": [str(a) for a in self.dns_servers]},
-            "lan": {"allow": self.lan_allow},
+            "lan": {"allow": [str(n) for n in self.lan_networks] if self.lan_networks else self.lan_allow},
         }
         if self.adapter is not None:
             data["tunnel"]["adapter"] = self.adapter
@@ -207,6 +240,10 @@ class Config:
             data.setdefault("watch", {})["reject_after_seconds"] = self.reject_after_seconds
         if self.openvpn_management is not None:
             data.setdefault("watch", {})["openvpn_management"] = str(self.openvpn_management)
+        if self.allow:
+            data["allow"] = [allow_dict(a) for a in self.allow]
+        if self.forward_via_tunnel:
+            data["forward"] = {"via_tunnel": list(self.forward_via_tunnel)}
         return data
 
     def to_toml(self) -> str:
@@ -378,6 +415,169 @@ def _socket_path(key: str, value: object) -> Path:
             'e.g. "/run/openvpn/client.sock"',
         )
     return Path(value)
+
+
+# --- Precise exceptions: [lan] allow = [networks], [[allow]], [forward] ------
+
+_PREFIX_LENGTH = re.compile(r"0|[1-9][0-9]{0,2}")
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def parse_network(key: str, value: object) -> IPNetwork:
+    """A network in CIDR notation, host bits clear: what an nft interval set,
+    a pf table and a WFP address condition all hold alike."""
+    if not isinstance(value, str):
+        raise ConfigError(f'{key}: expected a network string such as "192.168.1.0/24", got {_show(value)}')
+    address, slash, length = value.partition("/")
+    if not slash:
+        host = " for that one host" if _is_address(address) else ""
+        bits = "128" if ":" in address else "32"
+        raise ConfigError(
+            f"{key}: {value!r} has no /prefix length",
+            hint=f"a network in CIDR notation, e.g. {value}/{bits}{host}",
+        )
+    if "%" in address:
+        raise ConfigError(f"{key}: {value!r} carries a zone index", hint="give the network without %zone")
+    if not _PREFIX_LENGTH.fullmatch(length):  # ipaddress also takes netmasks and leading zeros
+        raise ConfigError(f"{key}: {value!r} is not an IPv4 or IPv6 network in CIDR notation")
+    try:
+        network = ipaddress.ip_network(value)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not an IPv4 or IPv6 network in CIDR notation") from None
+        raise ConfigError(f"{key}: {value!r} has host bits set", hint=f"the network is {loose}") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        # Such packets go on the wire as IPv4: the ip6 rule would never match.
+        raise ConfigError(f"{key}: {value!r} is IPv4-mapped IPv6", hint="write the IPv4 network instead")
+    return network
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _networks(key: str, values: list[object], *, everything: bool) -> tuple[IPNetwork, ...]:
+    """Networks that neither repeat nor overlap: each address is covered by one
+    element only, so every set loads without merging and reads as written."""
+    networks: list[IPNetwork] = []
+    for i, value in enumerate(values):
+        network = parse_network(f"{key}[{i}]", value)
+        if network.prefixlen == 0 and not everything:
+            raise ConfigError(
+                f"{key}[{i}]: {value!r} is every IPv{network.version} address, which leaves nothing blocked",
+                hint="list the networks you mean, e.g. 192.168.1.0/24",
+            )
+        for j, earlier in enumerate(networks):
+            if network.version == earlier.version and network.overlaps(earlier):
+                what = "repeats" if network == earlier else "overlaps"
+                raise ConfigError(f"{key}[{i}]: {value!r} {what} {key}[{j}] {str(earlier)!r}")
+        networks.append(network)
+    return tuple(networks)
+
+
+def _lan_allow(lan: _Doc) -> tuple[bool, tuple[IPNetwork, ...]]:
+    """[lan] allow: true (the built-in LAN ranges), false, or exactly these networks."""
+    value = lan.get("allow", default=False)
+    if isinstance(value, bool):
+        return value, ()
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{lan.key('allow')}: expected true or false, or a list of networks, got {_show(value)}",
+            hint='true: the private and link-local ranges; or exactly yours: ["192.168.1.0/24", "fd00:1::/64"]',
+        )
+    networks = _networks(lan.key("allow"), value, everything=False)
+    return bool(networks), networks
+
+
+def _allow_entries(doc: _Doc, tunnel: str, egress: tuple[str, ...]) -> tuple[Allow, ...]:
+    entries: list[Allow] = []
+    for entry in doc.array_of_tables("allow"):
+        entry.only({"interface", "networks", "dns"})
+        key = entry.key("interface")
+        name = _interface_name(key, entry.get("interface", required=True))
+        if name == tunnel:
+            raise ConfigError(f"{key}: {name!r} is the tunnel interface", hint="[[allow]] names other interfaces")
+        if name == "lo":
+            raise ConfigError(f"{key}: 'lo' is always allowed")
+        if name in egress:
+            raise ConfigError(
+                f"{key}: {name!r} is in egress.interfaces, a physical link: allowing it whole bypasses the kill switch",
+                hint="for hosts on that link use [lan] allow = [networks]",
+            )
+        if any(e.interface == name for e in entries):
+            raise ConfigError(f"{key}: {name!r} is listed twice", hint="one [[allow]] per interface")
+        networks: tuple[IPNetwork, ...] = ()
+        if "networks" in entry.data:
+            networks = _networks(entry.key("networks"), entry.items("networks"), everything=True)
+            if not networks:
+                raise ConfigError(
+                    f"{entry.key('networks')}: an empty list allows nothing",
+                    hint=f"leave networks out to allow every address through {name}",
+                )
+        entries.append(Allow(name, networks, entry.boolean("dns", default=False)))
+    return tuple(entries)
+
+
+def _interface_pattern(key: str, value: object) -> str:
+    """An interface name, or a prefix ending in `*` (br-*: Docker names each
+    network's bridge br-<id>). Only nft reads these, always quoted."""
+    if not (isinstance(value, str) and value.endswith("*")):
+        return _interface_name(key, value)
+    prefix = value[:-1]
+    if prefix in {"", ".", ".."} or not _IFNAME.fullmatch(prefix) or len(value.encode()) >= IFNAMSIZ:
+        raise ConfigError(
+            f"{key}: {value!r} is not an interface name or name prefix earlyfw accepts",
+            hint="a name (docker0) or a prefix and * (br-*), at most 15 bytes of letters, digits, '_', '.' and '-'",
+        )
+    return value
+
+
+def _covers(pattern: str, name: str) -> bool:
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+
+def _via_tunnel(doc: _Doc, tunnel: str, allow: tuple[Allow, ...], servers: tuple[IPAddress, ...]) -> tuple[str, ...]:
+    forward = doc.table("forward")
+    forward.only({"via_tunnel"})
+    names: list[str] = []
+    for i, value in enumerate(forward.items("via_tunnel")):
+        key = f"{forward.key('via_tunnel')}[{i}]"
+        name = _interface_pattern(key, value)
+        for other in (tunnel, "lo"):
+            if _covers(name, other):
+                raise ConfigError(f"{key}: {name!r} matches {other!r}", hint="list the bridges: docker0, virbr0, br-*")
+        for entry in allow:
+            if _covers(name, entry.interface):
+                raise ConfigError(
+                    f"{key}: {name!r} matches the [[allow]] interface {entry.interface!r}, "
+                    "whose traffic passes outside the tunnel"
+                )
+        for j, earlier in enumerate(names):
+            if _covers(earlier, name.rstrip("*")) or _covers(name, earlier.rstrip("*")):
+                what = "repeats" if name == earlier else "overlaps"
+                raise ConfigError(f"{key}: {name!r} {what} {forward.key('via_tunnel')}[{j}] {earlier!r}")
+        names.append(name)
+    if names and not servers:
+        raise ConfigError(
+            f"{forward.key('via_tunnel')}: needs [dns] servers",
+            hint="the bridges' DNS is sent to the VPN's resolvers: list them in [dns] servers",
+        )
+    return tuple(names)
+
+
+def allow_dict(a: Allow) -> dict[str, Any]:
+    data: dict[str, Any] = {"interface": a.interface}
+    if a.networks:
+        data["networks"] = [str(n) for n in a.networks]
+    if a.dns:
+        data["dns"] = True
+    return data
 
 
 def _show(value: object) -> str:

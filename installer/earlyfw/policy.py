@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from earlyfw import templates
-from earlyfw.config import Config
+from earlyfw.config import Config, IPNetwork
 
 TABLE = "earlyfw"
 EGRESS_TABLE = "earlyfw_egress"
@@ -69,6 +69,16 @@ LAN_V4 = tuple(
     )
 )
 LAN_V6 = tuple(ipaddress.IPv6Network(n) for n in ("fe80::/10", "fc00::/7", "ff02::/16"))
+
+
+def lan_networks(config: Config, version: int) -> tuple[IPNetwork, ...]:
+    """What the LAN exception covers, on every system: the ranges above for
+    `[lan] allow = true`, exactly the listed networks for a list, else nothing."""
+    if config.lan_networks:
+        return config.lan_networks_of(version)
+    if config.lan_allow:
+        return LAN_V4 if version == 4 else LAN_V6
+    return ()
 
 
 class State(StrEnum):
@@ -165,6 +175,6 @@ def context(config: Config, state: State) -> dict[str, object]:
         "egress_counters": list(EGRESS_COUNTERS),
         "endpoint_sets": ENDPOINT_SETS,
         "dns_ports": DNS_PORTS,
-        "lan_v4": LAN_V4,
-        "lan_v6": LAN_V6,
+        "lan_v4": lan_networks(config, 4),
+        "lan_v6": lan_networks(config, 6),
     }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -470,10 +470,16 @@ def _icmp_number(tokens: _Tokens, names: Mapping[str, int]) -> int:
 # --- What earlyfw's own anchors must look like -------------------------------
 
 
-def check_main(ruleset: PfRuleset, interface: str, tunnel_anchor: str) -> None:
+def is_device(name: str) -> bool:
+    """One device (utun5), not a group (utun) that pf would match every member of."""
+    return _DEVICE.fullmatch(name) is not None
+
+
+def check_main(ruleset: PfRuleset, interface: str, tunnel_anchor: str, *, allowed: Collection[str] = ()) -> None:
     """The shape of earlyfw's anchor: loopback first, the tunnel sub-anchor
     right before the catch-all blocks, those last for both families, and no
-    rule before them that passes anything on a tunnel device."""
+    rule before them that passes anything on a tunnel device. Rules name no
+    interface but the tunnel (negated), lo0 and the `allowed` ([[allow]]) ones."""
     rules = ruleset.rules
     if len(rules) < 6:
         raise PfError(rules[-1].line if rules else 0, "too few rules for an earlyfw anchor")
@@ -498,7 +504,7 @@ def check_main(ruleset: PfRuleset, interface: str, tunnel_anchor: str) -> None:
     for rule in ruleset.filter_rules():
         if rule.interface == interface and not rule.interface_negated:
             raise PfError(rule.line, f"{interface} belongs in the tunnel sub-anchor, loaded only once it is up")
-        if rule.interface and rule.interface not in (interface, "lo0"):
+        if rule.interface and rule.interface not in (interface, "lo0", *allowed):
             raise PfError(rule.line, f"unexpected interface {rule.interface}")
     first = rules[0]
     if not (isinstance(first, Rule) and first.action is Action.PASS and first.interface == "lo0"):

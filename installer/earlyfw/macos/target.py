@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from earlyfw import policy, templates
-from earlyfw.config import Config, Endpoint, IPAddress, Transport, TunnelKind
+from earlyfw.config import Config, Endpoint, IPAddress, IPNetwork, Transport, TunnelKind
 from earlyfw.errors import CommandError, ConfigError, EarlyfwError
 from earlyfw.macos import pf
 from earlyfw.policy import State
@@ -131,8 +131,53 @@ class EndpointGroup:
 
     @property
     def families(self) -> tuple[str, ...]:
-        versions = {a.version for a in self.addresses}
-        return tuple(name for name, version in (("inet", 4), ("inet6", 6)) if version in versions)
+        return families(self.addresses)
+
+
+def families(addresses: Iterable[IPAddress | IPNetwork]) -> tuple[str, ...]:
+    """pf's family keywords for the address versions present, inet first."""
+    versions = {a.version for a in addresses}
+    return tuple(name for name, version in (("inet", 4), ("inet6", 6)) if version in versions)
+
+
+@dataclass(frozen=True)
+class AllowedInterface:
+    """An [[allow]] entry as pf rules: one device, its networks in one table."""
+
+    index: int
+    interface: str
+    networks: tuple[IPNetwork, ...]
+    dns: bool
+
+    @property
+    def table(self) -> str:
+        return f"earlyfw_allow{self.index}"
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return families(self.networks)
+
+
+def allowed_interfaces(config: Config) -> tuple[AllowedInterface, ...]:
+    entries = []
+    for i, entry in enumerate(config.allow):
+        if not pf.is_device(entry.interface):
+            raise ConfigError(
+                f"allow[{i}].interface: {entry.interface!r} is not one macOS device",
+                hint="give the exact device, a lowercase name ending in its unit number (utun5, en1): "
+                "pf reads any other name as a group of devices",
+            )
+        entries.append(AllowedInterface(i, entry.interface, entry.networks, entry.dns))
+    return tuple(entries)
+
+
+def refuse_unsupported(config: Config) -> None:
+    if config.forward_via_tunnel:
+        raise ConfigError(
+            "forward.via_tunnel is not supported by the macos target: pf would need rdr rules in Apple's nat anchors "
+            "for the bridges' DNS, which earlyfw does not write",
+            hint="remove [forward] from the config for macOS; what the Mac forwards stays blocked outside the tunnel",
+        )
 
 
 def endpoint_groups(endpoints: Iterable[Endpoint]) -> tuple[EndpointGroup, ...]:
@@ -183,12 +228,17 @@ def render(config: Config, layout: Layout = LAYOUT) -> Rendered:
     """Every file of the target, each checked against the pf subset and the
     anchor's required shape before it can be written."""
     interface = require_utun(config.interface)
+    refuse_unsupported(config)
+    allow = allowed_interfaces(config)
     common = {"anchor": ANCHOR, "tunnel": TUNNEL, "interface": interface, "dns_ports": policy.DNS_PORTS}
+    lan = (*policy.lan_networks(config, 4), *policy.lan_networks(config, 6))
     rules = templates.render(
         f"{TEMPLATES}/earlyfw.pf.j2",
         groups=endpoint_groups(config.endpoints),
-        lan=(*policy.LAN_V4, *policy.LAN_V6) if config.lan_allow else (),
+        lan=lan,
+        lan_families=families(lan),
         lan_table=LAN_TABLE,
+        allow=allow,
         **common,
     )
     tunnel = templates.render(
@@ -200,7 +250,7 @@ def render(config: Config, layout: Layout = LAYOUT) -> Rendered:
     emergency = templates.render(f"{TEMPLATES}/emergency.pf.j2", **common)
     try:
         main = pf.parse(rules)
-        pf.check_main(main, interface, TUNNEL)
+        pf.check_main(main, interface, TUNNEL, allowed=[a.interface for a in allow])
         pf.check_tunnel(pf.parse(tunnel), interface)
         pf.parse(emergency)
     except pf.PfError as e:  # a template bug, never a user error: refuse to write it

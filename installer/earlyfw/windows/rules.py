@@ -19,7 +19,7 @@ output chain:
       unicast and replies only for the DHCP client service), DHCPv6 and
       neighbour discovery, link-local   permit
    6  DNS anywhere else                  block
-   4  the LAN ([lan] allow = true)       permit
+   4  the LAN ([lan] allow)              permit
    0  everything                         block
 
 The block-all and loopback filters exist twice: as boot-time filters, which
@@ -40,6 +40,7 @@ from typing import Any
 
 from earlyfw import policy
 from earlyfw.config import Config, Endpoint, Transport, TunnelKind
+from earlyfw.errors import ConfigError
 from earlyfw.windows import security
 from earlyfw.windows import structs as s
 
@@ -382,9 +383,11 @@ def _dns(
     return Filter(role, layer, lifetime, action, weight, (*tunnel, *dns, *resolvers))
 
 
-def _lan(layer: Layer) -> Filter:
-    networks: tuple[Network, ...] = policy.LAN_V4 if layer.version == 4 else policy.LAN_V6
-    return Filter(
+def _lan(config: Config, layer: Layer) -> Iterator[Filter]:
+    networks: tuple[Network, ...] = policy.lan_networks(config, layer.version)
+    if not networks:
+        return  # a permit with no address condition would permit every address
+    yield Filter(
         "lan",
         layer,
         Lifetime.PERSISTENT,
@@ -394,7 +397,25 @@ def _lan(layer: Layer) -> Filter:
     )
 
 
+def refuse_unsupported(config: Config) -> None:
+    """The Linux-only keys, refused rather than ignored: a config that asks
+    for them must not install as if it had not."""
+    if config.allow:
+        raise ConfigError(
+            f"allow: [[allow]] {config.allow[0].interface!r} is not supported by the windows target: "
+            "WFP names an interface by its LUID, which exists only while the adapter does",
+            hint="for addresses reached outside the tunnel use [lan] allow = [networks]",
+        )
+    if config.forward_via_tunnel:
+        raise ConfigError(
+            "forward.via_tunnel is not supported by the windows target: what Windows forwards (ICS, Hyper-V NAT) "
+            "already leaves only through the tunnel, and WFP cannot redirect DNS without a callout driver",
+            hint="remove [forward] from the config for Windows",
+        )
+
+
 def persistent_set(config: Config) -> tuple[Filter, ...]:
+    refuse_unsupported(config)
     filters: list[Filter] = []
     for layer in Layer:
         filters += _always(layer, Lifetime.PERSISTENT)
@@ -408,8 +429,7 @@ def persistent_set(config: Config) -> tuple[Filter, ...]:
             filters += _neighbour_discovery(layer)
         if layer.outbound:
             filters.append(_dns(layer, "dns", Lifetime.PERSISTENT, Action.BLOCK, Weight.DNS_BLOCK))
-        if config.lan_allow:
-            filters.append(_lan(layer))
+        filters += _lan(config, layer)
     return tuple(filters)
 
 
@@ -429,6 +449,7 @@ RELAX_ROLES = (
 
 def relax_set(config: Config, tunnel: Interface) -> tuple[Filter, ...]:
     """The permits `earlyfw relax` adds on top of the blocked state."""
+    refuse_unsupported(config)
     on_tunnel = (Condition(Field.LOCAL_INTERFACE, tunnel),)
     filters: list[Filter] = []
     for layer in Layer:

@@ -113,6 +113,7 @@ class Windows(Target):
         return System.WINDOWS.is_current
 
     def plan(self, config: Config) -> Plan:
+        rules.refuse_unsupported(config)
         if self.root.is_host and not System.WINDOWS.is_current:
             # Refused here, while every target is still planning: nothing written.
             raise EarlyfwError(

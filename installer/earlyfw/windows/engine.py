@@ -18,13 +18,15 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from ctypes import POINTER, byref, c_uint32, c_uint64, c_void_p
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
 from earlyfw.windows import rules
 from earlyfw.windows import structs as s
 from earlyfw.windows.rules import Field, Filter, Interface, Layer, Lifetime
+
+R = TypeVar("R")
 
 SESSION_NAME = "earlyfw"
 # How long a transaction waits for another session's to finish.
@@ -239,23 +241,12 @@ class Session:
         """Every sublayer BFE has: key, name, weight."""
         enum = c_void_p()
         self.call("FwpmSubLayerCreateEnumHandle0", self.handle, None, byref(enum))
-        found: list[tuple[uuid.UUID, str, int]] = []
-        try:
-            while True:
-                entries = POINTER(POINTER(s.FWPM_SUBLAYER0))()
-                count = c_uint32()
-                self.call("FwpmSubLayerEnum0", self.handle, enum, ENUM_BATCH, byref(entries), byref(count))
-                try:
-                    for i in range(count.value):
-                        sl = entries[i].contents
-                        found.append((sl.subLayerKey.to_uuid(), sl.displayData.name or "", int(sl.weight)))
-                finally:
-                    memory = ctypes.cast(entries, c_void_p)
-                    self.fn["FwpmFreeMemory0"](byref(memory))
-                if count.value < ENUM_BATCH:
-                    return found
-        finally:
-            self.fn["FwpmSubLayerDestroyEnumHandle0"](self.handle, enum)
+        return self._drain(
+            "FwpmSubLayer",
+            s.FWPM_SUBLAYER0,
+            enum,
+            lambda sl: (sl.subLayerKey.to_uuid(), sl.displayData.name or "", int(sl.weight)),
+        )
 
     def filters(self) -> list[Found]:
         """Every filter of earlyfw's provider, boot-time ones included."""
@@ -274,23 +265,33 @@ class Session:
         template.actionMask = 0xFFFFFFFF
         enum = c_void_p()
         self.call("FwpmFilterCreateEnumHandle0", self.handle, byref(template), byref(enum))
-        found: list[Found] = []
+        return self._drain(
+            "FwpmFilter",
+            s.FWPM_FILTER0,
+            enum,
+            lambda f: Found(f.filterKey.to_uuid(), int(f.filterId), layer, int(f.flags)),
+        )
+
+    def _drain(self, api: str, struct: type[Any], enum: c_void_p, read: Callable[[Any], R]) -> list[R]:
+        """Every entry of an open enumeration (`api` is the function family,
+        FwpmFilter or FwpmSubLayer), batch by batch, each `read` before BFE's
+        memory is freed (its strings live there); the handle is destroyed
+        whatever happens."""
+        found: list[R] = []
         try:
             while True:
-                entries = POINTER(POINTER(s.FWPM_FILTER0))()
+                entries = POINTER(POINTER(struct))()
                 count = c_uint32()
-                self.call("FwpmFilterEnum0", self.handle, enum, ENUM_BATCH, byref(entries), byref(count))
+                self.call(f"{api}Enum0", self.handle, enum, ENUM_BATCH, byref(entries), byref(count))
                 try:
-                    for i in range(count.value):
-                        f = entries[i].contents
-                        found.append(Found(f.filterKey.to_uuid(), int(f.filterId), layer, int(f.flags)))
+                    found += [read(entries[i].contents) for i in range(count.value)]
                 finally:
                     memory = ctypes.cast(entries, c_void_p)
                     self.fn["FwpmFreeMemory0"](byref(memory))
                 if count.value < ENUM_BATCH:
                     return found
         finally:
-            self.fn["FwpmFilterDestroyEnumHandle0"](self.handle, enum)
+            self.fn[f"{api}DestroyEnumHandle0"](self.handle, enum)
 
 
 @contextlib.contextmanager

@@ -357,6 +357,8 @@ def import_(
     from earlyfw import resolve as resolver  # noqa: PLC0415
 
     imported = importers.READERS[kind](source)
+    for warning in imported.warnings:
+        click.echo(f"earlyfw: warning: {warning}", err=True)
     targets = (
         [] if output == "-" else [Path(output) if output else (ctx.config_path or configuration.DEFAULT_CONFIG_PATH)]
     )

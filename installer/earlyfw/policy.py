@@ -18,6 +18,7 @@ TEMPLATE = "payload/nftables/earlyfw.nft.j2"
 INET_COUNTERS = {
     "refused_out": "outbound traffic outside the tunnel (rejected)",
     "refused_dns": "DNS or DNS-over-TLS not through the tunnel to the VPN's resolvers",
+    "refused_endpoint": "to a VPN endpoint from a program that is not the tunnel (not root's, no [tunnel] mark)",
     "dropped_in": "inbound traffic not belonging to an allowed flow",
     "dropped_forward": "forwarded traffic (containers, VMs) outside the tunnel",
 }

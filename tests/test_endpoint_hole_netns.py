@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from earlyfw.policy import State
 from tests import netns
 from tests.conftest import require
 from tests.test_watch_openvpn import OPENVPN_PORT, openvpn
-from tests.watch_lab import WG_PORT, wg_pair
+from tests.watch_lab import PROBE_PORT, WG_PORT, received, wg_pair
 
 pytestmark = pytest.mark.netns
 
@@ -181,6 +182,80 @@ def test_wireguard_go_comes_up_while_others_are_refused(lab: netns.Lab, rules: s
         return
     assert not nobody_arrived.udp and nobody["udp"] == "EPERM", nobody
     assert refused_endpoint(pair.client) == 1, "only the unprivileged datagram was refused at the endpoint"
+
+
+# --- relaxed: a kernel tunnel's packets carry the socket of what they carry ------------------
+
+VXLAN_PORT = 4789
+INNER_CLIENT, INNER_WORLD = "10.77.0.2", "10.77.0.1"
+# Datagrams to HOST:PORT, as root or as nobody (WHO), COUNT of them.
+DATAGRAMS = r"""
+import os, socket, sys
+host, port, count, who = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if who == "nobody":
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    for i in range(count):
+        try:
+            s.sendto(f"{who}-{i}".encode(), (host, port))
+            print("sent")
+        except OSError as e:
+            print(os.strerror(e.errno))
+"""
+
+
+def datagrams(ns: netns.Namespace, host: str, port: int, count: int, who: str) -> list[str]:
+    return ns.exec([sys.executable, "-c", DATAGRAMS, host, str(port), str(count), who]).splitlines()
+
+
+@pytest.mark.parametrize("rules", ["plain-owner-rule", "relaxed"])
+def test_relaxed_a_kernel_tunnel_carries_every_users_traffic(lab: netns.Lab, rules: str) -> None:
+    """VXLAN stands in for kernel WireGuard (not in this kernel; the QEMU
+    guest has it): both wrap a packet in the kernel and send the outer packet
+    with the inner packet's socket, so a non-root user's traffic through the
+    tunnel reaches the endpoint as that user's (measured in the guest and
+    here). Relaxed, it still arrives, while nobody's own datagram to
+    endpoint:port is refused. The control, the relaxed state with the plain
+    owner rule (no exemption for the tunnel's established flow), refuses the
+    tunnelled traffic: what that would do to every non-root user."""
+    pair = netns.client_world(lab, [], tag="ev")
+    for ns, local, remote, inner in (
+        (pair.client, netns.CLIENT_V4, netns.WORLD_V4, INNER_CLIENT),
+        (pair.world, netns.WORLD_V4, netns.CLIENT_V4, INNER_WORLD),
+    ):
+        ns.ip_batch(
+            [
+                f"link add vx0 type vxlan id 42 local {local} remote {remote} dstport {VXLAN_PORT} "
+                f"srcport {VXLAN_PORT} {VXLAN_PORT + 1}",
+                f"addr add {inner}/24 dev vx0",
+                "link set vx0 up",
+            ]
+        )
+    config = endpoint_config(TunnelKind.MANUAL, "vx0", [Endpoint(netns.WORLD_V4, VXLAN_PORT)])
+    script = policy.render(config, State.RELAXED)
+    if rules == "plain-owner-rule":
+        script = script.replace("ct state != established ", "")
+        assert "ct state != established" not in script
+    pair.client.nft(script)
+    inside = lab.own(pair.world.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    inside.bind((INNER_WORLD, PROBE_PORT))
+    inside.settimeout(0.2)
+
+    # Root's first: the tunnel's flow (kernel WireGuard's opens with its handshake).
+    assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 1, "root") == ["sent"]
+    assert received(inside, 1.0) == [b"root-0"]
+    assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 3, "nobody") == ["sent"] * 3
+    tunnelled = received(inside, 1.0)
+    direct = datagrams(pair.client, str(netns.WORLD_V4), VXLAN_PORT, 1, "nobody")
+    assert direct == ["Operation not permitted"], "nobody's own datagram to the endpoint was not refused"
+    if rules == "plain-owner-rule":
+        assert tunnelled == [], "the control let nobody's tunnelled traffic out: the tunnel does not carry the socket"
+        assert refused_endpoint(pair.client) == 4
+        return
+    assert tunnelled == [b"nobody-0", b"nobody-1", b"nobody-2"], "nobody's traffic through the tunnel was lost"
+    assert refused_endpoint(pair.client) == 1
 
 
 # --- raw frames: the netdev egress chain ------------------------------------------

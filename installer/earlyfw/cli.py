@@ -163,6 +163,35 @@ def watch(ctx: Context, source: str) -> None:
 
 
 @cli.command()
+@click.option(
+    "--minutes",
+    type=click.FloatRange(0.1, 60),
+    default=5,
+    show_default=True,
+    help="How long the window stays open at most (fractions allowed, at least 6 s).",
+)
+@click.option(
+    "--dns",
+    "dns",
+    multiple=True,
+    metavar="ADDRESS",
+    help="The network's resolver for the window (repeatable) [default: read from systemd-resolved, "
+    "NetworkManager or /etc/resolv.conf].",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_context
+def portal(ctx: Context, minutes: float, dns: tuple[str, ...], command: tuple[str, ...]) -> None:
+    """Open a captive-portal window: run COMMAND (a browser; as the sudo
+    user) in a cgroup of its own that may use DNS and HTTP/HTTPS while
+    everything else stays blocked, until it exits, the window times out or
+    earlyfw relaxes. Needs [portal] allow = true. Give the command after --."""
+    from earlyfw.linux import portal as captive  # noqa: PLC0415
+
+    ctx.runner.verbose = False
+    sys.exit(captive.main(ctx.config(), ctx.runner, command, minutes, dns))
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema: README, Fleets).")
 @click.option(
     "--prometheus",

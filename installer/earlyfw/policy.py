@@ -66,6 +66,13 @@ class State(StrEnum):
         return self is State.INITRAMFS
 
     @property
+    def holds_portal(self) -> bool:
+        """Whether captive-portal windows ([portal] allow) can be opened: only
+        while blocked after boot. A relax closes them (the tunnel is up), and
+        the initramfs has no browser."""
+        return self is State.BLOCKED
+
+    @property
     def core_only(self) -> bool:
         """Whether the ruleset uses nothing but what nf_tables.ko has built in:
         no conntrack, drop instead of reject, plain counters. The initramfs
@@ -82,6 +89,11 @@ class State(StrEnum):
 
 
 Counters = Mapping[str, tuple[int, int]]
+
+# A captive-portal window's cgroup is /earlyfw-portal/wNNN: level 2 of the
+# cgroup v2 tree (earlyfw.linux.portal); a window allows HTTP and HTTPS.
+PORTAL_LEVEL = 2
+PORTAL_PORTS = (80, 443)
 
 # The comment each rendered table carries, naming its state.
 _CLAIM = re.compile(r'^\s*comment "earlyfw state=(\w+)"$', re.M)
@@ -118,6 +130,8 @@ def render(
         TEMPLATE,
         config=config,
         state=state,
+        portal_level=PORTAL_LEVEL,
+        portal_ports=PORTAL_PORTS,
         counters={name: (counters or {}).get(name, (0, 0)) for name in COUNTERS},
         egress_devices=devices,
         lan_v4=LAN_V4,

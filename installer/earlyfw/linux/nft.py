@@ -290,7 +290,10 @@ def status(runner: Runner, config: Config) -> Status:
     # Every refusal is counted once, in whichever of earlyfw's tables refused it:
     # while the watcher runs that is often its guard.
     totals = add_counters(*(found.get(key, {}) for key in COUNTING_TABLES))
-    live = {key: normalise(listed.get(key)) for key in MAIN_TABLES}
+    from earlyfw.linux import portal  # noqa: PLC0415 - it imports this module
+
+    # A portal window's elements come and go; the state is the rest.
+    live = {key: normalise(portal.without_windows(listed.get(key))) for key in MAIN_TABLES}
     main = live[("inet", TABLE)]
     if main is None:
         return Status(

@@ -96,11 +96,18 @@ def wake_script(config: Config, group: int) -> str:
     )
 
 
+# What a set element with a timeout lists besides itself: the time it has left,
+# which differs between a table and its guard however closely they were filled.
+_EXPIRES = re.compile(r" expires [0-9dhms]+")
+
+
 def normalise(listing: str | None, name: str) -> str | None:
     """A listing with the table's name, owner flag and the `# progname` note
-    nft adds to owned tables taken out, so a guard compares equal to its table."""
+    nft adds to owned tables taken out, so a guard compares equal to its table,
+    and the time left of timed elements (a portal window's)."""
     if listing is None:
         return None
+    listing = _EXPIRES.sub("", listing)
     lines = [line for line in listing.splitlines() if line.strip() and line.strip() != "flags owner"]
     if lines:
         lines[0] = _HEADER.sub(lambda m: f"table {m[1]} {name} {{", lines[0])
@@ -137,6 +144,10 @@ class Ruleset:
         self._reference: dict[str, str | None] = {}
         # The counter values the main tables got at the last change.
         self._carried: dict[str, tuple[int, int]] = {}
+        # Changes put in place so far, and whether the last one loaded the
+        # egress table: a portal window (earlyfw.linux.portal) lives between two.
+        self.changes = 0
+        self._egress_loaded = False
 
     def put(self, state: State, *, repair: bool = False, wake_group: int | None = None) -> None:
         """Replace earlyfw's tables (and the guards) with `state`, atomically,
@@ -145,9 +156,13 @@ class Ruleset:
         and the batch is half the size. `wake_group`: the wake table is
         replaced in the same batch (a reload: its endpoints changed too)."""
         counters = self._counters(with_guard=self.guarded and not repair)
-        script = policy.render(self.config, state, counters=counters, egress_devices=self._devices())
+        devices = self._devices()
+        script = policy.render(self.config, state, counters=counters, egress_devices=devices)
         self._put(script, repair=repair, wake_group=wake_group)
         self._carried = counters
+        self.changes += 1
+        if not repair:
+            self._egress_loaded = bool(devices)
 
     def _put(self, script: str, *, repair: bool, wake_group: int | None = None) -> None:
         if self.guarded and repair:
@@ -169,6 +184,20 @@ class Ruleset:
             return
         self.nft.run(script)
         self._reference = {name: self.nft.list_table(family, name) for family, name, _ in PAIRS}
+
+    def portal_tables(self) -> list[tuple[str, str]]:
+        """The tables holding portal window sets: earlyfw's, and their guards."""
+        found = []
+        for family, main, guard in PAIRS:
+            if family == "inet" or self._egress_loaded:
+                found += [(family, main), *([(family, guard)] if self.guarded else [])]
+        return found
+
+    def run_portal(self, script: str) -> None:
+        """A portal window's elements in or out, in one transaction."""
+        self.nft.run(script)
+        if not self.guarded:
+            self._reference = {name: self.nft.list_table(family, name) for family, name, _ in PAIRS}
 
     def load_wake(self, group: int) -> bool:
         """Load the wake table; False where the kernel cannot own tables

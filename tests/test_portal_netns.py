@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from earlyfw.linux import portal
+from earlyfw.linux import portal, window
 from tests import netns
 from tests.conftest import require
 from tests.watch_lab import PYTHON_MODULE, RESTRICTED, Watcher, live_state
@@ -102,7 +102,9 @@ class PortalLab:
         """Probe rounds for `seconds` from now."""
         return ["bash", "-c", PROBE, "probe", NAME, str(PORTAL), str(int(time.time() + seconds) + 1), PAGE]
 
-    def start_portal(self, seconds: float, tag: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    def start_portal(
+        self, seconds: float, tag: str, minutes: float = MINUTES
+    ) -> tuple[subprocess.Popen[bytes], Path, Path]:
         """`sudo earlyfw portal` as nobody would run it; its command's output
         and its own (the journal lines) in two files."""
         out, err = self.tmp / f"{tag}.out", self.tmp / f"{tag}.err"
@@ -130,15 +132,19 @@ class PortalLab:
         self.lab.callback(netns.stop, process)
         return process, out
 
+    def status(self) -> subprocess.CompletedProcess[str]:
+        return self.client.exec_result([*PYTHON_MODULE, "--config", str(self.config), "status"])
+
     def apply(self, state: str) -> None:
-        subprocess.run(self.earlyfw("-q", state), check=True, capture_output=True)
+        # ip netns exec: its own sysfs shows the namespace's interfaces ([egress]).
+        self.client.exec([*PYTHON_MODULE, "-q", "--config", str(self.config), state])
 
 
-def config_text(kind: str = "wireguard", interface: str = "wg0") -> str:
+def config_text(kind: str = "wireguard", interface: str = "wg0", egress: str | None = None) -> str:
     return (
         f'[tunnel]\nkind = "{kind}"\ninterface = "{interface}"\n'
         f'[[endpoint]]\naddress = "{netns.WORLD_V4}"\nport = 51820\n'
-        "[portal]\nallow = true\n"
+        "[portal]\nallow = true\n" + (f'[egress]\ninterfaces = ["{egress}"]\n' if egress else "")
     )
 
 
@@ -181,8 +187,13 @@ def check_window(window: Sequence[Round], neighbour: Sequence[Round], opened: fl
 # --- the window, straight into earlyfw's table (no watcher) ---------------------------------
 
 
-def test_the_window_lets_only_its_command_out_until_it_times_out(portal_lab: PortalLab) -> None:
+@pytest.mark.parametrize("egress", [False, True], ids=["inet", "egress"])
+def test_the_window_lets_only_its_command_out_until_it_times_out(portal_lab: PortalLab, egress: bool) -> None:
+    """With [egress] interfaces the raw-egress chain must pass the window's
+    packets too (it holds the ports and resolvers while the window lasts)."""
     lab = portal_lab
+    if egress:
+        lab.config.write_text(config_text(egress=lab.pair.client_if))
     # Control: with no ruleset the neighbour's probe resolves and fetches.
     control, control_out = lab.start_neighbour(1, "control")
     control.wait(15)
@@ -191,20 +202,25 @@ def test_the_window_lets_only_its_command_out_until_it_times_out(portal_lab: Por
 
     lab.apply("lock")
     assert live_state(lab.client) == "blocked"
+    tables = lab.client.exec(["nft", "list", "tables"])
+    assert ("table netdev earlyfw_egress" in tables) is egress
     process, out, err = lab.start_portal(PROBING, "window")
     neighbour, beside = lab.start_neighbour(PROBING, "neighbour")
     opened = opened_at(err)
+    # An open window is not an altered table.
+    status = lab.status()
+    assert status.returncode == 0 and "state: blocked (intact)" in status.stdout, status.stdout + status.stderr
     assert process.wait(PROBING + 30) == 0, err.read_text()
     assert neighbour.wait(30) == 0
     check_window(rounds(out), rounds(beside), opened)
 
     journal = err.read_text()
-    assert re.search(rf"portal: opened for .* as uid {NOBODY}: cgroup \S*{portal.PARENT}/w[0-9a-f]+", journal)
+    assert re.search(rf"portal: opened for .* as uid {NOBODY}: cgroup \S*{window.PARENT}/w[0-9a-f]+", journal)
     assert f"portal: closed (timed out after {SECONDS} s)" in journal, journal
     assert live_state(lab.client) == "blocked"
     listing = lab.client.exec(["nft", "list", "set", "inet", "earlyfw", "portal_web"])
-    assert not portal.open_in(listing), listing
-    status = subprocess.run(lab.earlyfw("status"), capture_output=True, text=True, check=False)
+    assert not window.open_in(listing), listing
+    status = lab.status()
     assert status.returncode == 0 and "state: blocked (intact)" in status.stdout, status.stdout + status.stderr
 
 
@@ -259,22 +275,30 @@ def test_through_the_watcher_a_relax_closes_the_window(portal_lab: PortalLab) ->
     closes it, long before its timeout, which the watcher's journal says."""
     lab = portal_lab
     watcher = start_watcher(lab)
-    process, out, err = lab.start_portal(60, "relax")
-    opened_at(err)
+    process, out, err = lab.start_portal(90, "relax", minutes=1)
+    opened = opened_at(err)
     watcher.wait_for(r"^portal: opened for pid \d+: cgroup ")
     guard = lab.client.exec(["nft", "list", "set", "inet", "earlyfw_guard", "portal_web"])
-    assert portal.open_in(guard), guard
+    assert window.open_in(guard), guard
     netns.wait_until(lambda: any(r.dns and r.http for r in rounds(out)), 10, "the portal page through the window")
+    # Another process's change to earlyfw's table makes the watcher compare it
+    # with its guard: the window, in both, is no alteration.
+    lab.client.nft(
+        "add element inet earlyfw dns_ports { udp . 5353 }\ndelete element inet earlyfw dns_ports { udp . 5353 }\n"
+    )
+    time.sleep(1)
+    assert "repaired" not in watcher.log, watcher.log
+    assert window.open_in(lab.client.exec(["nft", "list", "set", "inet", "earlyfw", "portal_web"]))
 
     lab.apply("relax")
     relaxed = time.time()
     watcher.wait_for(r"^portal: closed \(the ruleset was replaced, now relaxed\)")
+    netns.wait_until(lambda: "portal: closed (the ruleset was replaced" in err.read_text(), 5, "earlyfw portal's line")
+    assert time.time() < opened + 60, "closed by the timeout, not by the relax"
     assert live_state(lab.client) == "relaxed"
-    netns.wait_until(lambda: len([r for r in rounds(out) if r.at > relaxed + SLACK]) >= AFTER_ROUNDS, 15, "rounds")
+    netns.wait_until(lambda: len([r for r in rounds(out) if r.at > relaxed + SLACK]) >= AFTER_ROUNDS, 30, "rounds")
     after = [r for r in rounds(out) if r.at > relaxed + SLACK]
     assert not any(r.any for r in after), f"relaxed, the command still got out beside the tunnel: {after}"
-    netns.wait_until(lambda: "portal: closed (the ruleset was replaced" in err.read_text(), 5, "earlyfw portal's line")
-    assert relaxed < time.time() < relaxed + SECONDS, "closed by the relax, not by the timeout"
     process.send_signal(signal.SIGTERM)
     assert process.wait(15) == 128 + signal.SIGTERM
 
@@ -282,14 +306,14 @@ def test_through_the_watcher_a_relax_closes_the_window(portal_lab: PortalLab) ->
 def test_through_the_watcher_the_command_exiting_closes_it(portal_lab: PortalLab) -> None:
     lab = portal_lab
     watcher = start_watcher(lab)
-    process, out, err = lab.start_portal(1, "exits")
+    process, out, err = lab.start_portal(4, "exits")
     assert process.wait(30) == 0, err.read_text()
     assert any(r.dns and r.http for r in rounds(out)), out.read_text()
     watcher.wait_for(r"^portal: closed \(its command exited\)")
     for table in ("earlyfw", "earlyfw_guard"):
         listing = lab.client.exec(["nft", "list", "set", "inet", table, "portal_web"])
-        assert not portal.open_in(listing), listing
+        assert not window.open_in(listing), listing
     # What it ran in is gone with it.
-    cgroup = re.search(rf"cgroup (\S*{portal.PARENT}/w[0-9a-f]+)", err.read_text())
+    cgroup = re.search(rf"cgroup (\S*{window.PARENT}/w[0-9a-f]+)", err.read_text())
     assert cgroup is not None, err.read_text()
     assert not (portal.SYSFS_CGROUP / cgroup[1]).exists()

@@ -104,7 +104,7 @@ table inet efwprobe {
 \tchain output {
 \t\ttype filter hook output priority filter - 5; policy accept;
 \t\tip daddr 10.0.2.2 udp dport 51820 meta skuid 0 counter packets 120 bytes 18372 comment "root"
-\t\tip daddr 10.0.2.2 udp dport 51820 meta skuid != 0 counter packets 4 bytes 51 comment "other-owner"
+\t\tip daddr 10.0.2.2 udp dport 51820 meta skuid != 0 counter packets 3 bytes 51 comment "other-owner"
 \t\tip daddr 10.0.2.2 udp dport 51820 meta mark != 0x00000000 counter packets 0 bytes 0 comment "marked"
 \t\tip daddr 10.0.2.2 udp dport 51820 counter packets 127 bytes 18719 comment "all"
 \t}
@@ -124,12 +124,12 @@ def test_endpoint_hole_section_parses_and_judges() -> None:
     section with it sent, or with the tunnel's packets refused, is a problem."""
     hole = handshake.parse_endpoint_hole(HOLE_SECTION)
     assert hole is not None
-    assert hole.counted == {"root": 120, "other-owner": 4, "marked": 0, "all": 127}
+    assert hole.counted == {"root": 120, "other-owner": 3, "marked": 0, "all": 127}
     assert (hole.nobody, hole.tunnelled, hole.refused) == ("refused", 3, 1)
     assert hole.problems() == []
     sent = handshake.parse_endpoint_hole(HOLE_SECTION.replace("nobody refused", "nobody sent"))
     assert sent is not None and any("not refused" in p for p in sent.problems())
-    refused = handshake.parse_endpoint_hole(HOLE_SECTION.replace("packets 1 bytes 51", "packets 4 bytes 204"))
+    refused = handshake.parse_endpoint_hole(HOLE_SECTION.replace("packets 1 bytes 51", "packets 3 bytes 153"))
     assert refused is not None and any("never the tunnel's packets" in p for p in refused.problems())
     assert handshake.parse_endpoint_hole("") is None
 

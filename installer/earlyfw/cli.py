@@ -22,6 +22,7 @@ import click
 from earlyfw import __version__, importers
 from earlyfw import config as configuration
 from earlyfw.errors import ConfigError, EarlyfwError
+from earlyfw.linux import window  # the portal window's limits, for its options
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
@@ -165,10 +166,10 @@ def watch(ctx: Context, source: str) -> None:
 @cli.command()
 @click.option(
     "--minutes",
-    type=click.FloatRange(0.1, 60),
-    default=5,
+    type=click.FloatRange(window.MIN_SECONDS / 60, window.MAX_MINUTES),
+    default=window.DEFAULT_MINUTES,
     show_default=True,
-    help="How long the window stays open at most (fractions allowed, at least 6 s).",
+    help=f"How long the window stays open at most (fractions allowed, at least {window.MIN_SECONDS} s).",
 )
 @click.option(
     "--dns",

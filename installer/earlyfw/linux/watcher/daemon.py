@@ -47,12 +47,12 @@ from earlyfw import config as configuration
 from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
 from earlyfw.linux import nft
-from earlyfw.linux.portal import WatcherPortal
 from earlyfw.linux.watcher.events import Generation, HandshakeLog, LinkEvents, NftablesEvents
 from earlyfw.linux.watcher.libnft import Libnftables
 from earlyfw.linux.watcher.ruleset import WATCHED_TABLES, Ruleset
 from earlyfw.linux.watcher.sources import SourceKind
 from earlyfw.linux.watcher.tunnels import Tunnel, Verdict, WireGuardTunnel, make_tunnel
+from earlyfw.linux.window import WatcherPortal
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner

@@ -96,18 +96,11 @@ def wake_script(config: Config, group: int) -> str:
     )
 
 
-# What a set element with a timeout lists besides itself: the time it has left,
-# which differs between a table and its guard however closely they were filled.
-_EXPIRES = re.compile(r" expires [0-9dhms]+")
-
-
 def normalise(listing: str | None, name: str) -> str | None:
     """A listing with the table's name, owner flag and the `# progname` note
-    nft adds to owned tables taken out, so a guard compares equal to its table,
-    and the time left of timed elements (a portal window's)."""
+    nft adds to owned tables taken out, so a guard compares equal to its table."""
     if listing is None:
         return None
-    listing = _EXPIRES.sub("", listing)
     lines = [line for line in listing.splitlines() if line.strip() and line.strip() != "flags owner"]
     if lines:
         lines[0] = _HEADER.sub(lambda m: f"table {m[1]} {name} {{", lines[0])
@@ -145,7 +138,7 @@ class Ruleset:
         # The counter values the main tables got at the last change.
         self._carried: dict[str, tuple[int, int]] = {}
         # Changes put in place so far, and whether the last one loaded the
-        # egress table: a portal window (earlyfw.linux.portal) lives between two.
+        # egress table: a portal window (earlyfw.linux.window) lives between two.
         self.changes = 0
         self._egress_loaded = False
 

@@ -40,8 +40,8 @@ def config(*, dns: tuple[str, ...] = (), allow: bool = True) -> Config:
 
 def test_nameservers_as_glibc_reads_them() -> None:
     text = "# comment\nsearch hotel.example\nnameserver 192.0.2.53\nnameserver fe80::1%wlan0\n  nameserver bogus\n"
-    text += "nameserver 0.0.0.0\nnameserver ff02::1\noptions edns0\n"
-    assert portal.nameservers(text) == [ipaddress.ip_address("192.0.2.53"), ipaddress.ip_address("fe80::1")]
+    text += "nameserver 0.0.0.0\nnameserver ff02::1\nnameserver 2001:db8::53\noptions edns0\n"
+    assert portal.nameservers(text) == [ipaddress.ip_address("192.0.2.53"), ipaddress.ip_address("2001:db8::53")]
 
 
 def test_the_first_source_with_a_network_resolver_wins(tmp_path: Path) -> None:

@@ -101,15 +101,16 @@ def network_resolvers(config: Config, sources: Sequence[Path] = RESOLV_SOURCES) 
 
 
 def nameservers(text: str) -> list[IPAddress]:
-    """`nameserver` lines as glibc reads them; a zone index (fe80::1%wlan0)
-    is dropped, since the rule matches the address on any interface."""
+    """`nameserver` lines as glibc reads them, but link-local ones
+    (fe80::1%wlan0): the command's resolv.conf would need the zone, which
+    the window's nft sets cannot hold."""
     found = []
     for line in text.splitlines():
         words = line.split()
         if len(words) >= 2 and words[0] == "nameserver":
             with contextlib.suppress(ValueError):
-                found.append(ipaddress.ip_address(words[1].split("%", 1)[0]))
-    return [a for a in found if not (a.is_unspecified or a.is_multicast)]
+                found.append(ipaddress.ip_address(words[1]))
+    return [a for a in found if not (a.is_unspecified or a.is_multicast or a.is_link_local)]
 
 
 def given_resolvers(values: Iterable[str]) -> tuple[IPAddress, ...]:
@@ -382,6 +383,8 @@ def main(  # noqa: PLR0917  (one argument per option)
     log: Log = journal,
 ) -> int:
     """Run `command` in a window; its exit status."""
+    if not sys.platform.startswith("linux"):
+        raise EarlyfwError("earlyfw portal is for Linux only: it needs cgroup v2 and nftables' `socket cgroupv2`")
     nft.require_root_for("portal")
     if not config.portal_allow:
         raise ConfigError(
@@ -398,6 +401,7 @@ def main(  # noqa: PLR0917  (one argument per option)
     mount = cgroup2_mount(Path("/proc/self/mountinfo").read_text())
     invoker = Invoker.from_environment(dict(os.environ))
     way = way or way_for(config, runner)
+    way.check_loaded()  # before a cgroup is made: a second window is refused with nothing left behind
     cgroup = Cgroup.create(mount)
     window = Window(cgroup.nft_name, seconds_of(minutes), resolvers)
     # One journal line: the command line as a shell would take it, whitespace folded, cut short.

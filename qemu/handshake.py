@@ -63,6 +63,66 @@ class JournalLine:
     text: str
 
 
+# What the unprivileged sender in wireguard-report writes to the endpoint.
+HOLE_PROBE = b"earlyfw-endpoint-probe"
+HOLE_COUNTER = re.compile(r'counter packets (\d+) bytes \d+ comment "([\w-]+)"')
+HOLE_REFUSED = re.compile(r"counter refused_endpoint \{\s*packets (\d+)")
+
+
+@dataclass(frozen=True)
+class EndpointHole:
+    """The endpoint hole in the guest: what nobody's own send to the endpoint
+    said, and what an accept-all table ahead of earlyfw counted of the packets
+    to the endpoint from the lock on: by owner (root, another) and mark, and
+    all, with `tunnelled` datagrams nobody sent through the relaxed tunnel."""
+
+    nobody: str | None
+    tunnelled: int
+    counted: dict[str, int]
+    refused: int | None
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.nobody != "refused":
+            found.append(f"nobody's datagram to the endpoint was not refused ({self.nobody or 'never sent'})")
+        counted = self.counted
+        if set(counted) != {"root", "other-owner", "marked", "all"} or not self.tunnelled:
+            return [*found, f"the endpoint counters or the tunnelled probe are missing: {self}"]
+        # Kernel WireGuard's own packets (handshakes, keepalives) have no socket:
+        # neither root's nor anyone's.
+        if counted["all"] - counted["root"] - counted["other-owner"] < 1:
+            found.append(f"no packet to the endpoint without an owner: kernel WireGuard's own were not seen {counted}")
+        # Its packets carrying nobody's datagrams have nobody's socket (most of
+        # them: measured 2 of 3, the first after a while may go out without one).
+        if counted["other-owner"] < 2:
+            found.append(
+                f"{counted['other-owner']} packets to the endpoint with a non-root owner: expected nobody's own and "
+                f"some of the {self.tunnelled} that carried nobody's datagrams through the tunnel"
+            )
+        if counted["marked"]:
+            found.append(f"packets to the endpoint carried a mark, which this guest's wg0 has none of: {counted}")
+        if self.refused != 1:
+            found.append(
+                f"earlyfw's refused_endpoint counted {self.refused}, not 1: only nobody's own datagram may be "
+                "refused, never the tunnel's packets that carry nobody's"
+            )
+        return found
+
+
+def parse_endpoint_hole(text: str) -> EndpointHole | None:
+    if not text.strip():
+        return None
+    nobody = next((line.split()[1] for line in text.splitlines() if line.startswith("nobody ")), None)
+    tunnelled = next((line.split()[1] for line in text.splitlines() if line.startswith("tunnelled ")), "0")
+    refused = HOLE_REFUSED.search(text)
+    return EndpointHole(
+        nobody=nobody,
+        tunnelled=int(tunnelled) if tunnelled.isdigit() else 0,
+        counted={name: int(packets) for packets, name in HOLE_COUNTER.findall(text)},
+        refused=int(refused[1]) if refused else None,
+    )
+
+
 @dataclass(frozen=True)
 class Tunnel:
     """The WireGuard boot's observations, all in guest uptime seconds."""
@@ -83,6 +143,10 @@ class Tunnel:
     # handshake completes that way too (wireguard-go may start one when the
     # guest's traffic stops, as at the outside lock).
     answered: tuple[float, ...] = ()
+    # The endpoint hole's probe (report section endpoint-hole), and frames
+    # carrying its datagram that left the guest anyway.
+    hole: EndpointHole | None = None
+    hole_leaked: tuple[float, ...] = ()
 
     @property
     def completed(self) -> tuple[float, ...]:
@@ -228,6 +292,8 @@ def observe(outcome: boot.Outcome) -> Tunnel:
         ),
         events=parse_events(sections.get("events", "")),
         answered=uptimes(answered),
+        hole=parse_endpoint_hole(sections.get("endpoint-hole", "")),
+        hole_leaked=uptimes([round(f.time - boot.RTC_EPOCH, 6) for f in frames if HOLE_PROBE in f.data]),
     )
 
 
@@ -268,6 +334,9 @@ def _check_watcher(t: Tunnel) -> list[str]:
         problems.append(f"a packet went through the tunnel at {t.tunnelled[0]:.3f}s, before the handshake")
     problems += _open(t.between(relaxed.uptime + SETTLED, t.events.get("lock", float("inf"))), "the relax")
     problems += _second_round(t)
+    problems += t.hole.problems() if t.hole is not None else ["the report has no endpoint-hole section"]
+    if t.hole_leaked:
+        problems.append(f"nobody's datagram to the endpoint left the guest at {t.hole_leaked[0]:.3f}s")
     failures = [line.text for line in t.watcher_lines if line.text.startswith(("blocked: watcher failed", "error:"))]
     if failures:
         problems.append(f"the watcher failed: {failures[0]}")
@@ -355,6 +424,7 @@ def figures(watch: bool, outcome: boot.Outcome) -> dict[str, Any]:
         "first_initiation_uptime_s": t.initiations[0] if t.initiations else None,
         "first_response_uptime_s": t.first_response,
         "tunnelled_packets": len(t.tunnelled),
+        "endpoint_hole_counted": t.hole.counted if t.hole is not None else None,
         "first_tunnelled_uptime_s": t.tunnelled[0] if t.tunnelled else None,
         "watcher_blocked_uptime_s": t.started_blocked,
         "relaxed_uptime_s": relaxed.uptime if relaxed else None,

@@ -83,9 +83,12 @@ def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 
 
-def out(dst: str, dport: int, *, proto: str = "udp", on: str = "en0") -> Packet:
+def out(dst: str, dport: int, *, proto: str = "udp", on: str = "en0", uid: int | None = None) -> Packet:
     src = "192.0.2.2" if ip(dst).version == 4 else "2001:db8:1::2"
-    return Packet(Direction.OUT, on, ip(src), ip(dst), proto, 50000, dport)
+    return Packet(Direction.OUT, on, ip(src), ip(dst), proto, 50000, dport, uid=uid)
+
+
+ROOT = 0  # the tunnel's sockets: wireguard-go under wg-quick, Tunnelblick's OpenVPN
 
 
 def inbound(src: str, sport: int, *, dport: int = 50000, proto: str = "udp", on: str = "en0") -> Packet:
@@ -220,12 +223,12 @@ def test_rule_count_in_script_matches_anchor() -> None:
 
 def test_endpoints_pass_on_their_own_port_and_protocol_only() -> None:
     anchor = Anchor(EXAMPLE_CONFIG)
-    assert anchor.verdict(out("198.51.100.7", 51820)) == "pass"
-    assert anchor.verdict(out("2001:db8::7", 51820)) == "pass"
+    assert anchor.verdict(out("198.51.100.7", 51820, uid=ROOT)) == "pass"
+    assert anchor.verdict(out("2001:db8::7", 51820, uid=ROOT)) == "pass"
     assert anchor.verdict(inbound("198.51.100.7", 51820)) == "pass"
-    assert anchor.verdict(out("198.51.100.7", 51821)) == "return"
-    assert anchor.verdict(out("198.51.100.7", 51820, proto="tcp")) == "return"
-    assert anchor.verdict(out("198.51.100.8", 51820)) == "return"
+    assert anchor.verdict(out("198.51.100.7", 51821, uid=ROOT)) == "return"
+    assert anchor.verdict(out("198.51.100.7", 51820, proto="tcp", uid=ROOT)) == "return"
+    assert anchor.verdict(out("198.51.100.8", 51820, uid=ROOT)) == "return"
     assert anchor.verdict(inbound("198.51.100.8", 51820)) == "drop"
     # Control: the refused probes do get through when earlyfw is not loaded.
     assert without_earlyfw(out("198.51.100.7", 51821)) == "default"
@@ -233,10 +236,27 @@ def test_endpoints_pass_on_their_own_port_and_protocol_only() -> None:
 
 def test_a_tcp_endpoint_is_not_reachable_over_udp() -> None:
     anchor = Anchor(LAN_TCP_CONFIG)
-    assert anchor.verdict(out("203.0.113.10", 443, proto="tcp")) == "pass"
-    assert anchor.verdict(out("203.0.113.10", 443, proto="udp")) == "return"
-    assert anchor.verdict(out("203.0.113.12", 1194)) == "pass"
-    assert anchor.verdict(out("203.0.113.12", 443, proto="tcp")) == "return"
+    assert anchor.verdict(out("203.0.113.10", 443, proto="tcp", uid=ROOT)) == "pass"
+    assert anchor.verdict(out("203.0.113.10", 443, proto="udp", uid=ROOT)) == "return"
+    assert anchor.verdict(out("203.0.113.12", 1194, uid=ROOT)) == "pass"
+    assert anchor.verdict(out("203.0.113.12", 443, proto="tcp", uid=ROOT)) == "return"
+
+
+@pytest.mark.parametrize("kind", ["wireguard", "openvpn", "manual"])
+def test_only_root_sockets_reach_the_endpoints(kind: str) -> None:
+    """Issue 13, part 4: any other program sending to endpoint:port is
+    refused as it would be to any other host; root's sockets (the tunnel's)
+    pass. pf has no marks and a manual tunnel's program is unknown, so a
+    manual tunnel's endpoints stay open to every local program."""
+    cfg = config.Config.from_dict(
+        {"tunnel": {"kind": kind, "interface": "utun9"}, "endpoint": [{"address": "198.51.100.7", "port": 51820}]}
+    )
+    anchor = Anchor(cfg)
+    user = 501
+    assert anchor.verdict(out("198.51.100.7", 51820, uid=ROOT)) == "pass"
+    assert anchor.verdict(out("198.51.100.7", 51820, uid=user)) == ("pass" if kind == "manual" else "return")
+    # Control: without earlyfw the user's packet leaves.
+    assert without_earlyfw(out("198.51.100.7", 51820, uid=user)) == "default"
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -263,8 +283,8 @@ def test_a_vpn_server_on_port_53_still_connects() -> None:
         {"tunnel": {"kind": "wireguard", "interface": "utun9"}, "endpoint": [{"address": "198.51.100.53", "port": 53}]}
     )
     anchor = Anchor(cfg)
-    assert anchor.verdict(out("198.51.100.53", 53)) == "pass"
-    assert anchor.verdict(out("198.51.100.54", 53)) == "return"
+    assert anchor.verdict(out("198.51.100.53", 53, uid=ROOT)) == "pass"
+    assert anchor.verdict(out("198.51.100.54", 53, uid=ROOT)) == "return"
 
 
 def test_lan_only_when_allowed() -> None:

@@ -97,6 +97,43 @@ def test_a_handshake_the_peer_began_after_the_lock_counts_as_the_fresh_one() -> 
     assert any("did not relax again" in p or "before the fresh handshake" in p for p in problems), problems
 
 
+HOLE_SECTION = """\
+nobody refused
+tunnelled 3
+table inet efwprobe {
+\tchain output {
+\t\ttype filter hook output priority filter - 5; policy accept;
+\t\tip daddr 10.0.2.2 udp dport 51820 meta skuid 0 counter packets 120 bytes 18372 comment "root"
+\t\tip daddr 10.0.2.2 udp dport 51820 meta skuid != 0 counter packets 3 bytes 51 comment "other-owner"
+\t\tip daddr 10.0.2.2 udp dport 51820 meta mark != 0x00000000 counter packets 0 bytes 0 comment "marked"
+\t\tip daddr 10.0.2.2 udp dport 51820 counter packets 127 bytes 18719 comment "all"
+\t}
+}
+table inet earlyfw {
+\tcounter refused_endpoint {
+\t\tpackets 1 bytes 51
+\t}
+}
+"""
+
+
+def test_endpoint_hole_section_parses_and_judges() -> None:
+    """What the guest measured: kernel WireGuard's own packets have no owner,
+    the ones carrying a user's packets that user's socket (root's pinger,
+    nobody's datagrams); only nobody's own datagram is refused. The same
+    section with it sent, or with the tunnel's packets refused, is a problem."""
+    hole = handshake.parse_endpoint_hole(HOLE_SECTION)
+    assert hole is not None
+    assert hole.counted == {"root": 120, "other-owner": 3, "marked": 0, "all": 127}
+    assert (hole.nobody, hole.tunnelled, hole.refused) == ("refused", 3, 1)
+    assert hole.problems() == []
+    sent = handshake.parse_endpoint_hole(HOLE_SECTION.replace("nobody refused", "nobody sent"))
+    assert sent is not None and any("not refused" in p for p in sent.problems())
+    refused = handshake.parse_endpoint_hole(HOLE_SECTION.replace("packets 1 bytes 51", "packets 3 bytes 153"))
+    assert refused is not None and any("never the tunnel's packets" in p for p in refused.problems())
+    assert handshake.parse_endpoint_hole("") is None
+
+
 def test_no_handshake_and_no_score_parse_as_none() -> None:
     assert handshake.parse_handshake("FHcrfqPx=\t0\n") is None
     assert handshake.parse_security("Unit earlyfw-watch.service not found.\n") is None
@@ -188,7 +225,11 @@ def test_watcher_relaxes_only_after_the_handshake() -> None:
     watcher's journal says blocked, then relaxed after the handshake response
     reached the guest; no probe got through before the relax and every probe
     a second after it did; the hardened unit is active, never restarted, and
-    the table ends relaxed."""
+    the table ends relaxed. While locked, a datagram nobody sends to the
+    endpoint is refused and never leaves, while kernel WireGuard's own
+    packets (no owner: its socket has no file) still get out and the fresh
+    handshake relaxes again; relaxed, its packets carrying nobody's datagrams
+    (nobody's socket) are not refused (handshake.EndpointHole)."""
     variant = VARIANTS["wireguard"]
     assert variant.change is Change.WIREGUARD and variant.watch and "watch" in variant.targets
     verdict = boot_variant(variant.name)

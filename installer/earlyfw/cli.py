@@ -16,7 +16,7 @@ import click
 # modules (plumbum, jinja2, dnspython, the targets, WFP...) when it runs, so
 # `earlyfw watch`, started at boot before any tunnel, loads only the watcher's.
 # tests/test_cli_imports.py holds the watcher's path to that.
-from earlyfw import __version__, importers
+from earlyfw import __version__, importers, policy
 from earlyfw import config as configuration
 from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.policy import State
@@ -151,6 +151,33 @@ def watch(ctx: Context, source: str) -> None:
     when the tunnel stops being live; repair earlyfw's table if it is removed."""
     ctx.runner.verbose = False
     sys.exit(System.current().platform.watch(ctx.runner, ctx.config(), source))
+
+
+@cli.command()
+@click.option(
+    "--minutes",
+    type=click.FloatRange(policy.PORTAL_MIN_SECONDS / 60, policy.PORTAL_MAX_MINUTES),
+    default=policy.PORTAL_DEFAULT_MINUTES,
+    show_default=True,
+    help=f"How long the window stays open at most (fractions allowed, at least {policy.PORTAL_MIN_SECONDS} s).",
+)
+@click.option(
+    "--dns",
+    "dns",
+    multiple=True,
+    metavar="ADDRESS",
+    help="The network's resolver for the window (repeatable) [default: read from systemd-resolved, "
+    "NetworkManager or /etc/resolv.conf].",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_context
+def portal(ctx: Context, minutes: float, dns: tuple[str, ...], command: tuple[str, ...]) -> None:
+    """Open a captive-portal window: run COMMAND (a browser; as the sudo
+    user) in a cgroup of its own that may use DNS and HTTP/HTTPS while
+    everything else stays blocked, until it exits, the window times out or
+    earlyfw relaxes. Needs [portal] allow = true. Give the command after --."""
+    ctx.runner.verbose = False
+    sys.exit(System.current().platform.portal(ctx.runner, ctx.config(), command, minutes, dns))
 
 
 @cli.command()
@@ -300,6 +327,8 @@ def import_(
     from earlyfw import resolve as resolver  # noqa: PLC0415
 
     imported = importers.READERS[kind](source)
+    for warning in imported.warnings:
+        click.echo(f"earlyfw: warning: {warning}", err=True)
     targets = [] if output == "-" else [Path(output) if output else ctx.path]
     if client_out is not None:
         if client_out.exists() and client_out.resolve() == source.resolve():

@@ -41,6 +41,8 @@ _ADAPTER = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9 _.,()#+=-]{0,254}[A-Za-z0-9_.)
 # A relaxed tunnel is not locked for its handshake's age: only when it is dead
 # (see earlyfw.linux.watcher.tunnels).
 DEFAULT_REJECT_AFTER_SECONDS = 180  # WireGuard's REJECT_AFTER_TIME
+# A fwmark is a 32-bit value; 0 means "no mark", so it cannot name the tunnel's packets.
+MARK_MAX = 0xFFFFFFFF
 
 
 class TunnelKind(StrEnum):
@@ -123,6 +125,14 @@ class Config:
     # [forward] via_tunnel: bridges (docker0, virbr0, br-*) whose forwarded
     # traffic leaves only through the tunnel, their DNS sent to [dns] servers.
     forward_via_tunnel: tuple[str, ...] = ()
+    # The fwmark the tunnel's own packets carry (WireGuard's FwMark, OpenVPN's
+    # `mark`): besides root's and kernel sockets, the one thing that may send
+    # to the endpoints (an OpenVPN that dropped to `user` re-opens its socket
+    # as that user on a restart, keeping the mark).
+    tunnel_mark: int | None = None
+    # Whether `earlyfw portal` may open captive-portal windows: the blocked
+    # state then holds the (empty) window sets and rules, which need Linux 5.13.
+    portal_allow: bool = False
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -144,10 +154,10 @@ class Config:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: Path | None = None) -> Config:
         doc = _Doc(data, "")
-        doc.only({"tunnel", "endpoint", "dns", "lan", "egress", "initramfs", "watch", "allow", "forward"})
+        doc.only({"tunnel", "endpoint", "dns", "lan", "egress", "initramfs", "watch", "allow", "forward", "portal"})
 
         tunnel = doc.table("tunnel", required=True)
-        tunnel.only({"kind", "interface", "adapter"})
+        tunnel.only({"kind", "interface", "adapter", "mark"})
         kind = tunnel.enum("kind", TunnelKind, default=TunnelKind.WIREGUARD)
         interface = tunnel.interface("interface", default=kind.default_interface)
         adapter = tunnel.get("adapter")
@@ -188,6 +198,13 @@ class Config:
         initramfs.only({"allow"})
         initramfs_allow = tuple(_endpoint(e) for e in initramfs.array_of_tables("allow"))
 
+        mark = tunnel.get("mark")
+        if mark is not None:
+            mark = tunnel.integer("mark", low=1, high=MARK_MAX)
+
+        portal = doc.table("portal")
+        portal.only({"allow"})
+
         watch = doc.table("watch")
         watch.only({"reject_after_seconds", "openvpn_management"})
         reject_after = watch.integer("reject_after_seconds", default=DEFAULT_REJECT_AFTER_SECONDS, low=1, high=86400)
@@ -219,6 +236,8 @@ class Config:
             lan_networks=lan_networks,
             allow=allow,
             forward_via_tunnel=via_tunnel,
+            tunnel_mark=mark,
+            portal_allow=portal.boolean("allow", default=False),
             source=source,
         )
 
@@ -232,6 +251,10 @@ class Config:
         }
         if self.adapter is not None:
             data["tunnel"]["adapter"] = self.adapter
+        if self.tunnel_mark is not None:
+            data["tunnel"]["mark"] = self.tunnel_mark
+        if self.portal_allow:
+            data["portal"] = {"allow": True}
         if self.egress_interfaces:
             data["egress"] = {"interfaces": list(self.egress_interfaces)}
         if self.initramfs_allow:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from earlyfw.config import Config, IPAddress, endpoint_address, is_hostname, parse_address
+from earlyfw.config import MARK_MAX, Config, IPAddress, endpoint_address, is_hostname, parse_address
 from earlyfw.errors import ConfigError
 
 # host -> its addresses, A records first; `family` (4, 6 or None) narrows the query.
@@ -48,6 +48,10 @@ class Imported:
     lines: list[str]
     # Filled by `build`: the addresses each remote's host was pinned to.
     pinned: dict[Remote, list[IPAddress]] = field(default_factory=dict)
+    # The fwmark the client puts on its packets (FwMark, `mark`): [tunnel] mark.
+    mark: int | None = None
+    # What the user should know about the file earlyfw cannot fix itself.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _number(value: str, what: str, where: str, high: int = 65535) -> int:
@@ -89,6 +93,7 @@ def read_wireguard(path: Path) -> Imported:
     section = ""
     remotes: list[Remote] = []
     dns: list[str] = []
+    mark = None
     lines = _read(path)
     for index, raw in enumerate(lines):
         line = raw.split("#", 1)[0].strip()
@@ -113,7 +118,18 @@ def read_wireguard(path: Path) -> Imported:
         elif section == "interface" and key == "dns":
             # DNS = may mix resolver addresses with search domains.
             dns += [v.strip() for v in value.split(",") if _is_address(v.strip())]
-    return Imported("wireguard", path.stem, remotes, dns, path, lines)
+        elif section == "interface" and key == "fwmark":
+            mark = _wireguard_mark(value, where)
+    return Imported("wireguard", path.stem, remotes, dns, path, lines, mark=mark)
+
+
+def _wireguard_mark(value: str, where: str) -> int | None:
+    """FwMark as wg(8) reads it: off, 0 (no mark), decimal or 0x hex."""
+    if value.lower() == "off":
+        return None
+    if not re.fullmatch(r"0[xX][0-9a-fA-F]{1,8}|[0-9]{1,10}", value) or int(value, 0) > MARK_MAX:
+        raise ConfigError(f"{where}: FwMark {value!r} is not off or a 32-bit number")
+    return int(value, 0) or None
 
 
 # --- OpenVPN -----------------------------------------------------------------
@@ -184,6 +200,8 @@ def read_openvpn(path: Path) -> Imported:
     remotes: list[Remote] = []
     dns: list[str] = []
     dev = "tun0"
+    mark: int | None = None
+    user: str | None = None
     index = 0
     while index < len(lines):
         where = f"{path}:{index + 1}"
@@ -208,6 +226,13 @@ def read_openvpn(path: Path) -> Imported:
                 dev = f"{name}0" if name in {"tun", "tap"} else name
             case ["dhcp-option", "DNS" | "DNS6", server]:
                 dns.append(server)
+            case ["mark", value]:
+                # OpenVPN reads it with atoi: decimal only.
+                if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > MARK_MAX:
+                    raise ConfigError(f"{where}: mark {value!r} is not a 32-bit decimal number")
+                mark = int(value) or None
+            case ["user", name]:
+                user = name
         index += 1
     for line, host, own_port, own_proto in top:
         proto_where = "" if own_proto else defaults.where
@@ -223,7 +248,14 @@ def read_openvpn(path: Path) -> Imported:
             )
         )
     remotes.sort(key=lambda r: r.line)
-    return Imported("openvpn", dev, remotes, dns, path, lines)
+    imported = Imported("openvpn", dev, remotes, dns, path, lines, mark=mark)
+    if user is not None and mark is None:
+        imported.warnings.append(
+            f"{path}: `user {user}`: after a restart OpenVPN sends from a socket {user} opened, and earlyfw "
+            "lets only root's sockets (or marked packets) reach the endpoints; add `mark 51820` to the file "
+            "and `mark = 51820` under [tunnel] (any number, the same in both)"
+        )
+    return imported
 
 
 def _connection(path: Path, lines: list[str], start: int, end: int, defaults: _Defaults) -> Remote:
@@ -297,11 +329,13 @@ def build(imported: Imported, resolve: Resolve | None = None) -> Config:
             if host is not None:
                 entry["host"] = host
             endpoints.setdefault((str(address), remote.port, remote.protocol), entry)
-    data = {
+    data: dict[str, Any] = {
         "tunnel": {"kind": imported.kind, "interface": imported.interface},
         "endpoint": list(endpoints.values()),
         "dns": {"servers": list(dict.fromkeys(imported.dns))},
     }
+    if imported.mark is not None:
+        data["tunnel"]["mark"] = imported.mark
     try:
         return Config.from_dict(data)
     except ConfigError as e:

@@ -43,6 +43,7 @@ DNS_PORTS = (53, 853)
 INET_COUNTERS = {
     "refused_out": "outbound traffic outside the tunnel (rejected)",
     "refused_dns": "DNS or DNS-over-TLS not through the tunnel to the VPN's resolvers",
+    "refused_endpoint": "to a VPN endpoint from a program that is not the tunnel (not root's, no [tunnel] mark)",
     "dropped_in": "inbound traffic not belonging to an allowed flow",
     "dropped_forward": "forwarded traffic (containers, VMs) outside the tunnel",
 }
@@ -100,6 +101,13 @@ class State(StrEnum):
         return self is State.INITRAMFS
 
     @property
+    def holds_portal(self) -> bool:
+        """Whether captive-portal windows ([portal] allow) can be opened: only
+        while blocked after boot. A relax closes them (the tunnel is up), and
+        the initramfs has no browser."""
+        return self is State.BLOCKED
+
+    @property
     def core_only(self) -> bool:
         """Whether the ruleset uses nothing but what nf_tables.ko has built in:
         no conntrack, drop instead of reject, plain counters. The initramfs
@@ -116,6 +124,16 @@ class State(StrEnum):
 
 
 Counters = Mapping[str, tuple[int, int]]
+
+# A captive-portal window's cgroup is /earlyfw-portal/wNNN: level 2 of the
+# cgroup v2 tree (earlyfw.linux.portal); a window allows HTTP and HTTPS.
+PORTAL_LEVEL = 2
+PORTAL_PORTS = (80, 443)
+# How long a window may stay open (`earlyfw portal --minutes`); below the
+# minimum it could close before a browser has even started.
+PORTAL_DEFAULT_MINUTES = 5.0
+PORTAL_MAX_MINUTES = 60.0
+PORTAL_MIN_SECONDS = 6
 
 # How the comment each rendered table carries, naming its state, begins.
 CLAIM = "earlyfw state="
@@ -175,6 +193,8 @@ def context(config: Config, state: State) -> dict[str, object]:
         "egress_counters": list(EGRESS_COUNTERS),
         "endpoint_sets": ENDPOINT_SETS,
         "dns_ports": DNS_PORTS,
+        "portal_level": PORTAL_LEVEL,
+        "portal_ports": PORTAL_PORTS,
         "lan_v4": lan_networks(config, 4),
         "lan_v6": lan_networks(config, 6),
     }

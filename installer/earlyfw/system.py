@@ -55,6 +55,11 @@ class Platform(Protocol):
     def watch(self, runner: Runner, config: Config, source: str) -> int:
         """Run the handshake watcher in the foreground (`earlyfw watch`)."""
 
+    def portal(
+        self, runner: Runner, config: Config, command: tuple[str, ...], minutes: float, dns: tuple[str, ...]
+    ) -> int:
+        """Run `command` in a captive-portal window (`earlyfw portal`)."""
+
     def refresh_endpoints(self, runner: Runner, config_path: Path) -> None:
         """Re-pin the endpoints' hostnames through the tunnel (`earlyfw endpoints refresh`)."""
 

@@ -23,7 +23,7 @@ from typing import Any
 from earlyfw import policy
 from earlyfw.config import Config
 from earlyfw.errors import CommandError, EarlyfwError
-from earlyfw.linux import firewalls
+from earlyfw.linux import firewalls, window
 from earlyfw.policy import EGRESS_TABLE, TABLE, Counters, State
 from earlyfw.run import Runner
 
@@ -291,7 +291,8 @@ def status(runner: Runner, config: Config) -> Status:
     # Every refusal is counted once, in whichever of earlyfw's tables refused it:
     # while the watcher runs that is often its guard.
     totals = add_counters(*(found.get(key, {}) for key in COUNTING_TABLES))
-    live = {key: normalise(listed.get(key)) for key in MAIN_TABLES}
+    # A portal window's elements come and go; the state is the rest.
+    live = {key: normalise(window.without_windows(listed.get(key))) for key in MAIN_TABLES}
     main = live[("inet", TABLE)]
     if main is None:
         return Status(

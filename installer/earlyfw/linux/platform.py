@@ -97,6 +97,12 @@ def watch(runner: Runner, config: Config, source: str) -> int:
     return daemon.main(config, runner, sources.SourceKind(source))
 
 
+def portal(runner: Runner, config: Config, command: tuple[str, ...], minutes: float, dns: tuple[str, ...]) -> int:
+    from earlyfw.linux import portal as captive  # noqa: PLC0415
+
+    return captive.main(config, runner, command, minutes, dns)
+
+
 def refresh_endpoints(runner: Runner, config_path: Path) -> None:
     # Imported here: dnspython is needed by this command alone.
     from earlyfw import resolve as resolver  # noqa: PLC0415

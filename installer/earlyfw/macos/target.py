@@ -215,6 +215,14 @@ def require_darwin(action: str) -> None:
         )
 
 
+def endpoint_user(config: Config) -> str | None:
+    """Whose sockets may send to the endpoints: root's, which wireguard-go
+    under wg-quick and Tunnelblick's OpenVPN are. pf has no packet marks, so
+    an OpenVPN that drops to `user` cannot reconnect (its new socket is that
+    user's); a manual tunnel's program is unknown, so it is not restricted."""
+    return None if config.tunnel_kind is TunnelKind.MANUAL else "root"
+
+
 @dataclass(frozen=True)
 class Rendered:
     rules: str
@@ -235,6 +243,7 @@ def render(config: Config, layout: Layout = LAYOUT) -> Rendered:
     rules = templates.render(
         f"{TEMPLATES}/earlyfw.pf.j2",
         groups=endpoint_groups(config.endpoints),
+        endpoint_user=endpoint_user(config),
         lan=lan,
         lan_families=families(lan),
         lan_table=LAN_TABLE,

@@ -133,6 +133,13 @@ def watch(runner: Runner, config: Config, source: str) -> int:
     )
 
 
+def portal(runner: Runner, config: Config, command: tuple[str, ...], minutes: float, dns: tuple[str, ...]) -> int:
+    raise EarlyfwError(
+        "`earlyfw portal` exists only on Linux: WFP has no cgroups to scope a window to one program",
+        hint="log in to the portal with earlyfw uninstalled, or from another device",
+    )
+
+
 def refresh_endpoints(runner: Runner, config_path: Path) -> None:
     raise EarlyfwError(
         "`earlyfw endpoints refresh` swaps pins in nftables sets; Windows has none",

@@ -17,6 +17,9 @@ Invariants:
   peer is still configured stays relaxed, and no packet sees a moment without
   the endpoints both configs allow); an invalid one changes nothing and is
   said in one line.
+- SIGUSR1 takes a captive-portal request from `earlyfw portal` (a root-owned
+  file beside the verdict): the window's elements go into the tables and the
+  guards in one batch, with a kernel timeout; any later change closes it.
 - What it decided, and why, is published in /run/earlyfw/watch-IF.json for
   `earlyfw status`, and said in the journal whenever the state or the
   situation within it changes; advice repeats when a situation recurs, at
@@ -48,6 +51,7 @@ from earlyfw.linux.watcher.libnft import Libnftables
 from earlyfw.linux.watcher.ruleset import WATCHED_TABLES, LiveRuleset
 from earlyfw.linux.watcher.sources import SourceKind
 from earlyfw.linux.watcher.tunnels import Clock, Tunnel, make_tunnel
+from earlyfw.linux.window import WatcherPortal
 from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
@@ -168,6 +172,8 @@ class Watcher:
         self.selector.register(self._reload_r, selectors.EVENT_READ, self.request_reload)
         # The last reload's outcome, for `earlyfw endpoints refresh` to wait on.
         self.reloaded: dict[str, Any] | None = None
+        # Captive-portal windows: requests are read beside the verdict.
+        self.portal = WatcherPortal(config.interface, verdict_dir, log)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -224,6 +230,7 @@ class Watcher:
         self.state = State.BLOCKED
         self.reason, self.situation = why, "stopped"
         self.log(f"blocked: {why}")
+        self.portal.tick(self.ruleset, self.state, self.clock.monotonic())
         self.publish(stopped=True)
 
     def _start_wake(self) -> None:
@@ -252,18 +259,23 @@ class Watcher:
         timeout = max(0.0, self.due - self.clock.monotonic())
         if max_wait is not None:
             timeout = min(timeout, max_wait)
+        window_due = self.portal.due()
+        if window_due is not None:
+            timeout = max(0.0, min(timeout, window_due - self.clock.monotonic()))
         outside: list[Generation] = []
-        reload = False
+        reload = portal = False
         for key, _ in self.selector.select(timeout):
             source = key.data
             if source == self.request_reload:
                 while True:
                     try:
-                        if not os.read(self._reload_r, 64):
-                            break
+                        asked = os.read(self._reload_r, 64)
                     except BlockingIOError:
                         break
-                reload = True
+                    if not asked:
+                        break
+                    reload = reload or b"r" in asked
+                    portal = portal or b"p" in asked
             elif source is self.tables and self.tables is not None:
                 outside += [g for g in self.tables.read() if g.pid != self.pid and g.touches(WATCHED_TABLES)]
             elif source is self.links and self.links is not None:
@@ -283,6 +295,17 @@ class Watcher:
             self.check_tables(outside)
         if self.clock.monotonic() >= self.due:
             self.evaluate()
+        if portal:
+            self._portal_closed()
+            self.portal.handle(
+                self.ruleset, self.state, self.config, wall=self.clock.wall(), now=self.clock.monotonic()
+            )
+            self.publish()
+        self._portal_closed()
+
+    def _portal_closed(self) -> None:
+        if self.portal.tick(self.ruleset, self.state, self.clock.monotonic()):
+            self.publish()
 
     def _sync_tunnel_fd(self) -> None:
         fd = self.tunnel.fileno()
@@ -359,6 +382,8 @@ class Watcher:
             # What it enforces now, and how the last reload went.
             "endpoints": [str(e) for e in self.config.endpoints],
             "reloaded": self.reloaded,
+            # The captive-portal window, and its last answer to `earlyfw portal`.
+            "portal": self.portal.published(),
         }
         try:
             self.verdict_dir.mkdir(mode=0o755, exist_ok=True)
@@ -376,10 +401,11 @@ class Watcher:
 
     # --- reload -----------------------------------------------------------------
 
-    def request_reload(self) -> None:
-        """Safe from a signal handler: only wakes the loop."""
-        with contextlib.suppress(BlockingIOError):  # a reload is pending already
-            os.write(self._reload_w, b"r")
+    def request_reload(self, what: bytes = b"r") -> None:
+        """Safe from a signal handler: only wakes the loop. `what`: b"r" to
+        reload, b"p" to read a portal request."""
+        with contextlib.suppress(BlockingIOError):  # one is pending already
+            os.write(self._reload_w, what)
 
     def reload(self) -> None:
         """Read the config again. Valid: the new endpoints take effect in
@@ -516,6 +542,7 @@ def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
     signal.signal(signal.SIGHUP, lambda signum, frame: watcher.request_reload())
+    signal.signal(signal.SIGUSR1, lambda signum, frame: watcher.request_reload(b"p"))
     try:
         return watcher.run()
     finally:

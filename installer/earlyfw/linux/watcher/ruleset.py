@@ -111,6 +111,10 @@ class LiveRuleset:
         self._reference: dict[str, str | None] = {}
         # The counter values the main tables got at the last change.
         self._carried: dict[str, tuple[int, int]] = {}
+        # Changes put in place so far, and whether the last one loaded the
+        # egress table: a portal window (earlyfw.linux.window) lives between two.
+        self.changes = 0
+        self._egress_loaded = False
 
     def put(self, state: State, *, repair: bool = False, wake_group: int | None = None) -> None:
         """Replace earlyfw's tables (and the guards) with `state`, atomically,
@@ -146,6 +150,23 @@ class LiveRuleset:
             if not self.guarded:
                 self._reference = {name: self.nft.list_table(family, name) for family, name, _ in PAIRS}
         self._carried = counters
+        self.changes += 1
+        if not repair:
+            self._egress_loaded = bool(devices)
+
+    def portal_tables(self) -> list[tuple[str, str]]:
+        """The tables holding portal window sets: earlyfw's, and their guards."""
+        found = []
+        for family, main, guard in PAIRS:
+            if family == "inet" or self._egress_loaded:
+                found += [(family, main), *([(family, guard)] if self.guarded else [])]
+        return found
+
+    def run_portal(self, script: str) -> None:
+        """A portal window's elements in or out, in one transaction."""
+        self.nft.run(script)
+        if not self.guarded:
+            self._reference = {name: self.nft.list_table(family, name) for family, name, _ in PAIRS}
 
     def load_wake(self, group: int) -> bool:
         """Load the wake table; False where the kernel cannot own tables

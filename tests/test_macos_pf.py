@@ -481,7 +481,7 @@ def test_interface_must_be_a_utun_device(name: str) -> None:
 EXCEPTIONS_CONFIG = config.parse(
     EXAMPLE.read_text()
     .replace('interface = "wg0"', 'interface = "utun9"')
-    .replace("allow = false", 'allow = ["192.168.1.0/24"]')
+    .replace("[lan]\nallow = false", '[lan]\nallow = ["192.168.1.0/24"]')
     + '[[allow]]\ninterface = "utun5"\nnetworks = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]\n'
     + '[[allow]]\ninterface = "utun6"\ndns = true\n'
 )

@@ -383,8 +383,6 @@ def main(  # noqa: PLR0917  (one argument per option)
     log: Log = journal,
 ) -> int:
     """Run `command` in a window; its exit status."""
-    if not sys.platform.startswith("linux"):
-        raise EarlyfwError("earlyfw portal is for Linux only: it needs cgroup v2 and nftables' `socket cgroupv2`")
     nft.require_root_for("portal")
     if not config.portal_allow:
         raise ConfigError(

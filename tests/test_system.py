@@ -259,6 +259,8 @@ def test_each_command_goes_through_its_systems_room(
         (System.MACOS, ["watch"], "earlyfw-pf watch"),
         (System.WINDOWS, ["endpoints", "refresh"], "Windows has none"),
         (System.MACOS, ["endpoints", "refresh"], "macOS has none"),
+        (System.WINDOWS, ["portal", "--", "true"], "exists only on Linux"),
+        (System.MACOS, ["portal", "--", "true"], "exists only on Linux"),
     ],
 )
 def test_linux_only_commands_say_why_elsewhere(

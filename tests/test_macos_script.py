@@ -307,7 +307,8 @@ def through_tunnel(interface: str = "utun9") -> Packet:
 
 
 def to_endpoint() -> Packet:
-    return Packet(Direction.OUT, "en0", ip("192.0.2.2"), ip("198.51.100.7"), "udp", 50000, 51820)
+    """The tunnel's own packet: wireguard-go runs as root (the endpoint pass is `user root`)."""
+    return Packet(Direction.OUT, "en0", ip("192.0.2.2"), ip("198.51.100.7"), "udp", 50000, 51820, uid=0)
 
 
 def make_mac(tmp_path: Path, shell: list[str], cfg: config.Config = EXAMPLE_CONFIG) -> Mac:

@@ -480,3 +480,58 @@ def test_only_safe_names_reach_the_exception_rules(name: str) -> None:
         assert len(name.encode()) <= 15
         assert all(c.isascii() and (c.isalnum() or c in "_.-") for c in name.removesuffix("*"))
         assert f'"{name}"' in policy.render(parsed, policy.State.RELAXED)
+
+
+def _with_program(value: object, kind: str = "openvpn") -> dict[str, Any]:
+    data = base()
+    data["tunnel"] = {"kind": kind, "program": value}
+    return data
+
+
+BAD_PROGRAMS = [
+    "openvpn.exe",  # relative
+    r"\\server\share\openvpn.exe",  # UNC
+    r"\\?\C:\OpenVPN\openvpn.exe",  # device prefix
+    "C:/OpenVPN/openvpn.exe",  # forward slashes
+    r"C:\OpenVPN\..\openvpn.exe",
+    r"C:\OpenVPN\.\openvpn.exe",
+    r"C:\OpenVPN\openvpn.exe ",  # Windows strips a trailing space
+    r"C:\OpenVPN\openvpn.bat",
+    "C:\\Open\nVPN\\openvpn.exe",
+    "C:\\Open\x1bVPN\\openvpn.exe",
+    r"C:\Open|VPN\openvpn.exe",
+    "C:\\" + "a" * 260 + ".exe",
+    7,
+]
+
+
+@pytest.mark.parametrize("value", BAD_PROGRAMS, ids=range(len(BAD_PROGRAMS)))
+def test_bad_programs_name_the_value(value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.Config.from_dict(_with_program(value))
+    message = str(caught.value)
+    assert message.startswith(f"tunnel.program: {value!r}") and "\n" not in message
+
+
+def test_program_defaults_to_openvpn_exe_and_is_not_for_wireguard() -> None:
+    assert config.Config.from_dict(_with_program(None)).windows_program == config.DEFAULT_OPENVPN_PROGRAM
+    manual = config.Config.from_dict(_with_program(None, "manual"))
+    assert manual.windows_program is None
+    named = config.Config.from_dict(_with_program(r"D:\VPN Client\bin\client.EXE", "manual"))
+    assert named.windows_program == r"D:\VPN Client\bin\client.EXE"
+    assert config.parse(named.to_toml()) == named
+    with pytest.raises(ConfigError, match=r"^tunnel.program: .* is not for WireGuard"):
+        config.Config.from_dict(_with_program(config.DEFAULT_OPENVPN_PROGRAM, "wireguard"))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.text(max_size=40).map(lambda rest: "C:\\" + rest + ".exe") | st.text(max_size=40))
+def test_any_program_is_a_plain_windows_path_or_one_line(value: str) -> None:
+    try:
+        parsed = config.Config.from_dict(_with_program(value)).windows_program
+    except ConfigError as e:
+        assert str(e).startswith(f"tunnel.program: {value!r}") and "\n" not in str(e)
+        return
+    assert parsed == value and value[1:3] == ":\\" and value.lower().endswith(".exe")
+    assert not any(ord(c) < 32 or c in '/:*?"<>|' for c in value[2:])
+    assert all(part not in (".", "..") and part == part.rstrip(". ") for part in value[3:].split("\\"))

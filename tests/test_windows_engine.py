@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
 import functools
 import ipaddress
 import itertools
@@ -105,6 +106,8 @@ def expected_value(condition: rules.Condition) -> object:
         return value.luid
     if isinstance(value, rules.Owners):
         return security.Descriptor.from_bytes(value.descriptor)
+    if isinstance(value, rules.Program):
+        return wfp_model.app_id(value.path)  # what BFE derived from the path
     if isinstance(value, ipaddress.IPv4Address):
         return int(value)  # FWP_UINT32, host order
     return value
@@ -231,6 +234,8 @@ def test_everything_happens_inside_one_transaction(bfe: RecordingBfe) -> None:
 SYSTEM = security.SYSTEM
 USER = wfp_model.USER_SID  # a standard user's program
 DHCP = security.service_sid("Dhcp")  # NT SERVICE\Dhcp
+OPENVPN = configuration.DEFAULT_OPENVPN_PROGRAM
+CURL = r"C:\Windows\System32\curl.exe"  # any other program
 ALE = [layer for layer in Layer if "ALE" in layer.value]
 
 
@@ -244,6 +249,7 @@ class Packet:
     interface: int
     loopback: bool = False
     user: str = USER  # the socket owner (a token's user or service SID)
+    app: str = CURL  # the image of the process that opened the socket
 
 
 def _matches(condition: wfp_model.Condition, p: Packet) -> bool:
@@ -259,6 +265,9 @@ def _matches(condition: wfp_model.Condition, p: Packet) -> bool:
         assert isinstance(value, security.Descriptor)
         granted = [a for a in value.aces if a.allow and a.mask & s.FWP_ACTRL_MATCH_FILTER]
         return any(a.sid == p.user for a in granted)
+    if field == s.FWPM_CONDITION_ALE_APP_ID:
+        assert isinstance(value, bytes)
+        return wfp_model.app_id_matches(value, p.app)
     actual = {
         s.FWPM_CONDITION_IP_PROTOCOL: p.protocol,
         s.FWPM_CONDITION_IP_LOCAL_PORT: p.local_port,
@@ -321,8 +330,14 @@ def permitted_by_policy(config: Config, state: str, p: Packet) -> bool:
     endpoint = any(
         (e.address, e.port, proto[e.protocol]) == (p.remote, p.remote_port, p.protocol) for e in config.endpoints
     )
-    # Outbound only, and WireGuard's only from SYSTEM (the service, the driver).
-    if endpoint and out and (config.tunnel_kind != "wireguard" or p.user == SYSTEM):
+    # Outbound only: WireGuard's only from SYSTEM (the service, the driver),
+    # OpenVPN's only from openvpn.exe, whoever runs it.
+    sender = {
+        "wireguard": p.user == SYSTEM,
+        "openvpn": p.app.lower() == (config.program or OPENVPN).lower(),
+        "manual": config.program is None or p.app.lower() == config.program.lower(),
+    }[config.tunnel_kind]
+    if endpoint and out and sender:
         return True
     if out and dns:
         return False
@@ -369,6 +384,7 @@ def packets(config: Config) -> st.SearchStrategy[Packet]:
             st.sampled_from([TUNNEL_LUID, OTHER_LUID]),
             st.booleans(),
             st.sampled_from([USER, SYSTEM, DHCP]),
+            st.sampled_from([CURL, OPENVPN, OPENVPN.upper()]),
         )
 
     return st.sampled_from(ALE).flatmap(for_layer)
@@ -387,10 +403,11 @@ def grid(config: Config) -> list[Packet]:
         addresses = {ipaddress.ip_address(a) for a in known} | {
             a for a in (*(e.address for e in config.endpoints), *config.dns_servers) if a.version == layer.version
         }
-        for address, (proto, lp, rp), interface, user in itertools.product(
-            sorted(addresses), combos, (TUNNEL_LUID, OTHER_LUID), (USER, SYSTEM, DHCP)
+        senders = ((USER, CURL), (SYSTEM, CURL), (DHCP, CURL), (USER, OPENVPN))
+        for address, (proto, lp, rp), interface, (user, app) in itertools.product(
+            sorted(addresses), combos, (TUNNEL_LUID, OTHER_LUID), senders
         ):
-            packets.append(Packet(layer, address, proto, lp, rp, interface, user=user))
+            packets.append(Packet(layer, address, proto, lp, rp, interface, user=user, app=app))
         packets.append(Packet(layer, min(addresses), 6, 50000, 443, OTHER_LUID, loopback=True))
     return packets
 
@@ -487,11 +504,89 @@ def test_the_endpoint_hole_is_only_for_the_tunnel_and_only_outbound() -> None:
     assert not permitted_by_filters(blocked, program)
     assert not permitted_by_filters(blocked, v6)
     assert not permitted_by_filters(blocked, spoofed)
-    # OpenVPN runs as whoever started it: no owner to name, connect layer only.
+    # OpenVPN runs as whoever started it: named by its executable, connect layer only.
     _config, openvpn = enforced("openvpn-lan", "blocked")
-    tcp = Packet(Layer.CONNECT_V4, V4("203.0.113.53"), 6, 50000, 53, OTHER_LUID, user=USER)
+    tcp = Packet(Layer.CONNECT_V4, V4("203.0.113.53"), 6, 50000, 53, OTHER_LUID, user=USER, app=OPENVPN)
     assert permitted_by_filters(openvpn, tcp)
-    assert not permitted_by_filters(openvpn, Packet(Layer.RECV_ACCEPT_V4, V4("203.0.113.53"), 6, 22, 53, OTHER_LUID))
+    inbound = Packet(Layer.RECV_ACCEPT_V4, V4("203.0.113.53"), 6, 22, 53, OTHER_LUID, app=OPENVPN)
+    assert not permitted_by_filters(openvpn, inbound)
+
+
+def _without_app_ids(filters: list[DecodedFilter]) -> list[DecodedFilter]:
+    """The filters as they were before the endpoint permits named openvpn.exe."""
+    return [
+        dataclasses.replace(f, conditions=tuple(c for c in f.conditions if c.field != s.FWPM_CONDITION_ALE_APP_ID))
+        for f in filters
+    ]
+
+
+@pytest.mark.parametrize("state", ["blocked", "relaxed"])
+def test_the_openvpn_endpoint_is_only_for_openvpn_exe(state: str) -> None:
+    """Another program, under any account, cannot reach the OpenVPN server
+    through the endpoint permit (it could carry data out there); openvpn.exe
+    can, whoever runs it and however its path is spelled in case."""
+    _config, filters = enforced("openvpn-lan", state)
+    to_endpoint = functools.partial(Packet, Layer.CONNECT_V4, V4("203.0.113.53"), 6, 50000, 53, OTHER_LUID)
+    to_endpoint6 = functools.partial(
+        Packet, Layer.CONNECT_V6, ipaddress.ip_address("2001:db8::53"), 17, 50000, 1194, OTHER_LUID
+    )
+    for endpoint in (to_endpoint, to_endpoint6):
+        assert permitted_by_filters(filters, endpoint(user=USER, app=OPENVPN))
+        assert permitted_by_filters(filters, endpoint(user=SYSTEM, app=OPENVPN.upper()))
+        others = [endpoint(user=USER, app=CURL), endpoint(user=SYSTEM, app=CURL)]
+        # A copy of openvpn.exe elsewhere is another program.
+        others.append(endpoint(user=USER, app=r"C:\Users\Public\openvpn.exe"))
+        assert [p for p in others if permitted_by_filters(filters, p)] == []
+        # Control: without the app-ID condition every one of them gets out.
+        assert all(permitted_by_filters(_without_app_ids(filters), p) for p in others)
+
+
+def test_the_wireguard_endpoint_is_still_only_for_system() -> None:
+    """The app ID is OpenVPN's: WireGuard's permit keeps its owner condition
+    alone (the driver's sockets have no process image to name)."""
+    _config, filters = enforced("example", "blocked")
+    endpoints = [f for f in filters if f.name.startswith("earlyfw: permit endpoint")]
+    assert endpoints and all([c.field for c in f.conditions][-1] == s.FWPM_CONDITION_ALE_USER_ID for f in endpoints)
+    assert not any(c.field == s.FWPM_CONDITION_ALE_APP_ID for f in filters for c in f.conditions)
+    handshake = functools.partial(Packet, Layer.CONNECT_V4, V4("198.51.100.7"), 17, 50000, 51820, OTHER_LUID)
+    assert permitted_by_filters(filters, handshake(user=SYSTEM, app=CURL))
+    assert not permitted_by_filters(filters, handshake(user=USER, app=OPENVPN))
+
+
+def test_a_named_program_takes_the_place_of_openvpn_exe() -> None:
+    """[tunnel] program names the client elsewhere; a manual tunnel's
+    endpoints are closed to other programs only when it names one."""
+    program = r"D:\VPN\client.exe"
+    to_endpoint = functools.partial(Packet, Layer.CONNECT_V4, V4("203.0.113.53"), 6, 50000, 53, OTHER_LUID)
+    for kind in ("openvpn", "manual"):
+        config = configuration.parse(
+            OPENVPN_LAN.replace('kind = "openvpn"', f"kind = \"{kind}\"\nprogram = '{program}'")
+        )
+        bfe = RecordingBfe(files=(program,))
+        engine.install(bfe, config)
+        assert permitted_by_filters(bfe.filters(), to_endpoint(app=program))
+        assert not permitted_by_filters(bfe.filters(), to_endpoint(app=OPENVPN))
+        clean(bfe)
+    manual = configuration.parse(OPENVPN_LAN.replace('kind = "openvpn"', 'kind = "manual"'))
+    bfe = RecordingBfe(files=())
+    engine.install(bfe, manual)
+    assert permitted_by_filters(bfe.filters(), to_endpoint(app=CURL))
+
+
+def test_a_missing_openvpn_exe_fails_the_install_and_changes_nothing() -> None:
+    """No app ID, no install: the endpoints are never opened to every program
+    instead, and the block that was there stays as it was."""
+    bfe = RecordingBfe(aliases={"tun0": TUNNEL_LUID}, files=())
+    engine.install(bfe, load("example"))
+    before = copy.deepcopy(bfe.store)
+    with pytest.raises(EarlyfwError) as caught:
+        engine.install(bfe, load("openvpn-lan"))
+    message = str(caught.value)
+    assert message.startswith(f"tunnel.program: {OPENVPN!r}: no such file") and "\n" not in message
+    assert caught.value.hint is not None and "[tunnel] program" in caught.value.hint
+    assert bfe.store == before
+    assert "FwpmTransactionBegin0" not in bfe.names()[bfe.names().index("FwpmGetAppIdFromFileName0") :]
+    clean(bfe)
 
 
 def test_dhcp_is_broadcast_or_the_dhcp_client_service() -> None:
@@ -541,12 +636,14 @@ def test_the_model_knows_which_fields_each_layer_has(bfe: RecordingBfe) -> None:
     engine.install(bfe, load("example"))
     wrong = [
         (Layer.FORWARD_V4, rules.Condition(rules.Field.USER, rules.SYSTEM_ONLY)),
+        (Layer.FORWARD_V4, rules.Condition(rules.Field.APP, rules.Program(OPENVPN))),
         (Layer.FORWARD_V4, rules.Condition(rules.Field.LOCAL_INTERFACE, Interface("wg0", TUNNEL_LUID))),
         (Layer.CONNECT_V4, rules.Condition(rules.Field.FORWARD_INTERFACE, Interface("wg0", TUNNEL_LUID))),
     ]
     for layer, condition in wrong:
         spec = rules.Filter("x", layer, rules.Lifetime.RUNTIME, Action.PERMIT, rules.Weight.LAN, (condition,))
         with engine.session(bfe) as session, pytest.raises(engine.WfpError, match="FWP_E_CONDITION_NOT_FOUND"):
+            session.resolve(rules.programs([spec]))
             session.add_filter(spec)
     clean(bfe)
 
@@ -711,7 +808,7 @@ def test_the_model_rejects_what_bfe_rejects(bfe: RecordingBfe) -> None:
     both = rules.Filter("bad", Layer.CONNECT_V4, rules.Lifetime.PERSISTENT, rules.Action.BLOCK, rules.Weight.LAN)
     with engine.session(bfe) as session:
         keep = engine._Keep()
-        structure = engine.marshal_filter(both, keep)
+        structure = engine.marshal_filter(both, keep, {})
         structure.flags = s.FWPM_FILTER_FLAG_BOOTTIME | s.FWPM_FILTER_FLAG_PERSISTENT
         assert session.call("FwpmFilterAdd0", session.handle, ctypes.byref(structure), None, None, ok=[0x8032001E])
         v6_address_on_v4 = rules.Filter(
@@ -724,7 +821,7 @@ def test_the_model_rejects_what_bfe_rejects(bfe: RecordingBfe) -> None:
         )
         with pytest.raises(ValueError, match="cannot encode"):
             session.add_filter(v6_address_on_v4)
-        structure = engine.marshal_filter(both, keep)
+        structure = engine.marshal_filter(both, keep, {})
         structure.weight.uint8 = 16
         assert session.call("FwpmFilterAdd0", session.handle, ctypes.byref(structure), None, None, ok=[0x80320025])
     clean(bfe)

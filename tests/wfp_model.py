@@ -10,7 +10,9 @@ the model decodes every structure back from the pointers it is given. It keeps
 providers, sublayers and filters with BFE's documented rules (transactions,
 lifetimes, references, types per condition field), so a wrong structure or
 call order fails here as it would on Windows. It also models what earlyfw
-relies on around BFE: which condition fields each layer offers, dynamic
+relies on around BFE: which condition fields each layer offers, app IDs
+(FwpmGetAppIdFromFileName0 of the files it is told exist, and how BFE
+compares one with a socket's process image), dynamic
 sessions whose filters vanish with their process, BFE restarts, adapters
 (the interface type inside a LUID, GetIfEntry2's row) and the security
 descriptors of files (SDDL in and out, SetFileSecurityW not propagating to
@@ -32,6 +34,7 @@ from ctypes import CFUNCTYPE, POINTER
 from dataclasses import dataclass, field
 from typing import Any
 
+from earlyfw import config as configuration
 from earlyfw.windows import security
 from earlyfw.windows import structs as s
 
@@ -42,6 +45,7 @@ Decoded = (
     | ipaddress.IPv4Network
     | ipaddress.IPv6Network
     | security.Descriptor
+    | bytes
 )
 
 LAYERS = {
@@ -53,6 +57,14 @@ LAYERS = {
     s.FWPM_LAYER_IPFORWARD_V6: 6,
 }
 ALE_LAYERS = frozenset(list(LAYERS)[:4])
+# The NT device each drive letter names on the modelled host.
+VOLUMES = {"C": r"\Device\HarddiskVolume3", "D": r"\Device\HarddiskVolume5"}
+# The executables on the modelled host's disk, by Win32 path.
+FILES = (
+    configuration.DEFAULT_OPENVPN_PROGRAM,
+    r"C:\Program Files\WireGuard\wireguard.exe",
+    r"C:\Windows\System32\curl.exe",
+)
 ERROR_FILE_NOT_FOUND = 2
 ERROR_INVALID_HANDLE = 6
 ERROR_INVALID_PARAMETER = 87
@@ -141,6 +153,21 @@ class _Failed(Exception):
         self.code = code
 
 
+def app_id(path: str) -> bytes:
+    """What FwpmGetAppIdFromFileName0 returns, and what BFE computes for the
+    image of the process that opens a socket: the file's NT path (the drive
+    letter replaced by its volume device), lowercased, as UTF-16LE with its
+    terminating NUL. So the same file matches however its path is spelled in
+    case, and a copy of it elsewhere does not."""
+    drive, rest = path[:1].upper(), path[2:]
+    return (VOLUMES[drive] + rest).lower().encode("utf-16-le") + b"\0\0"
+
+
+def app_id_matches(value: bytes, image: str) -> bool:
+    """ALE_APP_ID with FWP_MATCH_EQUAL: the blobs compared byte for byte."""
+    return value == app_id(image)
+
+
 def _uuid(guid: s.GUID) -> uuid.UUID:
     return guid.to_uuid()
 
@@ -171,6 +198,10 @@ def decode_condition(c: s.FWPM_FILTER_CONDITION0) -> Condition:
     elif kind == s.FWP_V6_ADDR_MASK:
         mask6 = v.v6AddrMask.contents
         value = ipaddress.IPv6Network((bytes(mask6.addr), int(mask6.prefixLength)))
+    elif kind == s.FWP_BYTE_BLOB_TYPE:
+        if not v.byteBlob or not v.byteBlob.contents.size:
+            raise _Failed(s.FWP_E_INVALID_PARAMETER)
+        value = ctypes.string_at(v.byteBlob.contents.data, v.byteBlob.contents.size)
     elif kind == s.FWP_SECURITY_DESCRIPTOR_TYPE:
         blob = v.sd.contents
         try:
@@ -217,6 +248,7 @@ _EQUAL = {s.FWP_MATCH_EQUAL}
 _FLAGS = {s.FWP_MATCH_FLAGS_ALL_SET, 7, 8}  # ALL_SET, ANY_SET, NONE_SET
 _FIELD_TYPES: dict[uuid.UUID, list[tuple[int | None, int, set[int]]]] = {
     s.FWPM_CONDITION_ALE_USER_ID: [(None, s.FWP_SECURITY_DESCRIPTOR_TYPE, _EQUAL)],
+    s.FWPM_CONDITION_ALE_APP_ID: [(None, s.FWP_BYTE_BLOB_TYPE, _EQUAL)],
     s.FWPM_CONDITION_IP_FORWARD_INTERFACE: [(None, s.FWP_UINT64, _EQUAL)],
     s.FWPM_CONDITION_IP_ARRIVAL_INTERFACE: [(None, s.FWP_UINT64, _EQUAL)],
     s.FWPM_CONDITION_IP_PROTOCOL: [(None, s.FWP_UINT8, _EQUAL)],
@@ -268,9 +300,15 @@ class RecordingBfe:
     """The model. `functions` is the Backend; `calls` records every call."""
 
     def __init__(
-        self, *, aliases: Mapping[str, int] | None = None, adapters: Mapping[int, Adapter] | None = None
+        self,
+        *,
+        aliases: Mapping[str, int] | None = None,
+        adapters: Mapping[int, Adapter] | None = None,
+        files: tuple[str, ...] = FILES,
     ) -> None:
         self.aliases = dict(aliases or {})
+        # Executables on disk (Win32 paths; the file system ignores case).
+        self.files = {f.lower() for f in files}
         # By LUID; an alias without an entry here is a wintun adapter that is up.
         self.adapters = dict(adapters or {})
         # Security descriptors by path; a path on disk without one has what
@@ -640,6 +678,19 @@ class RecordingBfe:
             if self.allocations.pop(address, None) is None:
                 self.errors.append(ValueError(f"FwpmFreeMemory0 of unknown pointer {address:#x}"))
             pointer[0] = None
+
+    def _FwpmGetAppIdFromFileName0(self, path: str | None, out: Any) -> int:
+        self.calls.append(("FwpmGetAppIdFromFileName0", path))
+        if path is None or not out:
+            raise _Failed(ERROR_INVALID_PARAMETER)
+        if path.lower() not in self.files:
+            raise _Failed(ERROR_FILE_NOT_FOUND)
+        data = app_id(path)
+        buffer = ctypes.create_string_buffer(data, len(data))
+        blob = s.FWP_BYTE_BLOB(len(data), ctypes.cast(buffer, POINTER(ctypes.c_uint8)))
+        self.allocations[ctypes.addressof(blob)] = (blob, buffer)
+        out[0] = ctypes.pointer(blob)
+        return 0
 
     # -- iphlpapi.dll --------------------------------------------------------
 

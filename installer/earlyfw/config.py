@@ -41,6 +41,16 @@ _ADAPTER = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9 _.,()#+=-]{0,254}[A-Za-z0-9_.)
 # A relaxed tunnel is not locked for its handshake's age: only when it is dead
 # (see earlyfw.linux.watcher.tunnels).
 DEFAULT_REJECT_AFTER_SECONDS = 180  # WireGuard's REJECT_AFTER_TIME
+# The tunnel client's executable on Windows, whose sockets alone may reach the
+# endpoints (WFP matches the app ID of the process that opened the socket): a
+# drive-letter path to an .exe, no UNC or \\?\ prefix, nothing Windows forbids
+# or strips from a name (a trailing dot or space, so no '.' or '..' either),
+# under MAX_PATH. Only the windows target reads it, as data (a ctypes wide string).
+_PROGRAM_PART = r'[^\\/:*?"<>|\x00-\x1f\x7f]*[^\\/:*?"<>|\x00-\x1f\x7f. ]'
+_PROGRAM = re.compile(rf"[A-Za-z]:(?:\\{_PROGRAM_PART})+\.[eE][xX][eE]")
+PROGRAM_MAX = 259  # MAX_PATH without its NUL
+# Where the OpenVPN installer (and so OpenVPN GUI's interactive service) puts it.
+DEFAULT_OPENVPN_PROGRAM = r"C:\Program Files\OpenVPN\bin\openvpn.exe"
 # A fwmark is a 32-bit value; 0 means "no mark", so it cannot name the tunnel's packets.
 MARK_MAX = 0xFFFFFFFF
 
@@ -130,6 +140,9 @@ class Config:
     # to the endpoints (an OpenVPN that dropped to `user` re-opens its socket
     # as that user on a restart, keeping the mark).
     tunnel_mark: int | None = None
+    # Windows only: [tunnel] program, the tunnel client's executable (see
+    # windows_program).
+    program: str | None = None
     # Whether `earlyfw portal` may open captive-portal windows: the blocked
     # state then holds the (empty) window sets and rules, which need Linux 5.13.
     portal_allow: bool = False
@@ -138,6 +151,15 @@ class Config:
     @property
     def windows_adapter(self) -> str:
         return self.adapter or self.interface
+
+    @property
+    def windows_program(self) -> str | None:
+        """The executable whose sockets alone may reach the endpoints on
+        Windows: OpenVPN's by default, a manual tunnel's only when named
+        (WireGuard's are SYSTEM's, matched by owner instead)."""
+        if self.tunnel_kind is TunnelKind.OPENVPN:
+            return self.program or DEFAULT_OPENVPN_PROGRAM
+        return self.program
 
     def endpoints_of(self, version: int) -> tuple[Endpoint, ...]:
         return tuple(e for e in self.endpoints if e.family == version)
@@ -157,7 +179,7 @@ class Config:
         doc.only({"tunnel", "endpoint", "dns", "lan", "egress", "initramfs", "watch", "allow", "forward", "portal"})
 
         tunnel = doc.table("tunnel", required=True)
-        tunnel.only({"kind", "interface", "adapter", "mark"})
+        tunnel.only({"kind", "interface", "adapter", "mark", "program"})
         kind = tunnel.enum("kind", TunnelKind, default=TunnelKind.WIREGUARD)
         interface = tunnel.interface("interface", default=kind.default_interface)
         adapter = tunnel.get("adapter")
@@ -166,6 +188,8 @@ class Config:
                 f"tunnel.adapter: {_show(adapter)} is not a Windows adapter name earlyfw accepts",
                 hint="up to 256 letters, digits, spaces and _ . , ( ) # + = -, as Get-NetAdapter shows it",
             )
+
+        program = _program(tunnel.get("program"), kind)
 
         endpoints = tuple(_endpoint(e) for e in doc.array_of_tables("endpoint", required=True))
         if not endpoints:
@@ -237,6 +261,7 @@ class Config:
             allow=allow,
             forward_via_tunnel=via_tunnel,
             tunnel_mark=mark,
+            program=program,
             portal_allow=portal.boolean("allow", default=False),
             source=source,
         )
@@ -253,6 +278,8 @@ class Config:
             data["tunnel"]["adapter"] = self.adapter
         if self.tunnel_mark is not None:
             data["tunnel"]["mark"] = self.tunnel_mark
+        if self.program is not None:
+            data["tunnel"]["program"] = self.program
         if self.portal_allow:
             data["portal"] = {"allow": True}
         if self.egress_interfaces:
@@ -601,6 +628,24 @@ def allow_dict(a: Allow) -> dict[str, Any]:
     if a.dns:
         data["dns"] = True
     return data
+
+
+def _program(value: object, kind: TunnelKind) -> str | None:
+    if value is None:
+        return None
+    if kind is TunnelKind.WIREGUARD:
+        raise ConfigError(
+            f"tunnel.program: {_show(value)} is not for WireGuard: its endpoints are for SYSTEM's sockets "
+            "(the tunnel service, WireGuardNT)",
+            hint='leave it out, or set [tunnel] kind = "openvpn" or "manual"',
+        )
+    if not (isinstance(value, str) and len(value) <= PROGRAM_MAX and _PROGRAM.fullmatch(value)):
+        raise ConfigError(
+            f"tunnel.program: {_show(value)} is not an absolute Windows path to an .exe",
+            hint=f"e.g. {DEFAULT_OPENVPN_PROGRAM!r} (a drive letter, backslashes, no '..', at most "
+            f"{PROGRAM_MAX} characters)",
+        )
+    return value
 
 
 def _show(value: object) -> str:

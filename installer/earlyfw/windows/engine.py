@@ -24,7 +24,7 @@ from earlyfw.config import Config
 from earlyfw.errors import EarlyfwError
 from earlyfw.windows import rules
 from earlyfw.windows import structs as s
-from earlyfw.windows.rules import Field, Filter, Interface, Layer, Lifetime
+from earlyfw.windows.rules import Field, Filter, Interface, Layer, Lifetime, Program
 
 R = TypeVar("R")
 
@@ -85,7 +85,15 @@ class _Keep:
         return obj
 
 
-def _condition(condition: rules.Condition, layer: Layer, keep: _Keep) -> s.FWPM_FILTER_CONDITION0:
+AppIds = Mapping[Program, bytes]
+
+
+def _blob(data: bytes, keep: _Keep) -> Any:
+    buffer = keep(ctypes.create_string_buffer(data, len(data)))
+    return ctypes.pointer(keep(s.FWP_BYTE_BLOB(len(data), ctypes.cast(buffer, POINTER(ctypes.c_uint8)))))
+
+
+def _condition(condition: rules.Condition, layer: Layer, keep: _Keep, app_ids: AppIds) -> s.FWPM_FILTER_CONDITION0:
     c = s.FWPM_FILTER_CONDITION0()
     c.fieldKey = s.GUID.of(condition.field.key)
     c.matchType = condition.field.match
@@ -101,9 +109,9 @@ def _condition(condition: rules.Condition, layer: Layer, keep: _Keep) -> s.FWPM_
         case Field.LOCAL_INTERFACE | Field.FORWARD_INTERFACE | Field.ARRIVAL_INTERFACE, Interface():
             v.type, v.uint64 = s.FWP_UINT64, ctypes.pointer(keep(c_uint64(value.luid)))
         case Field.USER, rules.Owners():
-            data = keep(ctypes.create_string_buffer(value.descriptor, len(value.descriptor)))
-            blob = keep(s.FWP_BYTE_BLOB(len(value.descriptor), ctypes.cast(data, POINTER(ctypes.c_uint8))))
-            v.type, v.sd = s.FWP_SECURITY_DESCRIPTOR_TYPE, ctypes.pointer(blob)
+            v.type, v.sd = s.FWP_SECURITY_DESCRIPTOR_TYPE, _blob(value.descriptor, keep)
+        case Field.APP, Program() if value in app_ids:
+            v.type, v.byteBlob = s.FWP_BYTE_BLOB_TYPE, _blob(app_ids[value], keep)
         case Field.REMOTE_ADDRESS, ipaddress.IPv4Address() if layer.version == 4:
             v.type, v.uint32 = s.FWP_UINT32, int(value)
         case Field.REMOTE_ADDRESS, ipaddress.IPv6Address() if layer.version == 6:
@@ -122,7 +130,7 @@ def _condition(condition: rules.Condition, layer: Layer, keep: _Keep) -> s.FWPM_
     return c
 
 
-def marshal_filter(spec: Filter, keep: _Keep) -> s.FWPM_FILTER0:
+def marshal_filter(spec: Filter, keep: _Keep, app_ids: AppIds) -> s.FWPM_FILTER0:
     f = s.FWPM_FILTER0()
     f.filterKey = s.GUID.of(spec.key)
     f.displayData.name = spec.name
@@ -136,7 +144,7 @@ def marshal_filter(spec: Filter, keep: _Keep) -> s.FWPM_FILTER0:
     if spec.conditions:
         array = keep((s.FWPM_FILTER_CONDITION0 * len(spec.conditions))())
         for i, condition in enumerate(spec.conditions):
-            array[i] = _condition(condition, spec.layer, keep)
+            array[i] = _condition(condition, spec.layer, keep, app_ids)
         f.numFilterConditions = len(spec.conditions)
         f.filterCondition = ctypes.cast(array, POINTER(s.FWPM_FILTER_CONDITION0))
     f.action.type = spec.action.code
@@ -145,10 +153,13 @@ def marshal_filter(spec: Filter, keep: _Keep) -> s.FWPM_FILTER0:
 
 def encode(filters: Iterable[Filter]) -> None:
     """Marshal each filter into the structures BFE is handed, as install and
-    relax do, with no BFE: what `earlyfw verify` can check anywhere."""
+    relax do, with no BFE: what `earlyfw verify` can check anywhere (an app
+    ID, which only BFE derives, stands in as the path in UTF-16)."""
+    filters = tuple(filters)
+    stand_ins = {p: (p.path + "\0").encode("utf-16-le") for p in rules.programs(filters)}
     for spec in filters:
         try:
-            marshal_filter(spec, _Keep())
+            marshal_filter(spec, _Keep(), stand_ins)
         except ValueError as e:  # a rules bug, never a user error
             raise EarlyfwError(f"WFP filter {spec.role!r} at {spec.layer}: {e}") from None
 
@@ -162,6 +173,7 @@ class Session:
         self.fn = backend.functions
         self.handle = c_void_p()
         self.dynamic = dynamic
+        self.app_ids: dict[Program, bytes] = {}
 
     def call(self, name: str, *args: Any, ok: Iterable[int] = ()) -> int:
         code = int(self.fn[name](*args))
@@ -215,9 +227,16 @@ class Session:
         ok = [s.FWP_E_ALREADY_EXISTS] if exists_ok else []
         self.call("FwpmSubLayerAdd0", self.handle, byref(sublayer), None, ok=ok)
 
+    def resolve(self, programs: Iterable[Program]) -> None:
+        """Each program's app ID, before any change: a program that is not
+        there fails the install, rather than a permit naming nothing (or one
+        without the condition, open to every program)."""
+        for program in programs:
+            self.app_ids[program] = app_id(self.fn, program)
+
     def add_filter(self, spec: Filter) -> int:
         keep = _Keep()
-        structure = marshal_filter(spec, keep)
+        structure = marshal_filter(spec, keep, self.app_ids)
         filter_id = c_uint64()
         try:
             self.call("FwpmFilterAdd0", self.handle, byref(structure), None, byref(filter_id))
@@ -294,6 +313,27 @@ class Session:
             self.fn[f"{api}DestroyEnumHandle0"](self.handle, enum)
 
 
+_MISSING = (s.ERROR_FILE_NOT_FOUND, s.ERROR_PATH_NOT_FOUND, s.HRESULT_FILE_NOT_FOUND, s.HRESULT_PATH_NOT_FOUND)
+
+
+def app_id(fn: Mapping[str, Callable[..., Any]], program: Program) -> bytes:
+    """FwpmGetAppIdFromFileName0: the app ID BFE compares ALE_APP_ID with
+    (needs no session; BFE allocates it, FwpmFreeMemory0 releases it)."""
+    blob = POINTER(s.FWP_BYTE_BLOB)()
+    code = int(fn["FwpmGetAppIdFromFileName0"](program.path, byref(blob)))
+    if code:
+        what = "no such file" if code in _MISSING else f"{s.ERROR_NAMES.get(code, 'error')} ({code:#010x})"
+        raise EarlyfwError(
+            f"tunnel.program: {program.path!r}: {what}: the endpoints would be open to no program, or to every one",
+            hint="install the tunnel client there, or set [tunnel] program to its executable's path",
+        )
+    try:
+        return ctypes.string_at(blob.contents.data, blob.contents.size)
+    finally:
+        memory = ctypes.cast(blob, c_void_p)
+        fn["FwpmFreeMemory0"](byref(memory))
+
+
 @contextlib.contextmanager
 def session(backend: Backend) -> Iterator[Session]:
     bfe = Session(backend)
@@ -318,13 +358,15 @@ def install(backend: Backend, config: Config) -> list[int]:
     """Put the blocked state in place, replacing whatever earlyfw had there,
     in one transaction. Returns the new filters' ids."""
     filters = rules.install_set(config)
-    with session(backend) as bfe, bfe.transaction():
-        _remove_all(bfe)
-        bfe.delete_sublayer(missing_ok=True)
-        bfe.delete_provider(missing_ok=True)
-        bfe.add_provider()
-        bfe.add_sublayer()
-        return [bfe.add_filter(f) for f in filters]
+    with session(backend) as bfe:
+        bfe.resolve(rules.programs(filters))
+        with bfe.transaction():
+            _remove_all(bfe)
+            bfe.delete_sublayer(missing_ok=True)
+            bfe.delete_provider(missing_ok=True)
+            bfe.add_provider()
+            bfe.add_sublayer()
+            return [bfe.add_filter(f) for f in filters]
 
 
 def uninstall(backend: Backend) -> None:

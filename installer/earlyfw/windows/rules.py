@@ -15,7 +15,8 @@ output chain:
   12  other DNS through the tunnel       block    } tunnel's LUID
   10  the tunnel                         permit   }
    8  endpoints (outbound connect only; WireGuard's only from SYSTEM, the
-      tunnel service's and the driver's own sockets), DHCPv4 (broadcast;
+      tunnel service's and the driver's own sockets; OpenVPN's only from
+      openvpn.exe, by app ID), DHCPv4 (broadcast;
       unicast and replies only for the DHCP client service), DHCPv6 and
       neighbour discovery, link-local   permit
    6  DNS anywhere else                  block
@@ -142,6 +143,7 @@ class Field(StrEnum):
     LOCAL_INTERFACE = "local_interface"
     FLAGS = "flags"
     USER = "user"  # the socket owner's token against a security descriptor
+    APP = "app"  # the executable that opened the socket, by its app ID
     FORWARD_INTERFACE = "forward_interface"  # IPFORWARD: where it leaves
     ARRIVAL_INTERFACE = "arrival_interface"  # IPFORWARD: where it came in
 
@@ -155,6 +157,7 @@ class Field(StrEnum):
             Field.LOCAL_INTERFACE: s.FWPM_CONDITION_IP_LOCAL_INTERFACE,
             Field.FLAGS: s.FWPM_CONDITION_FLAGS,
             Field.USER: s.FWPM_CONDITION_ALE_USER_ID,
+            Field.APP: s.FWPM_CONDITION_ALE_APP_ID,
             Field.FORWARD_INTERFACE: s.FWPM_CONDITION_IP_FORWARD_INTERFACE,
             Field.ARRIVAL_INTERFACE: s.FWPM_CONDITION_IP_ARRIVAL_INTERFACE,
         }[self]
@@ -194,12 +197,25 @@ class Owners:
         return security.match_only(*self.sids)
 
 
+@dataclass(frozen=True)
+class Program:
+    """An executable by its Win32 path (ALE_APP_ID). BFE matches the app ID
+    FwpmGetAppIdFromFileName0 derives from it when the filter is added (the
+    file's NT device path), so the file must exist then, and a copy of it
+    elsewhere is another program."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return self.path
+
+
 SYSTEM_ONLY = Owners((security.SYSTEM,))
 DHCP_CLIENT_ONLY = Owners((DHCP_CLIENT,))
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Value = int | Address | Network | Interface | Owners
+Value = int | Address | Network | Interface | Owners | Program
 
 
 @dataclass(frozen=True)
@@ -215,6 +231,8 @@ class Condition:
             value = {"alias": value.alias, "luid": value.luid}
         elif isinstance(value, Owners):
             value = {"sids": list(value.sids)}
+        elif isinstance(value, Program):
+            value = {"path": value.path}
         elif not isinstance(value, int):
             value = str(value)
         return {
@@ -294,16 +312,20 @@ def boottime_set() -> tuple[Filter, ...]:
     return tuple(f for layer in Layer for f in _always(layer, Lifetime.BOOTTIME))
 
 
-def endpoint_owners(config: Config) -> Owners | None:
+def endpoint_sender(config: Config) -> Condition | None:
     """Whose sockets may reach the endpoints. WireGuard for Windows' tunnel
     service runs as LocalSystem, and WireGuardNT's sockets are the kernel's:
     both are SYSTEM, which no standard user's program is. OpenVPN runs as
     whoever started it (the GUI's interactive service starts it as the user),
-    so there is no owner to name; manual tunnels are unknown."""
-    return SYSTEM_ONLY if config.tunnel_kind is TunnelKind.WIREGUARD else None
+    so it is named by its executable instead ([tunnel] program); a manual
+    tunnel's only when the config names one."""
+    if config.tunnel_kind is TunnelKind.WIREGUARD:
+        return Condition(Field.USER, SYSTEM_ONLY)
+    program = config.windows_program
+    return None if program is None else Condition(Field.APP, Program(program))
 
 
-def _endpoint(e: Endpoint, layer: Layer, owners: Owners | None) -> Filter:
+def _endpoint(e: Endpoint, layer: Layer, sender: Condition | None) -> Filter:
     """Outbound connect only: the server's replies ride the flow the connect
     opened, and a permit at receive-accept would let a packet with a spoofed
     source endpoint:port open a new inbound flow to any listener."""
@@ -312,8 +334,8 @@ def _endpoint(e: Endpoint, layer: Layer, owners: Owners | None) -> Filter:
         Condition(Field.REMOTE_PORT, e.port),
         Condition(Field.PROTOCOL, PROTOCOLS[e.protocol]),
     ]
-    if owners is not None:
-        conditions.append(Condition(Field.USER, owners))
+    if sender is not None:
+        conditions.append(sender)
     return Filter(f"endpoint {e}", layer, Lifetime.PERSISTENT, Action.PERMIT, Weight.BASELINE, tuple(conditions))
 
 
@@ -422,8 +444,8 @@ def persistent_set(config: Config) -> tuple[Filter, ...]:
         if not layer.ale:
             continue
         if layer.outbound:
-            owners = endpoint_owners(config)
-            filters += [_endpoint(e, layer, owners) for e in config.endpoints_of(layer.version)]
+            sender = endpoint_sender(config)
+            filters += [_endpoint(e, layer, sender) for e in config.endpoints_of(layer.version)]
         filters += _dhcp(layer)
         if layer.version == 6:
             filters += _neighbour_discovery(layer)
@@ -491,6 +513,11 @@ def fixed_keys() -> frozenset[uuid.UUID]:
     """The keys that do not depend on the config: the ones that block."""
     persistent = (f for layer in Layer for f in _always(layer, Lifetime.PERSISTENT))
     return frozenset(f.key for f in (*boottime_set(), *persistent)) | relax_keys()
+
+
+def programs(filters: Iterable[Filter]) -> tuple[Program, ...]:
+    """The executables the filters name: each needs its app ID from BFE."""
+    return tuple(sorted({c.value for f in filters for c in f.conditions if isinstance(c.value, Program)}, key=str))
 
 
 def describe(config: Config) -> dict[str, Any]:

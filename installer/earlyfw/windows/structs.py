@@ -337,6 +337,7 @@ FWP_UINT16 = 2
 FWP_UINT32 = 3
 FWP_UINT64 = 4
 FWP_BYTE_ARRAY16_TYPE = 11
+FWP_BYTE_BLOB_TYPE = 12
 FWP_SECURITY_DESCRIPTOR_TYPE = 14
 FWP_V4_ADDR_MASK = 0x100
 FWP_V6_ADDR_MASK = 0x101
@@ -400,6 +401,12 @@ FWP_E_TYPE_MISMATCH = 0x80320027
 FWP_E_CONDITION_NOT_FOUND = 0x80320002
 FWP_E_INVALID_PARAMETER = 0x80320035
 ERROR_NOT_FOUND = 1168
+# What FwpmGetAppIdFromFileName0 says of a missing file (a Win32 code, or the
+# same as an HRESULT).
+ERROR_FILE_NOT_FOUND = 2
+ERROR_PATH_NOT_FOUND = 3
+HRESULT_FILE_NOT_FOUND = 0x80070002
+HRESULT_PATH_NOT_FOUND = 0x80070003
 
 ERROR_NAMES = {
     code: name
@@ -422,6 +429,8 @@ FWPM_CONDITION_IP_LOCAL_PORT = uuid.UUID("0c1ba1af-5765-453f-af22-a8f791ac775b")
 FWPM_CONDITION_IP_REMOTE_PORT = uuid.UUID("c35a604d-d22b-4e1a-91b4-68f674ee674b")
 FWPM_CONDITION_FLAGS = uuid.UUID("632ce23b-5167-435c-86d7-e903684aa80c")
 FWPM_CONDITION_ALE_USER_ID = uuid.UUID("af043a0a-b34d-4f86-979c-c90371af6e66")
+# The executable that opened the socket, as FwpmGetAppIdFromFileName0 names it.
+FWPM_CONDITION_ALE_APP_ID = uuid.UUID("d78e1e87-8644-4ea5-9437-d809ecefc971")
 FWPM_CONDITION_IP_FORWARD_INTERFACE = uuid.UUID("1076b8a5-6323-4c5e-9810-e8d3fc9e6136")
 FWPM_CONDITION_IP_ARRIVAL_INTERFACE = uuid.UUID("618a9b6d-386b-4136-ad6e-b51587cfb1cd")
 # At the ALE layers an ICMP packet's type travels in the local port field and
@@ -471,6 +480,7 @@ FWPUCLNT: dict[str, tuple[Any, tuple[Any, ...]]] = {
     ),
     "FwpmSubLayerDestroyEnumHandle0": (c_uint32, (c_void_p, c_void_p)),
     "FwpmFreeMemory0": (None, (POINTER(c_void_p),)),
+    "FwpmGetAppIdFromFileName0": (c_uint32, (c_wchar_p, POINTER(POINTER(FWP_BYTE_BLOB)))),
 }
 IPHLPAPI: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "ConvertInterfaceAliasToLuid": (c_uint32, (c_wchar_p, POINTER(NET_LUID))),

@@ -300,3 +300,23 @@ def test_the_command_runs_as_the_sudo_user() -> None:
     assert portal.Invoker.from_environment({}).uid == 0
     with pytest.raises(EarlyfwError, match="not numbers"):
         portal.Invoker.from_environment({"SUDO_UID": "0; rm", "SUDO_GID": "0"})
+
+
+def test_status_reads_the_window_from_a_plain_listing() -> None:
+    """What `earlyfw status` shows of a window comes from the kernel's listing
+    (its expiry), so it holds also after a kill -9 of earlyfw portal."""
+    listing = (
+        "table inet earlyfw {\n\tset portal_web {\n\t\ttype cgroupsv2\n\t\tflags timeout\n"
+        '\t\telements = { "earlyfw-portal/w0123456789ab" timeout 5m expires 4m1s500ms }\n\t}\n}\n'
+    )
+    assert window.listed_window(listing, now=1000.0) == {
+        "cgroup": "earlyfw-portal/w0123456789ab",
+        "seconds": 300,
+        "remaining_seconds": 241.5,
+        "closes_at": 1241.5,
+    }
+    empty = "table inet earlyfw {\n\tset portal_web {\n\t\ttype cgroupsv2\n\t\tflags timeout\n\t}\n}\n"
+    assert window.listed_window(empty, now=1000.0) is None
+    assert window.duration("1h2m3s4ms") == 3723.004
+    with pytest.raises(ValueError, match="not an nft duration"):
+        window.duration("5 minutes")

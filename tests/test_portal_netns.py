@@ -17,7 +17,9 @@ reads cgroup paths from; a real system has no such mount.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -132,8 +134,8 @@ class PortalLab:
         self.lab.callback(netns.stop, process)
         return process, out
 
-    def status(self) -> subprocess.CompletedProcess[str]:
-        return self.client.exec_result([*PYTHON_MODULE, "--config", str(self.config), "status"])
+    def status(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.client.exec_result([*PYTHON_MODULE, "--config", str(self.config), "status", *args])
 
     def apply(self, state: str) -> None:
         # ip netns exec: its own sysfs shows the namespace's interfaces ([egress]).
@@ -207,9 +209,18 @@ def test_the_window_lets_only_its_command_out_until_it_times_out(portal_lab: Por
     process, out, err = lab.start_portal(PROBING, "window")
     neighbour, beside = lab.start_neighbour(PROBING, "neighbour")
     opened = opened_at(err)
-    # An open window is not an altered table.
-    status = lab.status()
+    # An open window is not an altered table; status shows it, as the kernel
+    # holds it (both forms at once: the window is short). Under `ip netns
+    # exec` nft cannot see the cgroup tree (see above) and lists the cgroup's id.
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        status, as_json = pool.map(lambda args: lab.status(*args), [(), ("--json",)])
     assert status.returncode == 0 and "state: blocked (intact)" in status.stdout, status.stdout + status.stderr
+    cgroup = rf"(\S*{window.PARENT}/w[0-9a-f]+|[0-9]+)"
+    assert re.search(rf"portal window: open for {cgroup}, closes at ", status.stdout), status.stdout
+    shown = json.loads(as_json.stdout)["portal"]
+    assert re.fullmatch(cgroup, shown["cgroup"]) and shown["seconds"] == SECONDS, shown
+    assert 0 < shown["remaining_seconds"] <= SECONDS
+    assert abs(shown["closes_at"] - (opened + SECONDS)) < 2 * SLACK, (shown, opened)
     assert process.wait(PROBING + 30) == 0, err.read_text()
     assert neighbour.wait(30) == 0
     check_window(rounds(out), rounds(beside), opened)
@@ -222,6 +233,8 @@ def test_the_window_lets_only_its_command_out_until_it_times_out(portal_lab: Por
     assert not window.open_in(listing), listing
     status = lab.status()
     assert status.returncode == 0 and "state: blocked (intact)" in status.stdout, status.stdout + status.stderr
+    assert "portal window: none open" in status.stdout, status.stdout
+    assert json.loads(lab.status("--json").stdout)["portal"] is None
 
 
 def test_kill_9_of_earlyfw_still_closes_the_window_on_time(portal_lab: PortalLab) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,8 @@ class Status:
     egress_devices: list[str] = field(default_factory=list)
     # Whether earlyfw watch's owned guard table is loaded.
     guarded: bool = False
+    # The open captive-portal window (window.listed_window), if any.
+    portal: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -274,14 +277,16 @@ class Status:
             "endpoints": self.endpoints,
             "egress_devices": self.egress_devices,
             "guarded": self.guarded,
+            "portal": self.portal,
             "other_tables": self.other_tables,
             "warnings": self.warnings,
         }
 
 
 def status(runner: Runner, config: Config) -> Status:
-    # Two listings of the live kernel in all: each costs a full fetch of every
-    # set element in nft 1.0.6 (seconds at 100,000 endpoints).
+    # Two listings of the live kernel in all (and one of a small set while a
+    # portal window is open): each costs a full fetch of every set element in
+    # nft 1.0.6 (seconds at 100,000 endpoints).
     listed = split_tables(runner.run([NFT, "-s", "list", "ruleset"]).stdout)
     found = counters(runner)
     endpoints = [str(e) for e in config.endpoints]
@@ -335,6 +340,7 @@ def status(runner: Runner, config: Config) -> Status:
         )
     warnings += firewalls.warnings(others)
     return Status(
+        portal=_open_window(runner, listed.get(("inet", TABLE)) or ""),
         present=True,
         state=state,
         intact=state is not None,
@@ -345,6 +351,15 @@ def status(runner: Runner, config: Config) -> Status:
         egress_devices=devices,
         guarded=guarded,
     )
+
+
+def _open_window(runner: Runner, listing: str) -> dict[str, Any] | None:
+    """The window the table holds: only then a third listing, of that one
+    set without -s, which leaves out the time an element has left."""
+    if not window.open_in(listing):
+        return None
+    result = runner.run([NFT, "list", "set", "inet", TABLE, "portal_web"], check=False)
+    return window.listed_window(result.stdout, now=time.time()) if result.returncode == 0 else None
 
 
 def require_root_for(action: str) -> None:

@@ -56,6 +56,10 @@ def status(runner: Runner, config: Config, *, as_json: bool, textfile: Path | No
             click.echo("raw egress filtered on: " + (", ".join(result.egress_devices) or "none present"))
         if result.guarded:
             click.echo("guard: earlyfw watch holds its owned copy (counted below too)")
+        if result.portal is not None:
+            click.echo(f"portal window: {describe_window(result.portal)}")
+        elif config.portal_allow and result.present:
+            click.echo("portal window: none open")
         click.echo("endpoints: " + _summary(result.endpoints))
         for name, (packets, size) in sorted(result.counters.items()):
             click.echo(f"  {name:16} {packets:>10} packets {size:>12} bytes  {policy.COUNTERS.get(name, '')}")
@@ -72,6 +76,12 @@ def describe_verdict(verdict: dict[str, object] | None) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
     line = f"{verdict.get('state')}, {verdict.get('situation')} since {when}: {verdict.get('reason')}"
     return line if verdict.get("running") else f"NOT RUNNING; its last word: {line}"
+
+
+def describe_window(portal: dict[str, object]) -> str:
+    closes = portal.get("closes_at")
+    when = time.strftime("%H:%M:%S", time.localtime(closes)) if isinstance(closes, (int, float)) else "?"
+    return f"open for {portal.get('cgroup')}, closes at {when} (in {portal.get('remaining_seconds')} s)"
 
 
 def _summary(items: list[str], shown: int = 10) -> str:

@@ -122,6 +122,40 @@ def open_in(listing: str, cgroup: str | None = None) -> bool:
     return False
 
 
+# An element of portal_web as a plain listing shows it: the kernel's own account
+# of the window (`-s` listings leave out the expiry).
+_LISTED_ELEMENT = re.compile(r'("[^"]*"|\S+) timeout (\w+) expires (\w+)')
+_DURATION_PART = re.compile(r"(\d+)(ms|d|h|m|s)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """An nft time (`4m59s988ms`) in seconds."""
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not an nft duration: {text!r}")
+    return sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def listed_window(listing: str, *, now: float) -> dict[str, Any] | None:
+    """The open window in a plain listing of the portal_web set (inet: keyed
+    by cgroup): its cgroup, length, seconds left and when it closes (wall
+    clock); None when none is open. What `earlyfw status` shows, read from
+    the kernel, so it holds also when no earlyfw process knows of the window."""
+    sets = re.finditer(r"elements = \{([^}]*)\}", listing)
+    elements = [e for s in sets for e in _LISTED_ELEMENT.finditer(s[1])]
+    if not elements:
+        return None
+    cgroup, timeout, expires = max(elements, key=lambda e: duration(e[3])).groups()
+    remaining = duration(expires)
+    return {
+        "cgroup": cgroup.strip('"'),
+        "seconds": round(duration(timeout)),
+        "remaining_seconds": round(remaining, 1),
+        "closes_at": round(now + remaining, 1),
+    }
+
+
 # --- the watcher's side -----------------------------------------------------------------------
 
 

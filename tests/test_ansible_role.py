@@ -19,8 +19,10 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +38,14 @@ VARS = {
     "earlyfw_dns_servers": ["10.64.0.1"],
     "earlyfw_lan_allow": False,
     "earlyfw_egress_interfaces": ["eth0"],
+}
+# The exceptions of issue 13, as a fleet would set them.
+EXCEPTIONS: dict[str, Any] = {
+    "earlyfw_lan_allow": ["192.168.1.0/24", "fd00:1::/64"],
+    "earlyfw_allow": [{"interface": "tailscale0", "networks": ["100.64.0.0/10"]}, {"interface": "zt0"}],
+    "earlyfw_forward_via_tunnel": ["docker0", "br-*"],
+    "earlyfw_tunnel_mark": 51820,
+    "earlyfw_portal_allow": True,
 }
 PLAYBOOK = """\
 - hosts: fleet
@@ -58,6 +68,30 @@ def recap(output: str) -> dict[str, int]:
     found = re.search(r"^machine\s+:\s+(.*)$", output, re.M)
     assert found, output[-3000:]
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", found.group(1))}
+
+
+def check_exceptions(root: Path) -> dict[str, Any]:
+    """The issue-13 keys reach the installed config as given: [lan] allow a
+    list (not `| bool`, which made any list false), [[allow]] with and without
+    networks, [forward], [tunnel] mark, [portal]."""
+    installed = tomllib.loads((root / "etc/earlyfw/earlyfw.toml").read_text())
+    assert installed["lan"] == {"allow": EXCEPTIONS["earlyfw_lan_allow"]}
+    assert installed["allow"] == [{"dns": False, **a} for a in EXCEPTIONS["earlyfw_allow"]]
+    assert installed["forward"] == {"via_tunnel": EXCEPTIONS["earlyfw_forward_via_tunnel"]}
+    assert installed["tunnel"]["mark"] == 51820 and installed["portal"] == {"allow": True}
+    assert "fd00:1::/64" in (root / "etc/earlyfw/blocked.nft").read_text()
+    return installed
+
+
+def check_no_injection(
+    playbook: Callable[..., subprocess.CompletedProcess[str]], root: Path, installed: dict[str, Any]
+) -> None:
+    """A quote cannot break out of the TOML string, and a misspelt key is
+    refused rather than dropped (which would allow the whole interface)."""
+    injected = [{"interface": 'tailscale0"\n[lan]\nallow = true #', "network": ["100.64.0.0/10"]}]
+    bad = playbook(**{**EXCEPTIONS, "earlyfw_dns_servers": ["10.64.0.2"], "earlyfw_allow": injected})
+    assert bad.returncode != 0 and "allow[0]" in bad.stdout, bad.stdout[-3000:]
+    assert tomllib.loads((root / "etc/earlyfw/earlyfw.toml").read_text()) == installed
 
 
 @pytest.mark.slow
@@ -106,16 +140,18 @@ def test_role_present_idempotent_handler_absent(package: Path, tmp_path: Path, n
         again, out = play()
         assert again["changed"] == 0, out[-3000:]
 
-        changed, out = play(earlyfw_dns_servers=["10.64.0.2"])
+        changed, out = play(earlyfw_dns_servers=["10.64.0.2"], **EXCEPTIONS)
         assert changed["changed"] > 0
         assert "RUNNING HANDLER [earlyfw : Earlyfw install]" in out
         assert "10.64.0.2" in (root / "etc/earlyfw/relaxed.nft").read_text()
+        installed = check_exceptions(root)
 
         # A bad value is refused before the file is replaced; nothing changes.
         bad = playbook(earlyfw_endpoints=[{"address": "198.51.100.7", "port": 70000}])
         assert bad.returncode != 0
         assert "70000" in bad.stdout
         assert "10.64.0.2" in (root / "etc/earlyfw/earlyfw.toml").read_text()
+        check_no_injection(playbook, root, installed)
 
         gone, _ = play(earlyfw_state="absent")
         assert gone["changed"] > 0

@@ -324,7 +324,8 @@ def app_id(fn: Mapping[str, Callable[..., Any]], program: Program) -> bytes:
     if code:
         what = "no such file" if code in _MISSING else f"{s.ERROR_NAMES.get(code, 'error')} ({code:#010x})"
         raise EarlyfwError(
-            f"tunnel.program: {program.path!r}: {what}: the endpoints would be open to no program, or to every one",
+            f"tunnel.program: {program.path!r}: {what}: the endpoint permits name the tunnel client by "
+            "this file's app ID; nothing was changed",
             hint="install the tunnel client there, or set [tunnel] program to its executable's path",
         )
     try:

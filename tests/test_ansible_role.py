@@ -76,7 +76,7 @@ def check_exceptions(root: Path) -> dict[str, Any]:
     networks, [forward], [tunnel] mark, [portal]."""
     installed = tomllib.loads((root / "etc/earlyfw/earlyfw.toml").read_text())
     assert installed["lan"] == {"allow": EXCEPTIONS["earlyfw_lan_allow"]}
-    assert installed["allow"] == [{"dns": False, **a} for a in EXCEPTIONS["earlyfw_allow"]]
+    assert installed["allow"] == EXCEPTIONS["earlyfw_allow"]
     assert installed["forward"] == {"via_tunnel": EXCEPTIONS["earlyfw_forward_via_tunnel"]}
     assert installed["tunnel"]["mark"] == 51820 and installed["portal"] == {"allow": True}
     assert "fd00:1::/64" in (root / "etc/earlyfw/blocked.nft").read_text()

@@ -117,6 +117,31 @@ def test_wireguard_fwmark_is_imported(tmp_path: Path, line: str, mark: int | Non
     assert importers.from_wireguard(conf).tunnel_mark == mark
 
 
+@pytest.mark.parametrize(
+    ("interface", "allowed", "mark"),
+    [
+        ("", "0.0.0.0/0, ::/0", 51820),  # wg-quick's full tunnel: fwmark 51820 at run time
+        ("Table = auto\n", "::/0", 51820),
+        ("Table = off\n", "0.0.0.0/0", None),  # no routes, no fwmark
+        ("Table = 1234\n", "0.0.0.0/0", None),  # routes in that table, no fwmark
+        ("", "0.0.0.0/1, 128.0.0.0/1", None),  # split default: plain routes
+        ("FwMark = 0x1234\n", "0.0.0.0/0", 0x1234),  # the file's own wins
+    ],
+)
+def test_wg_quicks_full_tunnel_fwmark_is_imported(
+    tmp_path: Path, interface: str, allowed: str, mark: int | None
+) -> None:
+    conf = tmp_path / "wg0.conf"
+    conf.write_text(
+        f"[Interface]\nPrivateKey = x\n{interface}[Peer]\nAllowedIPs = {allowed}\nEndpoint = 198.51.100.7:51820\n"
+    )
+    imported = importers.read_wireguard(conf)
+    assert imported.mark == mark
+    assert any("wg show wg0 fwmark" in w for w in imported.warnings) == (
+        mark == 51820 and not interface.startswith("FwMark")
+    )
+
+
 def test_a_bad_fwmark_names_its_line(tmp_path: Path) -> None:
     conf = tmp_path / "wg0.conf"
     conf.write_text("[Interface]\nFwMark = 0x1ffffffff\n[Peer]\nEndpoint = 198.51.100.7:51820\n")

@@ -258,6 +258,69 @@ def test_relaxed_a_kernel_tunnel_carries_every_users_traffic(lab: netns.Lab, rul
     assert refused_endpoint(pair.client) == 1
 
 
+# A mark the tunnel puts on every packet it sends (kernel WireGuard's FwMark;
+# wg-quick sets 51820 for a full tunnel), here put on what enters vx0 and kept
+# by VXLAN on the outer packet, as WireGuard does.
+TUNNEL_FWMARK = 51820
+MARKS_VX0 = f"""
+table inet fwmark_test {{
+	chain output {{
+		type filter hook output priority mangle; policy accept;
+		oifname "vx0" meta mark set {TUNNEL_FWMARK}
+	}}
+}}
+"""
+
+
+@pytest.mark.parametrize("mark", [None, TUNNEL_FWMARK], ids=["no-mark", "fwmark-and-tunnel-mark"])
+def test_relaxed_a_kernel_tunnel_after_conntrack_forgot_its_flow(lab: netns.Lab, mark: int | None) -> None:
+    """The README's limit and its remedy. Conntrack forgets an idle UDP flow
+    (30 s after a short exchange, 120 s after a longer one; 1 s here, through
+    this namespace's own timeouts) while WireGuard's session key may still be
+    valid (180 s): the next packet the kernel tunnel carries for a non-root
+    program is then a new flow with that program's socket, refused like the
+    program's own packet to the endpoint. With the tunnel's FwMark named as
+    [tunnel] mark, the tunnel's packets pass whoever's socket they carry."""
+    pair = netns.client_world(lab, [], tag="ec")
+    for ns, local, remote, inner in (
+        (pair.client, netns.CLIENT_V4, netns.WORLD_V4, INNER_CLIENT),
+        (pair.world, netns.WORLD_V4, netns.CLIENT_V4, INNER_WORLD),
+    ):
+        ns.ip_batch(
+            [
+                f"link add vx0 type vxlan id 42 local {local} remote {remote} dstport {VXLAN_PORT} "
+                f"srcport {VXLAN_PORT} {VXLAN_PORT + 1}",
+                f"addr add {inner}/24 dev vx0",
+                # No IPv6 on it: its solicitations would keep the flow alive.
+                "link set vx0 addrgenmode none",
+                "link set vx0 up",
+            ]
+        )
+    for key in ("net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"):
+        pair.client.sysctl(key, "1")
+    config = endpoint_config(TunnelKind.MANUAL, "vx0", [Endpoint(netns.WORLD_V4, VXLAN_PORT)], mark=mark)
+    pair.client.nft(policy.render(config, State.RELAXED) + (MARKS_VX0 if mark is not None else ""))
+    inside = lab.own(pair.world.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    inside.bind((INNER_WORLD, PROBE_PORT))
+    inside.settimeout(0.2)
+
+    assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 1, "root") == ["sent"]
+    assert received(inside, 1.0) == [b"root-0"]
+    # The far end's answer makes the flow established, as the peer's handshake response does.
+    assert datagrams(pair.world, INNER_CLIENT, PROBE_PORT, 1, "root") == ["sent"]
+    assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 1, "nobody") == ["sent"]
+    assert received(inside, 1.0) == [b"nobody-0"], "the flow was not established: no control"
+    time.sleep(3)  # the flow is forgotten; the neighbour entry (30 s) is not, so no ARP renews it
+    datagrams(pair.client, INNER_WORLD, PROBE_PORT, 3, "nobody")
+    tunnelled = received(inside, 1.0)
+    if mark is None:
+        assert tunnelled == [], "the forgotten flow's next packets passed: the README's limit is not what it says"
+        assert refused_endpoint(pair.client) == 3
+    else:
+        assert tunnelled == [b"nobody-0", b"nobody-1", b"nobody-2"], "the marked tunnel's packets were refused"
+        assert refused_endpoint(pair.client) == 0
+
+
 # --- raw frames: the netdev egress chain ------------------------------------------
 
 # A raw frame from a program that holds CAP_NET_RAW but is not root (a

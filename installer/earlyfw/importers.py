@@ -86,6 +86,10 @@ def _read(path: Path) -> list[str]:
 
 # --- WireGuard ---------------------------------------------------------------
 
+# wg-quick's first routing table for a full tunnel, which it also sets as the
+# interface's fwmark (Table = auto, an AllowedIPs of /0, no FwMark).
+WG_QUICK_FWMARK = 51820
+
 
 def read_wireguard(path: Path) -> Imported:
     """wg-quick's INI dialect: one [Interface], any number of [Peer] sections
@@ -94,6 +98,8 @@ def read_wireguard(path: Path) -> Imported:
     remotes: list[Remote] = []
     dns: list[str] = []
     mark = None
+    table = "auto"
+    full_tunnel = False
     lines = _read(path)
     for index, raw in enumerate(lines):
         line = raw.split("#", 1)[0].strip()
@@ -120,7 +126,23 @@ def read_wireguard(path: Path) -> Imported:
             dns += [v.strip() for v in value.split(",") if _is_address(v.strip())]
         elif section == "interface" and key == "fwmark":
             mark = _wireguard_mark(value, where)
-    return Imported("wireguard", path.stem, remotes, dns, path, lines, mark=mark)
+        elif section == "interface" and key == "table":
+            table = value.lower()
+        elif section == "peer" and key == "allowedips":
+            full_tunnel |= any(v.strip().endswith("/0") for v in value.split(","))
+    imported = Imported("wireguard", path.stem, remotes, dns, path, lines, mark=mark)
+    if mark is None and full_tunnel and table == "auto":
+        # wg-quick routes a full tunnel by fwmark: it sets the first free table
+        # number from 51820 as the interface's FwMark at run time. Naming it
+        # lets a kernel tunnel's packets reach the endpoints whoever's socket
+        # they carry (see the README's endpoint hole).
+        imported.mark = WG_QUICK_FWMARK
+        imported.warnings.append(
+            f"{path}: wg-quick marks this full tunnel's packets with fwmark {WG_QUICK_FWMARK} (the first free "
+            f"routing table from {WG_QUICK_FWMARK}): [tunnel] mark = {WG_QUICK_FWMARK}; check it with "
+            f"`wg show {path.stem} fwmark` once the tunnel is up"
+        )
+    return imported
 
 
 def _wireguard_mark(value: str, where: str) -> int | None:

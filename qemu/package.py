@@ -17,9 +17,11 @@ initramfs), and adds the phases the guest runs after its login report
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import shutil
 import subprocess
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,10 +130,37 @@ def key_parts(debs: Debs, config_text: str) -> bytes:
     """What a package guest's cache key must cover beyond the common proof files."""
     h = hashlib.sha256(changed_config(config_text).encode() + b"\0")
     for deb in (debs.current, debs.newer):
-        h.update(deb.name.encode() + b"\0" + deb.read_bytes())
+        h.update(deb.name.encode() + b"\0" + payload_digest(deb))
     for f in GUEST_FILES_UPGRADE:
         h.update(f"{f.source} {f.path} {f.mode:o}\0".encode() + (GUEST_FILES / f.source).read_bytes())
     h.update(Path(__file__).read_bytes())
+    return h.digest()
+
+
+# What a package's text changes (README in the wheel's METADATA, changelog,
+# man page) reach: not what runs, so not part of the guest's key.
+NOT_PAYLOAD = re.compile(r"^\./usr/share/(?:doc|man|lintian)/|\.dist-info/")
+# The control fields that change what is installed; the maintainer scripts count whole.
+CONTROL_FIELDS = ("Package", "Version", "Architecture", "Depends", "Pre-Depends", "Conflicts", "Breaks")
+
+
+def payload_digest(deb: Path) -> bytes:
+    """A digest of what installing `deb` runs and puts on the disk: every
+    file but the documentation and the wheel's metadata (path, mode, bytes),
+    the maintainer scripts and triggers, the fields above. A change to text
+    alone then does not rebuild the guest."""
+    h = hashlib.sha256()
+    fields = sh.run(["dpkg-deb", "-f", str(deb), *CONTROL_FIELDS])
+    h.update(fields.encode() + b"\0")
+    for which in ("--ctrl-tarfile", "--fsys-tarfile"):
+        tar = subprocess.run(["dpkg-deb", which, str(deb)], capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+            for member in sorted(archive.getmembers(), key=lambda m: m.name):
+                if NOT_PAYLOAD.search(member.name) or member.name in ("./control", "./md5sums"):
+                    continue
+                h.update(f"{member.name}\0{member.mode:o}\0{member.type!r}\0{member.linkname}\0".encode())
+                data = archive.extractfile(member) if member.isfile() else None
+                h.update((data.read() if data is not None else b"") + b"\0")
     return h.digest()
 
 

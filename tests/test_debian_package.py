@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu.package import DEBIAN_PATH
+from qemu.package import DEBIAN_PATH, Debs
 
 from earlyfw import __version__
 from tests.configs import CONFIG_TEXT
@@ -72,7 +72,7 @@ def tables(netns: str) -> str:
 
 
 @pytest.mark.slow
-def test_install_configure_upgrade_remove_purge(deb: Path, tmp_path: Path, netns: str) -> None:
+def test_install_configure_upgrade_remove_purge(deb: Path, newer_deb: Path, tmp_path: Path, netns: str) -> None:
     lower = scratch_root(INITRAMFS_TOOLS_ROOT)
     host_before = run(["nft", "list", "tables"]).stdout
     with overlay(lower, tmp_path) as root:
@@ -113,10 +113,25 @@ def test_install_configure_upgrade_remove_purge(deb: Path, tmp_path: Path, netns
         assert (root / HOOK).exists()
         assert any(line.endswith("init-top/earlyfw") for line in in_initramfs()), in_initramfs()
 
-        # The block is live (as after a boot); an upgrade in place keeps it.
+        # The block is live (as after a boot); an upgrade keeps it. The newer
+        # version's hook and ruleset are the same files: no initramfs rebuild.
         step("earlyfw --quiet apply --state blocked")
         assert "table inet earlyfw" in tables(netns)
-        step(f"apt-get install -y -qq --reinstall {inside}")
+        (root / "tmp" / newer_deb.name).write_bytes(newer_deb.read_bytes())
+        out = step(f"apt-get install -y /tmp/{newer_deb.name}")
+        assert f"Unpacking earlyfw ({Debs.version(newer_deb)})" in out, out[-3000:]
+        assert "table inet earlyfw" in tables(netns) and "Processing triggers for initramfs-tools" not in out, (
+            "an upgrade that changes no file the initramfs carries rebuilt it"
+        )
+        # A config change that reaches the initramfs ruleset, configured again: rebuilt with it.
+        (root / "etc/earlyfw/earlyfw.toml").write_text(CONFIG_TEXT.replace("192.0.2.10", "192.0.2.11"))
+        out = step(f"apt-get install -y --reinstall /tmp/{newer_deb.name}")
+        assert re.search(r"Processing triggers for initramfs-tools", out), out[-3000:]
+        unpacked = step(
+            "unmkinitramfs /boot/initrd.img-* /tmp/unpacked"
+            " && find /tmp/unpacked -path '*/etc/earlyfw/initramfs.nft' -exec cat {} +"
+        )
+        assert "192.0.2.11" in unpacked
         assert "table inet earlyfw" in tables(netns)
 
         # Remove: the network works (no table), no hook in the next initramfs, config kept.
@@ -125,7 +140,7 @@ def test_install_configure_upgrade_remove_purge(deb: Path, tmp_path: Path, netns
         assert not (root / HOOK).exists()
         assert in_initramfs() == []
         assert not (root / "usr/bin/earlyfw").exists()
-        assert (root / "etc/earlyfw/earlyfw.toml").read_text() == CONFIG_TEXT
+        assert "192.0.2.11" in (root / "etc/earlyfw/earlyfw.toml").read_text()
 
         # Purge: config and state gone.
         step("apt-get purge -y -qq earlyfw")

@@ -118,6 +118,46 @@ def test_the_bumped_version_sorts_after_the_tree_s(tmp_path: Path) -> None:
     assert subprocess.run(["dpkg", "--compare-versions", newer, "gt", current], check=False).returncode == 0
 
 
+def test_the_guest_key_covers_what_a_package_installs_not_its_text(tmp_path: Path) -> None:
+    """payload_digest, the package guest's key: a changed README (the wheel's
+    METADATA), changelog or man page leaves it; a changed file that runs, a
+    maintainer script or a mode changes it."""
+
+    def deb(name: str, **changes: str) -> Path:
+        tree = tmp_path / name
+        files = {
+            "DEBIAN/control": "Package: t\nVersion: 1\nArchitecture: all\nMaintainer: t <t@example.org>\n"
+            "Description: t\n",
+            "DEBIAN/postinst": "#!/bin/sh\nexit 0\n",
+            "usr/bin/t": "#!/bin/sh\necho t\n",
+            "usr/lib/python3/dist-packages/t-1.dist-info/METADATA": "readme\n",
+            "usr/share/doc/t/changelog": "one\n",
+            **changes,
+        }
+        for path, text in files.items():
+            (tree / path).parent.mkdir(parents=True, exist_ok=True)
+            (tree / path).write_text(text)
+        for script in ("DEBIAN/postinst", "usr/bin/t"):
+            (tree / script).chmod(0o755)
+        out = tmp_path / f"{name}.deb"
+        subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(out)], check=True, capture_output=True)
+        return out
+
+    base = package.payload_digest(deb("base"))
+    text = {"usr/lib/python3/dist-packages/t-1.dist-info/METADATA": "new readme\n", "usr/share/doc/t/changelog": "2\n"}
+    assert package.payload_digest(deb("text", **text)) == base
+    assert package.payload_digest(deb("code", **{"usr/bin/t": "#!/bin/sh\necho u\n"})) != base
+    assert package.payload_digest(deb("script", **{"DEBIAN/postinst": "#!/bin/sh\ntrue\n"})) != base
+    moded = deb("mode")
+    assert package.payload_digest(moded) == base
+    (tmp_path / "mode/usr/bin/t").chmod(0o700)
+    moded.unlink()
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-b", str(tmp_path / "mode"), str(moded)], check=True, capture_output=True
+    )
+    assert package.payload_digest(moded) != base
+
+
 # -- the run ------------------------------------------------------------------------------
 
 

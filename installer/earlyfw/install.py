@@ -54,6 +54,8 @@ class Report:
     kept_backups: list[tuple[str, str]] = field(default_factory=list)
     image_notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    # Of `written`, those whose content (or kind) is not what was there before.
+    changed: list[str] = field(default_factory=list)
 
 
 def _registry(names: Sequence[str]) -> dict[str, type[Target]]:
@@ -116,6 +118,14 @@ def plan(config: Config, targets: Sequence[Target]) -> list[Plan]:
     return plans
 
 
+def _differs(root: Root, artifact: Artifact) -> bool:
+    """Whether writing `artifact` changes what is at its path (content, kind or mode)."""
+    if fingerprint(root, artifact.path) != _fingerprint_of(artifact):
+        return True
+    st = root.lstat(artifact.path)
+    return isinstance(artifact, File) and st is not None and stat.S_IMODE(st.st_mode) != artifact.mode
+
+
 def _fingerprint_of(artifact: Artifact) -> str:
     if isinstance(artifact, File):
         return "sha256:" + sha256(artifact.content)
@@ -137,7 +147,10 @@ def install(
     with root.locked():
         report = _install_files(root, targets, plans)
         if root.is_host:
-            _finish_host(runner, targets, lambda t: t.after_install(config), trigger=initramfs_trigger)
+            if initramfs_trigger:
+                _finish_host_by_trigger(runner, targets, plans, report, lambda t: t.after_install(config))
+            else:
+                _finish_host(runner, targets, lambda t: t.after_install(config), trigger=False)
             if now:
                 system = System.current()
                 system.platform.put_state(
@@ -174,6 +187,7 @@ def _install_files(root: Root, targets: Sequence[Target], plans: Sequence[Plan])
     )
     _write_journal(root, journal, state_missing)
     report = Report()
+    report.changed = [a.path for p in plans for a in p.artifacts if _differs(root, a)]
     txn = Transaction(root)
     try:
         with txn:
@@ -302,6 +316,26 @@ def _finish_host(runner: Runner, targets: Sequence[Target], finish: Callable[[Ta
             deferred = True
         else:
             finish(target)
+    if deferred:
+        runner.run(["dpkg-trigger", "--no-await", boot.INITRAMFS_TRIGGER])
+
+
+def _finish_host_by_trigger(
+    runner: Runner, targets: Sequence[Target], plans: Sequence[Plan], report: Report, finish: Callable[[Target], None]
+) -> None:
+    """_finish_host under dpkg, for an install: the initramfs trigger only
+    if a file the initramfs carries changed. An upgrade whose files are the
+    same as the running version's (the postinst re-renders them all) then
+    costs no rebuild; if an earlier trigger run failed, dpkg still has it
+    pending and runs it again without us."""
+    changed = set(report.changed)
+    # A file dropped from the plan (stale) may have been one the initramfs carried.
+    deferred = bool(report.removed) and any(t.in_root_commands() for t in targets)
+    for target, plan in zip(targets, plans, strict=True):
+        if not target.in_root_commands():
+            finish(target)
+        elif changed.intersection(target.in_root_inputs(plan)):
+            deferred = True
     if deferred:
         runner.run(["dpkg-trigger", "--no-await", boot.INITRAMFS_TRIGGER])
 

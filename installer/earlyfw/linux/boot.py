@@ -213,6 +213,10 @@ class InitramfsTarget(Target):
     def in_root_commands(self) -> tuple[tuple[str, ...], ...]:
         return (generator(self.generator_name).rebuild,)
 
+    def in_root_inputs(self, plan: Plan) -> tuple[str, ...]:
+        # The hooks copy the core target's initramfs ruleset in beside their own files.
+        return (*plan.paths(), INITRAMFS_RULESET)
+
     def plan_of(self, *artifacts: File) -> Plan:
         return Plan(self.name, artifacts)
 

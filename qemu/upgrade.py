@@ -64,6 +64,8 @@ OUTSIDE_TARGETS = ("192.0.2.77:9", "[2001:db8::77]:9")
 MONITOR_TABLE = re.compile(r"^(add|delete) table inet earlyfw(?:$|\s)")
 MONITOR_GENERATION = re.compile(r"^# new generation \d+ by process \d+ \((.*)\)")
 DONE = "@@upgrade-done"
+# dpkg's line when it runs initramfs-tools' trigger (a rebuild).
+INITRAMFS_REBUILT = "Processing triggers for initramfs-tools"
 # systemd stopping networkd, or networkd dropping its lease.
 NETWORK_DOWN = re.compile(r"Stopping systemd-networkd|lease lost")
 # The guest's name and the proof's own units, which say earlyfw too.
@@ -363,6 +365,8 @@ def _check_upgrade_and_config(p: Phases) -> list[str]:
     versions = re.findall(r"^earlyfw\t(\S+)$", p.log("upgrade"), re.M)
     if len(versions) != 2 or not versions[1].endswith(package.UPGRADE_SUFFIX) or versions[0] == versions[1]:
         problems.append(f"the upgrade did not go from the tree's version to the newer one: {versions}")
+    if INITRAMFS_REBUILT in p.log("upgrade"):
+        problems.append("the upgrade rebuilt the initramfs, though the newer version's hook and ruleset are the same")
     live = p.log("reconfigure").partition("@live-dns")[2]
     if package.CHANGED_DNS not in live:
         problems.append(f"after the config change the live table lacks {package.CHANGED_DNS}: {live.strip()[:400]}")

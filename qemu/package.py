@@ -3,8 +3,8 @@
 python3 first on PATH), twice: as the tree has it, and the same tree with a
 bumped version (a changelog entry above the first), which the package guest
 upgrades to. The build is reproducible (debhelper takes its time stamps from
-the changelog), so a guest keyed on the packages' bytes is rebuilt only when
-the tree changes.
+the changelog); the guest is keyed on what the packages install (payload_digest),
+so it is rebuilt only when that changes, not for a README or changelog edit.
 
 It also puts the package into a guest tree as an image pipeline would (the
 config first, then `apt-get install ./earlyfw_*.deb`, whose postinst runs
@@ -114,9 +114,9 @@ GUEST_FILES_UPGRADE = (
 UPGRADE_UNIT = "earlyfw-qemu-upgrade.service"
 # Named for the guest, not earlyfw: the checks look for earlyfw in the initramfs.
 INITRAMFS_CONF = "/etc/initramfs-tools/conf.d/50-guest"
-# The guest rebuilds its initramfs three times under TCG (upgrade, config
-# change, removal): the base has no zstd, and gzip's default level makes each
-# rebuild take minutes there.
+# The guest rebuilds its initramfs under TCG (config change, removal; the
+# upgrade needs none): the base has no zstd, and gzip's default level makes
+# each rebuild take minutes there.
 INITRAMFS_SETTINGS = b"COMPRESS=gzip\nCOMPRESSLEVEL=1\n"
 
 

@@ -8,7 +8,9 @@ probe sending a datagram every 5 ms to an address outside the tunnel:
   changed config, then `earlyfw install`. Each lets nothing out, keeps table
   inet earlyfw loaded at every ruleset generation (nft's own monitor), restarts
   the watcher (stopped, then started guarded) and is relaxed again within
-  RELAX_AFTER_START of the new watcher's start, with no new handshake.
+  RELAX_AFTER_START of the new watcher's start, with no new handshake. The
+  upgrade rebuilds no initramfs: the newer version's hook and ruleset are the
+  same files, so its postinst fires no trigger.
 - naive-reload: `nft delete table inet earlyfw; sleep 1; nft -f blocked.nft`
   with the watcher running: the table is gone for a moment, the guard holds,
   nothing gets out.
@@ -477,7 +479,7 @@ def run(
 ) -> tuple[boot.Outcome, boot.Outcome | None]:
     """The first boot with its phases, until the guest powers off; then the next boot."""
     first = writable_image(image, run_dir)
-    # Three initramfs rebuilds under TCG: the phases may take twice the boot's allowance.
+    # Two initramfs rebuilds under TCG (config change, removal): more than the boot's allowance.
     outcome = boot.boot(first, run_dir, endpoints, timeout=3 * timeout, isolated=peer, until=None, writable=True)
     if outcome.timed_out or DONE not in (run_dir / "report.log").read_text(errors="replace"):
         return outcome, None

@@ -140,7 +140,8 @@ def test_install_configure_upgrade_remove_purge(deb: Path, newer_deb: Path, tmp_
         assert not (root / HOOK).exists()
         assert in_initramfs() == []
         assert not (root / "usr/bin/earlyfw").exists()
-        assert "192.0.2.11" in (root / "etc/earlyfw/earlyfw.toml").read_text()
+        # Kept: the file from before earlyfw's first install, which its manifest holds as the backup.
+        assert (root / "etc/earlyfw/earlyfw.toml").read_text() == CONFIG_TEXT
 
         # Purge: config and state gone.
         step("apt-get purge -y -qq earlyfw")

@@ -400,3 +400,34 @@ def test_package_install_fires_the_initramfs_trigger_only_when_the_initramfs_wou
     hook.chmod(0o644)
     assert ran(install_under_dpkg(endpoint), TRIGGER)
     assert stat.S_IMODE(hook.stat().st_mode) == 0o755
+
+
+def test_host_install_rebuilds_the_initramfs_only_when_it_would_change_or_a_rebuild_failed(tmp_path: Path) -> None:
+    """`earlyfw install` on a running system: a config change that leaves the
+    initramfs's files as they were rebuilds nothing; one that changes them
+    does; a rebuild that failed is done by the next install even though the
+    files are the same by then; uninstall leaves no trace of the bookkeeping."""
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    rebuild = ("update-initramfs",)
+
+    def install_now(text: str, failing: tuple[str, ...] | None = None) -> RecordingRunner:
+        runner = recording(failing)
+        install.install(config.parse(text), HostLike(tmp_path), runner, HOST_TARGETS)
+        return runner
+
+    first = EXAMPLE.read_text()
+    assert ran(install_now(first), rebuild)
+    dns = first.replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.1", "10.64.0.2"]')
+    runner = install_now(dns)
+    assert not ran(runner, rebuild)
+    assert ran(runner, ("systemctl", "daemon-reload"))
+    endpoint = dns.replace("198.51.100.7", "198.51.100.8")
+    with pytest.raises(CommandError, match="injected failure"):
+        install_now(endpoint, failing=rebuild)
+    assert ran(install_now(endpoint), rebuild), "the failed rebuild was not done again"
+    assert not ran(install_now(endpoint), rebuild)
+    with pytest.raises(CommandError, match="injected failure"):
+        install_now(first, failing=rebuild)
+    assert install.uninstall(HostLike(tmp_path), recording(None)).failures == []
+    assert snapshot(tmp_path) == before

@@ -114,9 +114,9 @@ GUEST_FILES_UPGRADE = (
 UPGRADE_UNIT = "earlyfw-qemu-upgrade.service"
 # Named for the guest, not earlyfw: the checks look for earlyfw in the initramfs.
 INITRAMFS_CONF = "/etc/initramfs-tools/conf.d/50-guest"
-# The guest rebuilds its initramfs under TCG (config change, removal; the
-# upgrade needs none): the base has no zstd, and gzip's default level makes
-# each rebuild take minutes there.
+# The guest rebuilds its initramfs under TCG once (the removal; the upgrade
+# and the config change need none): the base has no zstd, and gzip's default
+# level makes a rebuild take minutes there.
 INITRAMFS_SETTINGS = b"COMPRESS=gzip\nCOMPRESSLEVEL=1\n"
 
 

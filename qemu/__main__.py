@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from qemu import boot, proof
+from qemu import boot, package, proof
 from qemu.guest import VARIANTS
 from qemu.sh import HarnessError
 
@@ -37,8 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     verdicts: list[proof.Verdict] = []
     try:
+        # The package guest's .debs, built from this tree (reproducibly: the
+        # guest is rebuilt only if they changed).
+        debs = (
+            package.build_both(Path(tempfile.mkdtemp(prefix="earlyfw-debs-")))
+            if any(v.package for v in chosen)
+            else None
+        )
         for variant in chosen:
-            verdict = proof.run(variant, timeout=args.timeout)
+            verdict = proof.run(variant, timeout=args.timeout, debs=debs)
             print(verdict.explain(), flush=True)
             verdicts.append(verdict)
     except HarnessError as e:

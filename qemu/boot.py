@@ -41,6 +41,8 @@ CMDLINE = "root=/dev/vda rw console=ttyS0 quiet virtio_net.dyndbg=+p log_buf_len
 # next timer, seconds at a time, at moments that depend on the host.
 ICOUNT_SLEEP = "on"
 DEFAULT_TIMEOUT = 600.0  # TCG on a busy two-core machine: generous on purpose
+# The login report's last line.
+DONE = "@@done"
 
 # The kernel log lines the proof reads. NIC_REGISTERED is virtio_net's own
 # message, printed right after register_netdev() returns.
@@ -171,13 +173,17 @@ class Outcome:
         return "\n".join(text.replace("\r", "").splitlines()[-40:])
 
 
-def qemu_argv(image: Image, run_dir: Path, *, icount: int | None = None) -> list[str]:
+def qemu_argv(image: Image, run_dir: Path, *, icount: int | None = None, writable: bool = False) -> list[str]:
     """QEMU's command line. With `icount`, the guest's clock counts executed
     instructions (2**icount ns each) instead of host time, so its boot time
     hardly depends on how busy the host is: what a benchmark on a shared
     machine needs. icount runs every vCPU on one host thread, and a second
     vCPU never comes up under it with sleep=off (QEMU 7.2), so those boots
-    have one."""
+    have one. `writable`: the guest's writes go to the disk image (a copy the
+    caller made), for a next boot, and its flushes are not passed on
+    (cache=unsafe: the image is read again only after QEMU exited, and dpkg's
+    fsync per file would cost the host's disk a flush each); otherwise they go
+    to a throwaway overlay."""
     clock = ["-icount", f"shift={icount},sleep={ICOUNT_SLEEP}"] if icount is not None else []
     cpus = "2" if icount is None else "1"
     return [
@@ -196,7 +202,7 @@ def qemu_argv(image: Image, run_dir: Path, *, icount: int | None = None) -> list
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
         "-append", " ".join(filter(None, (CMDLINE, image.variant.cmdline))),
-        "-drive", f"file={image.disk},format=raw,if=virtio,snapshot=on",
+        "-drive", f"file={image.disk},format=raw,if=virtio," + ("cache=unsafe" if writable else "snapshot=on"),
         # Both families named: naming only one turns the other off.
         "-netdev", "user,id=n0,ipv4=on,ipv6=on",
         "-device", f"virtio-net-pci,netdev=n0,mac={pcap.GUEST_MAC}",
@@ -216,9 +222,13 @@ def boot(
     timeout: float = DEFAULT_TIMEOUT,
     icount: int | None = None,
     isolated: Sequence[str] = (),
+    until: str | None = DONE,
+    writable: bool = False,
 ) -> Outcome:
     """Power the guest on, wait for its login report (or the timeout), power it off.
-    `isolated` are options to qemu.isolated (a WireGuard peer beside QEMU)."""
+    `isolated` are options to qemu.isolated (a WireGuard peer beside QEMU).
+    `until`: the report's line that ends the run; None: the guest powers
+    itself off (what it wrote to its disk is then complete, for a next boot)."""
     sh.require("qemu-system-x86_64", "unshare")
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("capture.pcap", "console.log", "report.log", "qemu.log"):
@@ -228,7 +238,7 @@ def boot(
         # user-mode network has nowhere to send anything the guest lets out.
         "unshare", "--map-root-user", "--net", "--",
         sys.executable, "-m", "qemu.isolated", *isolated, "--",
-        *qemu_argv(image, run_dir, icount=icount),
+        *qemu_argv(image, run_dir, icount=icount, writable=writable),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "TZ": "UTC"}
     report_log = run_dir / "report.log"
@@ -243,7 +253,7 @@ def boot(
                 text = report_log.read_text(errors="replace") if report_log.exists() else ""
                 if wall_to_login is None and "@@login " in text:
                     wall_to_login = time.monotonic() - started
-                if "@@done" in text or process.poll() is not None:
+                if (until is not None and until in text) or process.poll() is not None:
                     break
                 if time.monotonic() - started > timeout:
                     timed_out = True

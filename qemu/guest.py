@@ -1,6 +1,8 @@
 """The guests the proof boots: a base tree, earlyfw installed into it with
-`earlyfw install --root` (or not, for the controls), perhaps one deliberate
-change, then the guest's own generator builds its initramfs in a chroot.
+`earlyfw install --root` (or not, for the controls; or from its Debian package
+with apt-get, qemu.package), perhaps one deliberate change, then the guest's
+own generator builds its initramfs in a chroot (the package's trigger, for
+the package guest).
 
 Each guest is cached under a directory named by a hash of its base's key, the
 change, every file earlyfw's targets render for it, and this module's source.
@@ -24,7 +26,7 @@ from earlyfw.policy import State
 from earlyfw.root import Root
 from earlyfw.run import Runner
 from earlyfw.targets import File, Symlink
-from qemu import CACHE, GUEST_FILES, GuestFile, sh, wireguard
+from qemu import CACHE, GUEST_FILES, GuestFile, package, sh, wireguard
 from qemu.base import Base, GuestGenerator, install_file
 from qemu.base import build as build_base
 
@@ -87,6 +89,10 @@ class Variant:
     break_glass: bool = False
     # [egress] interfaces lists the guest's NIC (raw-socket egress filtered).
     egress: bool = False
+    # earlyfw from its Debian package, installed in the image with apt-get as
+    # an image pipeline would; after the login report the guest upgrades it,
+    # changes the config, runs the naive controls and removes it (qemu.upgrade).
+    package: bool = False
 
     @property
     def cmdline(self) -> str:
@@ -189,6 +195,15 @@ VARIANTS = {
             change=Change.WIREGUARD,
             summary="control: the same WireGuard guest without the watcher stays blocked",
         ),
+        Variant(
+            "package-upgrade",
+            GuestGenerator.INITRAMFS_TOOLS,
+            change=Change.WIREGUARD,
+            watch=True,
+            package=True,
+            summary="the WireGuard guest with earlyfw from its .deb; then upgrade, config change, the naive "
+            "controls and removal under a 5 ms leak probe, and the next boot",
+        ),
     )
 }
 
@@ -234,11 +249,13 @@ class Image:
         return self.initrd.stat().st_size
 
 
-def key(variant: Variant, base: Base) -> str:
+def key(variant: Variant, base: Base, debs: package.Debs | None = None) -> str:
     h = hashlib.sha256()
     h.update(f"{base.key}\0{variant.name}\0{variant.earlyfw}\0{variant.change}\0".encode())
     if variant.change is Change.WIREGUARD:
-        h.update(wireguard.key_parts())
+        h.update(wireguard.key_parts(frozen=not variant.package))
+    if debs is not None:
+        h.update(package.key_parts(debs, config_text(variant)))
     h.update(config_text(variant).encode())
     if variant.change is Change.RAW_EGRESS:
         h.update(RAW_LEAK_SOURCE.read_bytes() + (GUEST_FILES / RAW_LEAK_UNIT.source).read_bytes())
@@ -266,10 +283,13 @@ def rendered(variant: Variant) -> list[File | Symlink]:
     return [a for p in plans for a in p.artifacts]
 
 
-def build(variant: Variant, cache: Path = CACHE) -> Image:
-    """The cached guest for `variant`, built first if any of its inputs changed."""
+def build(variant: Variant, cache: Path = CACHE, debs: package.Debs | None = None) -> Image:
+    """The cached guest for `variant`, built first if any of its inputs changed.
+    A package variant needs `debs` (qemu.package.build_both)."""
+    if variant.package and debs is None:
+        raise sh.HarnessError(f"{variant.name}: earlyfw comes from its package here; build it (qemu.package)")
     base = build_base(variant.generator, cache)
-    k = key(variant, base)
+    k = key(variant, base, debs if variant.package else None)
     image = Image(variant, cache / f"guest-{variant.name}-{k[:16]}", base.kernel_version)
     if (image.directory / "done").exists():
         return image
@@ -283,15 +303,18 @@ def build(variant: Variant, cache: Path = CACHE) -> Image:
     for f in (*PROOF_FILES, *GENERATOR_FILES[variant.generator]):
         install_file(root, f.path, (GUEST_FILES / f.source).read_bytes(), f.mode)
     sh.chroot(root, ["systemctl", "enable", *ENABLED_UNITS], log=log)
-    if variant.earlyfw:
+    if variant.package and debs is not None:
+        package.install(root, log, debs, config_text(variant), base.kernel_version, cache=cache)
+    elif variant.earlyfw:
         config_file = staging / "earlyfw.toml"
         config_file.write_text(config_text(variant))
         install = [sys.executable, "-m", "earlyfw", "--config", str(config_file), "install", "--root", str(root)]
         sh.run([*install, *(arg for t in variant.targets for arg in ("--target", t))], log=log)
-    _apply(variant.change, root, log)
+    _apply(variant, root, log)
     if variant.change is Change.RAW_EGRESS:
         _install_raw_leak(staging, root, log)
-    sh.chroot(root, variant.generator.build_command(base.kernel_version), log=log)
+    if not variant.package:  # there the package's trigger built it, earlyfw's hook included
+        sh.chroot(root, variant.generator.build_command(base.kernel_version), log=log)
     shutil.copyfile(root / f"boot/vmlinuz-{base.kernel_version}", staging / "vmlinuz")
     shutil.copyfile(root / f"boot/initrd.img-{base.kernel_version}", staging / "initrd.img")
     _make_disk(root, staging / "root.img", log)
@@ -304,7 +327,8 @@ def build(variant: Variant, cache: Path = CACHE) -> Image:
     return image
 
 
-def _apply(change: Change, root: Path, log: Path) -> None:
+def _apply(variant: Variant, root: Path, log: Path) -> None:
+    change = variant.change
     if change is Change.IP_ONLY:
         for path in RULESETS:
             target = root / path.lstrip("/")
@@ -316,7 +340,7 @@ def _apply(change: Change, root: Path, log: Path) -> None:
         for path in RULESETS:
             install_file(root, path, BROKEN_RULESET, 0o644)
     elif change is Change.WIREGUARD:
-        wireguard.install(root, log)
+        wireguard.install(root, log, frozen=not variant.package)
     elif change is Change.ANCHOR:
         install_file(root, ANCHOR_RULESET, anchor_ruleset(), 0o644)
         install_file(root, ANCHOR_UNIT.path, (GUEST_FILES / ANCHOR_UNIT.source).read_bytes(), ANCHOR_UNIT.mode)

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 
 from earlyfw.config import Endpoint, IPAddress, Transport
@@ -272,11 +273,19 @@ class Capture:
     def count(self, kind: Kind) -> int:
         return self.counts.get(kind.value, 0)
 
-    @property
+    def until(self, time: float) -> Capture:
+        """What the guest sent up to `time` (seconds from power-on): one
+        window of a run that goes on past it. `inbound` stays the whole run's."""
+        packets = tuple(p for p in self.packets if p.time <= time)
+        counts = Counter(p.kind.value for p in packets)
+        return Capture(packets, self.inbound, dict(sorted(counts.items())))
+
+    @cached_property
     def uptime_offset(self) -> float | None:
         """Seconds from power-on to the guest kernel's uptime zero, from the
         endpoint probes, which carry the uptime they were sent at. The smallest
-        difference is the probe sent soonest after it read the clock."""
+        difference is the probe sent soonest after it read the clock. (Once:
+        as_uptime asks for it per packet, and a long run has tens of thousands.)"""
         offsets = [p.time - u for p in self.packets if (u := probe_uptime(p)) is not None]
         return round(min(offsets), 3) if offsets else None
 

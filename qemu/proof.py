@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from earlyfw.policy import EGRESS_TABLE
-from qemu import CACHE, boot, guest, handshake, pcap, wireguard
+from qemu import CACHE, boot, guest, handshake, package, pcap, upgrade, wireguard
 from qemu.guest import Change, Variant
 
 ANCHOR_UNIT = guest.ANCHOR_UNIT.source
@@ -29,6 +29,13 @@ class Verdict:
     variant: Variant
     outcome: boot.Outcome
     problems: tuple[str, ...]
+    # The package guest's next boot, after its phases removed earlyfw.
+    after: boot.Outcome | None = None
+
+    @property
+    def boot_outcome(self) -> boot.Outcome:
+        """The boot proof's share of the run: the package guest's phases come after it."""
+        return upgrade.boot_part(self.outcome) if self.variant.package else self.outcome
 
     @property
     def passed(self) -> bool:
@@ -38,14 +45,22 @@ class Verdict:
         lines = [f"{self.variant.name}: " + ("PASS" if self.passed else "FAIL")]
         lines += [f"  - {p}" for p in self.problems]
         if not self.passed:
-            leaks = self.outcome.capture.leaks
+            leaks = self.boot_outcome.capture.leaks
             lines += [f"  leaked: {p.time:8.3f}s {p.kind:9} {p.summary}" for p in leaks[:15]]
             lines += [f"  run directory: {self.outcome.run_dir}", "  console (last lines):"]
             lines += ["    " + line for line in self.outcome.console_tail.splitlines()]
         return "\n".join(lines)
 
 
-def check(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
+def check(variant: Variant, outcome: boot.Outcome, after: boot.Outcome | None = None) -> tuple[str, ...]:
+    if variant.package:
+        # The boot proof up to the phases (the control among them leaks on
+        # purpose), then the phases and the next boot.
+        return _check_boot(variant, upgrade.boot_part(outcome)) + upgrade.check(outcome, after)
+    return _check_boot(variant, outcome)
+
+
+def _check_boot(variant: Variant, outcome: boot.Outcome) -> tuple[str, ...]:
     problems: list[str] = []
     report, capture = outcome.report, outcome.capture
     if outcome.timed_out or report.login_uptime is None:
@@ -150,26 +165,34 @@ def run(
     timeout: float = boot.DEFAULT_TIMEOUT,
     tag: str = "",
     icount: int | None = None,
+    debs: package.Debs | None = None,
 ) -> Verdict:
-    image = guest.build(variant)
+    """Build (or take from the cache) and boot `variant`; a package variant
+    needs `debs` (qemu.package.build_both), and its run has two boots."""
+    image = guest.build(variant, debs=debs)
     run_dir = runs / f"{variant.name}{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
     # The WireGuard boot's peer runs beside QEMU, in its namespace.
     peer = wireguard.peer_args(run_dir) if variant.change is Change.WIREGUARD else ()
-    outcome = boot.boot(
-        image, run_dir, guest.guest_config(variant).endpoints, timeout=timeout, icount=icount, isolated=peer
-    )
-    verdict = Verdict(variant, outcome, check(variant, outcome))
+    endpoints = guest.guest_config(variant).endpoints
+    after = None
+    if variant.package:
+        outcome, after = upgrade.run(image, run_dir, endpoints, peer, timeout)
+    else:
+        outcome = boot.boot(image, run_dir, endpoints, timeout=timeout, icount=icount, isolated=peer)
+    verdict = Verdict(variant, outcome, check(variant, outcome, after), after)
     (run_dir / "result.json").write_text(json.dumps(summary(verdict), indent=2) + "\n")
     return verdict
 
 
 def summary(verdict: Verdict) -> dict[str, Any]:
-    o = verdict.outcome
+    o = verdict.boot_outcome
     r, c = o.report, o.capture
     extra = {}
     if verdict.variant.change is Change.WIREGUARD:
         extra["wireguard"] = handshake.figures(verdict.variant.watch, o)
+    if verdict.variant.package:
+        extra["upgrade"] = upgrade.figures(verdict.outcome, verdict.after)
     return {
         "variant": verdict.variant.name,
         "summary": verdict.variant.summary,
@@ -211,7 +234,7 @@ def table(verdicts: list[Verdict]) -> str:
     header = f"{'variant':24} {'result':6} " + " ".join(f"{c:>7}" for c in columns) + f" {'leaks':>5}  packets by class"
     lines = [header, "-" * len(header)]
     for v in verdicts:
-        r, c = v.outcome.report, v.outcome.capture
+        r, c = v.boot_outcome.report, v.boot_outcome.capture
         classes = " ".join(f"{k}={n}" for k, n in c.counts.items()) or "(none)"
         lines.append(
             f"{v.variant.name:24} {'PASS' if v.passed else 'FAIL':6} {s(r.login_uptime):>7} {s(r.block_live):>7} "

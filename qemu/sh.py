@@ -74,15 +74,26 @@ def run(
     return output
 
 
-def chroot(root: Path, argv: Sequence[str], *, log: Path | None = None) -> str:
+def chroot(
+    root: Path,
+    argv: Sequence[str],
+    *,
+    log: Path | None = None,
+    binds: Mapping[str, Path] | None = None,
+    network: bool = True,
+) -> str:
     """Run argv inside the guest tree with /proc, /dev and /sys mounted, in a
-    private mount namespace so nothing stays mounted whatever happens."""
+    private mount namespace so nothing stays mounted whatever happens.
+    `binds`: host directories mounted at paths inside the tree (download
+    caches). `network=False`: in a network namespace of its own, holding
+    only loopback, for whatever may load a ruleset (maintainer scripts)."""
+    mounts = "".join(
+        f' && mount --bind {shlex.quote(str(source))} "$0"{shlex.quote(inside)}'
+        for inside, source in (binds or {}).items()
+    )
     script = (
         'mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && mount --rbind /sys "$0/sys"'
-        ' && exec chroot "$0" "$@"'
+        f'{mounts} && exec chroot "$0" "$@"'
     )
-    return run(
-        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, str(root), *argv],
-        log=log,
-        env=CHROOT_ENV,
-    )
+    private = ["--mount", "--propagation", "private", *(() if network else ("--net",))]
+    return run(["unshare", *private, "--", "sh", "-c", script, str(root), *argv], log=log, env=CHROOT_ENV)

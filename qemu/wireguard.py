@@ -183,9 +183,9 @@ def wg_deb(cache: Path = CACHE) -> Path:
     return found[-1]
 
 
-def key_parts(cache: Path = CACHE) -> bytes:
+def key_parts(cache: Path = CACHE, *, frozen: bool = True) -> bytes:
     """What the guest's cache key must cover beyond the common proof files."""
-    h = hashlib.sha256(frozen_key().encode() + b"\0" + wg_quick_conf() + b"\0")
+    h = hashlib.sha256((frozen_key() if frozen else "from its package").encode() + b"\0" + wg_quick_conf() + b"\0")
     deb = wg_deb(cache)
     h.update(deb.name.encode() + b"\0" + deb.read_bytes())
     for f in GUEST_FILES_WG:
@@ -194,13 +194,15 @@ def key_parts(cache: Path = CACHE) -> bytes:
     return h.digest()
 
 
-def install(root: Path, log: Path, cache: Path = CACHE) -> None:
-    """Add the WireGuard boot's parts to a guest tree."""
+def install(root: Path, log: Path, cache: Path = CACHE, *, frozen: bool = True) -> None:
+    """Add the WireGuard boot's parts to a guest tree; `frozen`: with the
+    one-directory earlyfw (not for the guest that has it from its package)."""
     deb = wg_deb(cache)
     shutil.copyfile(deb, root / "tmp" / deb.name)
     sh.chroot(root, ["dpkg", "-i", f"/tmp/{deb.name}"], log=log)
     (root / "tmp" / deb.name).unlink()
-    install_frozen(root, frozen_build(cache))
+    if frozen:
+        install_frozen(root, frozen_build(cache))
     for f in GUEST_FILES_WG:
         install_file(root, f.path, (GUEST_FILES / f.source).read_bytes(), f.mode)
     install_file(root, WG_QUICK_CONF, wg_quick_conf(), 0o600)

@@ -1,10 +1,13 @@
-"""Fixtures for the network-namespace tests (see tests/netns.py)."""
+"""Fixtures for the network-namespace tests (see tests/netns.py), and
+earlyfw's Debian packages, built once per session."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from qemu import package
 
 from tests import netns
 
@@ -36,3 +39,15 @@ def module_lab() -> Iterator[netns.Lab]:
     require()
     with netns.Lab() as lab:
         yield lab
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """earlyfw_<version>_all.deb, built (dpkg-buildpackage) from the tree's tracked and new files."""
+    return package.build(tmp_path_factory.mktemp("deb-current"))
+
+
+@pytest.fixture(scope="session")
+def newer_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tree as `deb` with a bumped version: what an upgrade installs."""
+    return package.build(tmp_path_factory.mktemp("deb-newer"), newer=True)

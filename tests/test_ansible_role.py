@@ -1,6 +1,6 @@
 """The Ansible role (payload/ansible/roles/earlyfw) with ansible-playbook
 against a fresh Debian 12 root through Ansible's chroot connection: present
-installs the package built by tests/test_debian_package.py, writes the config
+installs the session's package (tests/conftest.py, built once), writes the config
 from variables and runs `earlyfw install`; a second run changes nothing; a
 changed variable runs the handler; absent purges everything, twice idempotently.
 
@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 
 from tests.test_boot_targets_generators import overlay, scratch_root
-from tests.test_debian_package import package  # noqa: F401  (fixture)
 from tests.test_fresh_machine import FRESH_ROOT, chroot_mounts, in_chroot
 
 TOP = Path(__file__).parent.parent
@@ -95,7 +94,7 @@ def check_no_injection(
 
 
 @pytest.mark.slow
-def test_role_present_idempotent_handler_absent(package: Path, tmp_path: Path, netns: str) -> None:  # noqa: F811
+def test_role_present_idempotent_handler_absent(deb: Path, tmp_path: Path, netns: str) -> None:
     if shutil.which("ansible-playbook") is None:
         pytest.fail("ansible-playbook is missing: apt-get install ansible (.ci/setup does)")
     lower = scratch_root(FRESH_ROOT)
@@ -104,8 +103,8 @@ def test_role_present_idempotent_handler_absent(package: Path, tmp_path: Path, n
     with overlay(lower, scratch) as root:
         (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\n# chroot: no daemon starts\nexit 101\n")
         (root / "usr/sbin/policy-rc.d").chmod(0o755)
-        (root / "tmp" / package.name).write_bytes(package.read_bytes())
-        fetch = f"apt-get install -y -qq python3-apt && apt-get install -y -qq --download-only /tmp/{package.name}"
+        (root / "tmp" / deb.name).write_bytes(deb.read_bytes())
+        fetch = f"apt-get install -y -qq python3-apt && apt-get install -y -qq --download-only /tmp/{deb.name}"
         fetched = in_chroot(root, f"apt-get update -qq && {fetch}", cwd="/", cache="ansible")
         assert fetched.returncode == 0, fetched.stderr[-3000:]
         (tmp_path / "inventory").write_text(
@@ -115,7 +114,7 @@ def test_role_present_idempotent_handler_absent(package: Path, tmp_path: Path, n
         (tmp_path / "site.yml").write_text(PLAYBOOK)
 
         def playbook(**extra: object) -> subprocess.CompletedProcess[str]:
-            variables = json.dumps({**VARS, "earlyfw_deb": str(package), **extra})
+            variables = json.dumps({**VARS, "earlyfw_deb": str(deb), **extra})
             argv = ["ansible-playbook", "-i", str(tmp_path / "inventory"), "-e", variables, str(tmp_path / "site.yml")]
             env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_NOCOLOR": "1"}
             # The same mounts and apt cache as the download step, in the test's netns.

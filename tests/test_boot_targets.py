@@ -820,6 +820,20 @@ def test_systemd_target_reloads_systemd_only_where_it_runs(tmp_path: Path, confi
     assert runner.argvs() == [("systemctl", "daemon-reload")]
 
 
+def test_systemd_target_uninstall_lets_systemd_forget_the_block_unit(tmp_path: Path) -> None:
+    """The oneshot earlyfw-block.service stays `active (exited)` in systemd's
+    memory once its file is gone (seen in the QEMU package guest after
+    `apt-get remove`): uninstall stops it, which runs nothing, after the
+    reload (before it, the network managers' Requires= drop-ins were still
+    loaded and the stop took systemd-networkd down with it)."""
+    runner = RecordingRunner()
+    systemd.Systemd(Root(tmp_path), runner).after_uninstall()
+    assert runner.argvs() == []
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    systemd.Systemd(Root(tmp_path), runner).after_uninstall()
+    assert runner.argvs() == [("systemctl", "daemon-reload"), ("systemctl", "stop", "earlyfw-block.service")]
+
+
 def test_plans_are_pure(tmp_path: Path, config: configuration.Config) -> None:
     """plan() writes nothing and runs nothing."""
     runner = RecordingRunner()

@@ -18,14 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu.package import DEBIAN_PATH, Debs
 
 from earlyfw import __version__
 from tests.configs import CONFIG_TEXT
 from tests.test_boot_targets_generators import INITRAMFS_TOOLS_ROOT, overlay, scratch_root
 from tests.test_fresh_machine import in_chroot
 
-TOP = Path(__file__).parent.parent
-DEBIAN_PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 HOOK = "etc/initramfs-tools/hooks/earlyfw"
 MANIFEST = "var/lib/earlyfw/manifest.json"
 
@@ -34,33 +33,23 @@ def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload,no-any-return]
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """earlyfw_<version>_all.deb, built from the tracked and new files of the tree."""
-    out = tmp_path_factory.mktemp("deb")
-    source = out / "earlyfw"
-    source.mkdir()
-    files = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=TOP).stdout
-    tar = subprocess.run(["tar", "-C", str(TOP), "--null", "-T", "-", "-cf", "-"], input=files.encode(),
-                         capture_output=True, check=True).stdout  # fmt: skip
-    subprocess.run(["tar", "-C", str(source), "-xf", "-"], input=tar, check=True)
-    built = run(["env", DEBIAN_PATH, "dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source)
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    deb = out / f"earlyfw_{__version__}_all.deb"
-    assert deb.exists(), sorted(p.name for p in out.iterdir())
-    return deb
+# `deb`: the session's package (tests/conftest.py, qemu/package.py), built once and shared with the QEMU package guest.
 
 
-def test_lintian_clean(package: Path) -> None:
+def test_package_carries_the_tree_s_version(deb: Path) -> None:
+    assert deb.name == f"earlyfw_{__version__}_all.deb"
+
+
+def test_lintian_clean(deb: Path) -> None:
     """Clean at --pedantic with info tags; each override says why in debian/earlyfw.lintian-overrides."""
-    changes = next(package.parent.glob("earlyfw_*.changes"))
+    changes = next(deb.parent.glob("earlyfw_*.changes"))
     result = run(["env", DEBIAN_PATH, "lintian", "--pedantic", "-I", str(changes)])
     tags = [line for line in result.stdout.splitlines() if re.match(r"[EWIPX]: ", line)]
     assert tags == [], "\n".join(tags)
 
 
-def test_depends_on_debians_own_libraries(package: Path) -> None:
-    depends = run(["dpkg-deb", "-f", str(package), "Depends"]).stdout
+def test_depends_on_debians_own_libraries(deb: Path) -> None:
+    depends = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
     # iproute2: `earlyfw verify` makes stand-in devices for [egress] interfaces with ip (a minbase
     # root lacks it); python3-dnspython: `import --resolve` and `endpoints refresh`.
     for name in ("python3-click", "python3-jinja2", "python3-distro", "python3-plumbum", "python3-tomli-w",
@@ -83,14 +72,14 @@ def tables(netns: str) -> str:
 
 
 @pytest.mark.slow
-def test_install_configure_upgrade_remove_purge(package: Path, tmp_path: Path, netns: str) -> None:
+def test_install_configure_upgrade_remove_purge(deb: Path, newer_deb: Path, tmp_path: Path, netns: str) -> None:
     lower = scratch_root(INITRAMFS_TOOLS_ROOT)
     host_before = run(["nft", "list", "tables"]).stdout
     with overlay(lower, tmp_path) as root:
         (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\n# chroot: no daemon starts\nexit 101\n")
         (root / "usr/sbin/policy-rc.d").chmod(0o755)
-        (root / "tmp" / package.name).write_bytes(package.read_bytes())
-        deb = f"/tmp/{package.name}"
+        (root / "tmp" / deb.name).write_bytes(deb.read_bytes())
+        inside = f"/tmp/{deb.name}"
 
         def step(command: str, *, network: bool = False) -> str:
             result = in_chroot(root, command, cwd="/", netns=None if network else netns, cache="deb")
@@ -103,10 +92,10 @@ def test_install_configure_upgrade_remove_purge(package: Path, tmp_path: Path, n
             return [line for line in listing.splitlines() if "earlyfw" in line]
 
         # Downloads need the host's network; nothing is configured yet.
-        step(f"apt-get update -qq && apt-get install -y -qq --download-only {deb}", network=True)
+        step(f"apt-get update -qq && apt-get install -y -qq --download-only {inside}", network=True)
 
         # Installed without a config: files shipped, nothing enabled, nothing loaded.
-        step(f"apt-get install -y -qq {deb}")
+        step(f"apt-get install -y -qq {inside}")
         assert (root / "usr/bin/earlyfw").exists()
         assert not (root / MANIFEST).exists()
         assert not (root / HOOK).exists()
@@ -117,17 +106,32 @@ def test_install_configure_upgrade_remove_purge(package: Path, tmp_path: Path, n
         # configuring does what `earlyfw install` does, initramfs by the trigger.
         (root / "etc/earlyfw").mkdir()
         (root / "etc/earlyfw/earlyfw.toml").write_text(CONFIG_TEXT)
-        out = step(f"apt-get install -y {deb}")
+        out = step(f"apt-get install -y {inside}")
         assert "rebuilding the initramfs" not in out, "the generator ran directly, not through its trigger"
         assert re.search(r"Processing triggers for initramfs-tools", out), out[-3000:]
         assert (root / MANIFEST).exists()
         assert (root / HOOK).exists()
         assert any(line.endswith("init-top/earlyfw") for line in in_initramfs()), in_initramfs()
 
-        # The block is live (as after a boot); an upgrade in place keeps it.
+        # The block is live (as after a boot); an upgrade keeps it. The newer
+        # version's hook and ruleset are the same files: no initramfs rebuild.
         step("earlyfw --quiet apply --state blocked")
         assert "table inet earlyfw" in tables(netns)
-        step(f"apt-get install -y -qq --reinstall {deb}")
+        (root / "tmp" / newer_deb.name).write_bytes(newer_deb.read_bytes())
+        out = step(f"apt-get install -y /tmp/{newer_deb.name}")
+        assert f"Unpacking earlyfw ({Debs.version(newer_deb)})" in out, out[-3000:]
+        assert "table inet earlyfw" in tables(netns) and "Processing triggers for initramfs-tools" not in out, (
+            "an upgrade that changes no file the initramfs carries rebuilt it"
+        )
+        # A config change that reaches the initramfs ruleset, configured again: rebuilt with it.
+        (root / "etc/earlyfw/earlyfw.toml").write_text(CONFIG_TEXT.replace("192.0.2.10", "192.0.2.11"))
+        out = step(f"apt-get install -y --reinstall /tmp/{newer_deb.name}")
+        assert re.search(r"Processing triggers for initramfs-tools", out), out[-3000:]
+        unpacked = step(
+            "unmkinitramfs /boot/initrd.img-* /tmp/unpacked"
+            " && find /tmp/unpacked -path '*/etc/earlyfw/initramfs.nft' -exec cat {} +"
+        )
+        assert "192.0.2.11" in unpacked
         assert "table inet earlyfw" in tables(netns)
 
         # Remove: the network works (no table), no hook in the next initramfs, config kept.
@@ -136,6 +140,7 @@ def test_install_configure_upgrade_remove_purge(package: Path, tmp_path: Path, n
         assert not (root / HOOK).exists()
         assert in_initramfs() == []
         assert not (root / "usr/bin/earlyfw").exists()
+        # Kept: the file from before earlyfw's first install, which its manifest holds as the backup.
         assert (root / "etc/earlyfw/earlyfw.toml").read_text() == CONFIG_TEXT
 
         # Purge: config and state gone.

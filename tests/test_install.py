@@ -367,3 +367,67 @@ def test_uninstall_without_a_manifest_still_deletes_loaded_tables(tmp_path: Path
     assert ran(runner, ("nft", "-f", "-"))
     with pytest.raises(EarlyfwError, match="not installed"):
         install.uninstall(HostLike(tmp_path), runner)
+
+
+TRIGGER = ("dpkg-trigger", "--no-await", "update-initramfs")
+
+
+def test_package_install_fires_the_initramfs_trigger_only_when_the_initramfs_would_change(tmp_path: Path) -> None:
+    """Under dpkg (`install --initramfs-trigger`, the postinst) the rebuild is
+    asked for only when a file the initramfs carries changed: an upgrade that
+    renders the same files, or a config change that leaves the initramfs
+    ruleset as it was, costs no rebuild; one that changes it, or the hook
+    losing its mode, does."""
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    hook = tmp_path / "etc/initramfs-tools/hooks/earlyfw"
+
+    def install_under_dpkg(text: str) -> RecordingRunner:
+        runner = recording(None)
+        install.install(config.parse(text), HostLike(tmp_path), runner, HOST_TARGETS, initramfs_trigger=True)
+        assert not ran(runner, ("update-initramfs",)), "the generator ran directly, not through its trigger"
+        assert ran(runner, ("systemctl", "daemon-reload")), "the other targets' steps still run"
+        return runner
+
+    first = EXAMPLE.read_text()
+    assert ran(install_under_dpkg(first), TRIGGER)
+    assert not ran(install_under_dpkg(first), TRIGGER)
+    dns = first.replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.1", "10.64.0.2"]')
+    assert dns != first
+    assert not ran(install_under_dpkg(dns), TRIGGER)
+    endpoint = dns.replace("198.51.100.7", "198.51.100.8")
+    assert endpoint != dns
+    assert ran(install_under_dpkg(endpoint), TRIGGER)
+    hook.chmod(0o644)
+    assert ran(install_under_dpkg(endpoint), TRIGGER)
+    assert stat.S_IMODE(hook.stat().st_mode) == 0o755
+
+
+def test_host_install_rebuilds_the_initramfs_only_when_it_would_change_or_a_rebuild_failed(tmp_path: Path) -> None:
+    """`earlyfw install` on a running system: a config change that leaves the
+    initramfs's files as they were rebuilds nothing; one that changes them
+    does; a rebuild that failed is done by the next install even though the
+    files are the same by then; uninstall leaves no trace of the bookkeeping."""
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    rebuild = ("update-initramfs",)
+
+    def install_now(text: str, failing: tuple[str, ...] | None = None) -> RecordingRunner:
+        runner = recording(failing)
+        install.install(config.parse(text), HostLike(tmp_path), runner, HOST_TARGETS)
+        return runner
+
+    first = EXAMPLE.read_text()
+    assert ran(install_now(first), rebuild)
+    dns = first.replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.1", "10.64.0.2"]')
+    runner = install_now(dns)
+    assert not ran(runner, rebuild)
+    assert ran(runner, ("systemctl", "daemon-reload"))
+    endpoint = dns.replace("198.51.100.7", "198.51.100.8")
+    with pytest.raises(CommandError, match="injected failure"):
+        install_now(endpoint, failing=rebuild)
+    assert ran(install_now(endpoint), rebuild), "the failed rebuild was not done again"
+    assert not ran(install_now(endpoint), rebuild)
+    with pytest.raises(CommandError, match="injected failure"):
+        install_now(first, failing=rebuild)
+    assert install.uninstall(HostLike(tmp_path), recording(None)).failures == []
+    assert snapshot(tmp_path) == before

@@ -56,7 +56,10 @@ STATE = click.Choice([s.value for s in State])
 REBUILD_HELP = "With --root: also rebuild the image's initramfs inside it (chroot); on / it always is."
 
 
-TRIGGER_HELP = "On /: activate the initramfs generator's dpkg trigger instead of rebuilding now (maintainer scripts)."
+TRIGGER_HELP = (
+    "On /: activate the initramfs generator's dpkg trigger instead of rebuilding now, and only if a file"
+    " the initramfs carries changed (maintainer scripts)."
+)
 
 
 def _check_rebuild(root: Root, rebuild_initramfs: bool, initramfs_trigger: bool = False) -> None:

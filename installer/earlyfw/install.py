@@ -54,6 +54,8 @@ class Report:
     kept_backups: list[tuple[str, str]] = field(default_factory=list)
     image_notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    # Of `written`, those whose content (or kind) is not what was there before.
+    changed: list[str] = field(default_factory=list)
 
 
 def _registry(names: Sequence[str]) -> dict[str, type[Target]]:
@@ -116,6 +118,14 @@ def plan(config: Config, targets: Sequence[Target]) -> list[Plan]:
     return plans
 
 
+def _differs(root: Root, artifact: Artifact) -> bool:
+    """Whether writing `artifact` changes what is at its path (content, kind or mode)."""
+    if fingerprint(root, artifact.path) != _fingerprint_of(artifact):
+        return True
+    st = root.lstat(artifact.path)
+    return isinstance(artifact, File) and st is not None and stat.S_IMODE(st.st_mode) != artifact.mode
+
+
 def _fingerprint_of(artifact: Artifact) -> str:
     if isinstance(artifact, File):
         return "sha256:" + sha256(artifact.content)
@@ -137,7 +147,15 @@ def install(
     with root.locked():
         report = _install_files(root, targets, plans)
         if root.is_host:
-            _finish_host(runner, targets, lambda t: t.after_install(config), trigger=initramfs_trigger)
+            _finish_host(
+                root,
+                runner,
+                targets,
+                plans,
+                report,
+                finish=lambda t: t.after_install(config),
+                trigger=initramfs_trigger,
+            )
             if now:
                 system = System.current()
                 system.platform.put_state(
@@ -174,6 +192,7 @@ def _install_files(root: Root, targets: Sequence[Target], plans: Sequence[Plan])
     )
     _write_journal(root, journal, state_missing)
     report = Report()
+    report.changed = [a.path for p in plans for a in p.artifacts if _differs(root, a)]
     txn = Transaction(root)
     try:
         with txn:
@@ -291,19 +310,42 @@ def _remove_state(root: Root, directories: Sequence[str]) -> None:
     root.rmtree(top + NEW_SUFFIX)
 
 
-def _finish_host(runner: Runner, targets: Sequence[Target], finish: Callable[[Target], None], *, trigger: bool) -> None:
-    """Each target's step on the live system once the files are in or out. With
+def _finish_host(
+    root: Root,
+    runner: Runner,
+    targets: Sequence[Target],
+    plans: Sequence[Plan],
+    report: Report,
+    *,
+    finish: Callable[[Target], None],
+    trigger: bool,
+) -> None:
+    """Each target's step on the live system once the files are in. The
+    initramfs is rebuilt only if a file it carries changed (an upgrade or a
+    config change that renders the same hook and ruleset costs no rebuild),
+    or a rebuild begun before never finished (INITRAMFS_PENDING). With
     `trigger` (a Debian package's maintainer script) no generator runs here:
     its dpkg trigger is activated and dpkg rebuilds the initramfs once, at the
-    end of the run, as Debian's policy for initramfs hooks has it."""
+    end of the run, as Debian's policy for initramfs hooks has it (and runs it
+    again if it fails)."""
+    changed = set(report.changed)
+    # A file dropped from the plan (stale) may have been one the initramfs carried.
+    pending = bool(report.removed) or root.exists(boot.INITRAMFS_PENDING)
     deferred = False
-    for target in targets:
-        if trigger and target.in_root_commands():
+    for target, p in zip(targets, plans, strict=True):
+        if not target.in_root_commands():
+            finish(target)
+        elif not (pending or changed.intersection(target.in_root_inputs(p))):
+            print(f"earlyfw: {target.name}: the initramfs already carries this hook and ruleset", file=sys.stderr)
+        elif trigger:
             deferred = True
         else:
+            root.write(boot.INITRAMFS_PENDING, b"", mode=0o600)
             finish(target)
     if deferred:
         runner.run(["dpkg-trigger", "--no-await", boot.INITRAMFS_TRIGGER])
+    if root.exists(boot.INITRAMFS_PENDING):  # rebuilt, or dpkg's to do now
+        root.remove(boot.INITRAMFS_PENDING)
 
 
 def _finish_image(root: Root, runner: Runner, targets: Sequence[Target], report: Report, *, run: bool) -> None:
@@ -417,6 +459,8 @@ def uninstall(
         )
         if report.failures:
             return report
+        if root.exists(boot.INITRAMFS_PENDING):  # the rebuild above did what it waited for
+            root.remove(boot.INITRAMFS_PENDING)
         chain = set(STATE_CHAIN)
         for directory in sorted(manifest.directories, key=len, reverse=True):
             if directory not in chain:
@@ -441,7 +485,8 @@ def _after_uninstall(
     root: Root, runner: Runner, names: Sequence[str], report: Report, *, run: bool, trigger: bool
 ) -> list[str]:
     """Run every after-step, whatever fails before it; say which failed. With
-    `trigger` the initramfs is rebuilt by dpkg's trigger (see _finish_host)."""
+    `trigger` the initramfs is rebuilt by dpkg's trigger (see _finish_host). A
+    rebuild left pending by an install is done by this one."""
     targets = _recorded(root, runner, names)
     steps: list[tuple[str, Callable[[], object]]] = []
     if root.is_host:

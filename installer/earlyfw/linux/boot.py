@@ -19,7 +19,7 @@ from earlyfw import policy, templates
 from earlyfw.config import Config
 from earlyfw.linux.core import CONFIG_DIR, ruleset_path
 from earlyfw.policy import State
-from earlyfw.root import Root
+from earlyfw.root import STATE_DIR, Root
 from earlyfw.run import Runner
 from earlyfw.targets import File, Plan, Target
 
@@ -38,6 +38,9 @@ FALLBACK_RULESET = f"{CONFIG_DIR}/fallback.nft"
 # activated from a package's maintainer script, dpkg runs the generator once, at
 # the end of the run (`earlyfw install --initramfs-trigger`).
 INITRAMFS_TRIGGER = "update-initramfs"
+# Written before an install rebuilds the initramfs and removed once it did: an
+# install that finds it rebuilds even if none of the initramfs's files changed.
+INITRAMFS_PENDING = f"{STATE_DIR}/initramfs-pending"
 
 # The kernel command-line switch that skips the block for one boot.
 BREAK_GLASS = "earlyfw=off"
@@ -212,6 +215,10 @@ class InitramfsTarget(Target):
 
     def in_root_commands(self) -> tuple[tuple[str, ...], ...]:
         return (generator(self.generator_name).rebuild,)
+
+    def in_root_inputs(self, plan: Plan) -> tuple[str, ...]:
+        # The hooks copy the core target's initramfs ruleset in beside their own files.
+        return (*plan.paths(), INITRAMFS_RULESET)
 
     def plan_of(self, *artifacts: File) -> Plan:
         return Plan(self.name, artifacts)

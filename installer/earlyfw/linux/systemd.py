@@ -98,6 +98,13 @@ class Systemd(Target):
 
     def after_uninstall(self) -> None:
         self._daemon_reload()
+        # earlyfw-block.service (oneshot, RemainAfterExit) would stay "active
+        # (exited)" in systemd's memory with its file gone. Stopping it runs
+        # nothing (it has no ExecStop) and lets systemd forget it. Only after
+        # the reload: until then the network managers' drop-ins still say
+        # Requires=, and the stop would stop them too (a DHCP lease lost).
+        if self.root.exists("/run/systemd/system"):
+            self.runner.run(["systemctl", "stop", BLOCK_UNIT], check=False)
 
     def _daemon_reload(self) -> None:
         # Only a running systemd has units to reload (not a container or chroot).

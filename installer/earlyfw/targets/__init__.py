@@ -110,6 +110,11 @@ class Target(ABC):
         rebuild; `--rebuild-initramfs` runs them."""
         return ()
 
+    def in_root_inputs(self, plan: Plan) -> tuple[str, ...]:
+        """The files what in_root_commands builds carries (an initramfs's
+        contents): only a change to one of them needs it run again."""
+        return tuple(plan.paths()) if self.in_root_commands() else ()
+
 
 def write_artifacts(artifacts: Iterable[Artifact], txn: Transaction) -> None:
     created: list[str] = []

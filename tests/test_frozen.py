@@ -13,6 +13,7 @@ import atexit
 import functools
 import importlib.util
 import json
+import marshal
 import os
 import shutil
 import subprocess
@@ -147,19 +148,38 @@ def test_unknown_command_fails_like_the_python_module(frozen: tuple[str, ...]) -
     assert "No such command" in frozen_out.stderr
 
 
-def python_archive(executable: str) -> Any:
-    """The binary's archive of Python modules (PYZ): `toc` names them,
-    `extract(name)` gives one's code object."""
-    from PyInstaller.archive.readers import CArchiveReader  # type: ignore[import-untyped]  # noqa: PLC0415
+class PythonModules:
+    """The binary's Python modules, wherever the build put them: the archive
+    (PYZ; all of them in the Windows single file) and the .pyc files in
+    _internal/ (the one-directory build's, the spec's noarchive). `names`: their
+    dotted names; `code(name)`: one's code object."""
 
-    return CArchiveReader(executable).open_embedded_archive("PYZ.pyz")
+    def __init__(self, executable: str) -> None:
+        from PyInstaller.archive.readers import CArchiveReader  # type: ignore[import-untyped]  # noqa: PLC0415
+
+        self.archive = CArchiveReader(executable).open_embedded_archive("PYZ.pyz")
+        internal = Path(executable).parent / "_internal"
+        self.files = {
+            ".".join(p.relative_to(internal).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in internal.rglob("*.pyc")
+        }
+        self.names: set[str] = set(self.archive.toc) | set(self.files)
+
+    def code(self, name: str) -> CodeType:
+        if name in self.files:
+            # A .pyc file: a 16-byte header (magic, flags, source stamp), then the marshalled code.
+            loaded = marshal.loads(self.files[name].read_bytes()[16:])
+            assert isinstance(loaded, CodeType), name
+            return loaded
+        extracted: CodeType = self.archive.extract(name)
+        return extracted
 
 
 def test_the_binary_holds_every_module_and_template_but_not_libnftables(frozen: tuple[str, ...]) -> None:
     """Targets (found by pkgutil) and the watcher's lazily imported kernel path
     (pyroute2) are invisible to PyInstaller's import analysis; the spec names
     them. libnftables must come from the system, matching its nft."""
-    modules = set(python_archive(frozen[0]).toc)
+    modules = PythonModules(frozen[0]).names
     internal = Path(frozen[0]).parent / "_internal"
     installed = {
         f"earlyfw.{p.relative_to(ROOT / 'installer' / 'earlyfw').with_suffix('').as_posix().replace('/', '.')}"
@@ -181,9 +201,8 @@ def test_the_binary_holds_every_module_and_template_but_not_libnftables(frozen: 
 def test_the_binary_holds_no_test_double(frozen: tuple[str, ...]) -> None:
     """The product only: no double of tests/ (tests/doubles.py) bundled, left
     in its former home inside the package, or imported by the product."""
-    archive = python_archive(frozen[0])
-    code: Callable[[str], CodeType] = archive.extract
-    assert doubles_in(set(archive.toc), code) == []
+    modules = PythonModules(frozen[0])
+    assert doubles_in(modules.names, modules.code) == []
 
 
 def test_the_binary_renders_the_windows_filters(frozen: tuple[str, ...]) -> None:

@@ -205,6 +205,20 @@ def test_the_binary_holds_no_test_double(frozen: tuple[str, ...]) -> None:
     assert doubles_in(modules.names, modules.code) == []
 
 
+def test_the_binary_starts_without_an_archive_to_inflate_or_unused_runtime_hooks(frozen: tuple[str, ...]) -> None:
+    """What the watcher's start at boot is spared (installer/earlyfw.spec):
+    its modules are files, not zlib entries inflated at every start, and
+    PyInstaller's inspect and multiprocessing runtime hooks do not run."""
+    from PyInstaller.archive.readers import CArchiveReader  # noqa: PLC0415
+
+    internal = Path(frozen[0]).parent / "_internal"
+    assert (internal / "earlyfw" / "linux" / "watcher" / "daemon.pyc").is_file()
+    assert (internal / "jinja2" / "environment.pyc").is_file()
+    scripts = set(CArchiveReader(frozen[0]).toc)
+    assert "pyi_rth_pkgutil" in scripts, "pyroute2 finds its plugins with pkgutil: its hook must stay"
+    assert not scripts & {"pyi_rth_inspect", "pyi_rth_multiprocessing"}
+
+
 def test_the_binary_renders_the_windows_filters(frozen: tuple[str, ...]) -> None:
     """The Windows build is this spec built on Windows; here its bundle must at
     least carry the WFP modules and templates: `windows show` and a Windows

@@ -57,6 +57,7 @@ LINE = re.compile(r"^\[\s*(\d+\.\d+)\]\s?\S+\s+([^:\[]+)(?:\[\d+\])?:\s(.*)$")
 RELAXED = re.compile(r"^relaxed: .*handshake (\d+\.\d+)s ago")
 # The watcher's line when it starts a handshake itself (tunnels.WireGuardTunnel._waiting).
 KICKED = re.compile(r"^blocked, .*handshake initiated by earlyfw")
+INTERFACE_DOWN = re.compile(r"^blocked, interface down: ")
 KEEPALIVE = re.compile(r"^\s*persistent keepalive: (.*)$", re.M)
 SCORE = re.compile(r"Overall exposure level for \S+: (\d+(?:\.\d+)?) (\S+)")
 
@@ -182,6 +183,18 @@ class Tunnel:
     def kicked(self) -> JournalLine | None:
         """The watcher saying it started a handshake."""
         return next((line for line in self.watcher_lines if KICKED.match(line.text)), None)
+
+    @property
+    def down_before_relax(self) -> JournalLine | None:
+        """The watcher's last look at wg0 still down before it relaxed: wg0
+        came up after it, so from it to the relax bounds wg0 up -> relaxed."""
+        relaxed = self.relaxed
+        down = [
+            line
+            for line in self.watcher_lines
+            if INTERFACE_DOWN.match(line.text) and relaxed is not None and line.uptime <= relaxed.uptime
+        ]
+        return down[-1] if down else None
 
     @property
     def relaxes(self) -> tuple[JournalLine, ...]:
@@ -488,6 +501,10 @@ def figures(watch: bool, outcome: boot.Outcome) -> dict[str, Any]:
         # then with it running.
         "handshake_age_at_relax_s": Tunnel.watcher_delay(relaxed),
         "response_to_relaxed_s": t.delay(relaxed),
+        # wg0 up -> relaxed, at most (no keepalive: the watcher's kick in between).
+        "up_to_relaxed_at_most_s": (
+            round(relaxed.uptime - down.uptime, 3) if relaxed and (down := t.down_before_relax) else None
+        ),
         "response_to_first_tunnelled_s": t.first_through(t.first_response),
         "lock_noticed_s": round(lock.uptime - locked, 3) if lock and locked is not None else None,
         "second_response_uptime_s": t.second_response,

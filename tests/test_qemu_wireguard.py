@@ -36,6 +36,7 @@ JOURNAL = """\
 -- Boot 0123 --
 [    9.100000] earlyfw-guest systemd[1]: Started earlyfw-watch.service - earlyfw: relax the VPN kill switch.
 [   11.250000] earlyfw-guest earlyfw[301]: blocked: watcher started (wireguard on wg0, guarded); relaxing only on proof
+[   13.950000] earlyfw-guest earlyfw[301]: blocked, interface down: interface wg0 is down
 [   14.100000] earlyfw-guest earlyfw[301]: blocked, handshake unanswered: no peer of wg0 has completed a handshake; \
 handshake initiated by earlyfw and unanswered since 00:00:14
 [   14.600000] earlyfw-guest earlyfw[301]: relaxed: peer 90+ZCyi4… at 10.0.2.2:51820: handshake 0.012s ago
@@ -58,6 +59,7 @@ def test_parse_journal_finds_blocked_then_relaxed() -> None:
     assert [(line.who, line.uptime) for line in lines] == [
         ("systemd", 9.1),
         ("earlyfw", 11.25),
+        ("earlyfw", 13.95),
         ("earlyfw", 14.1),
         ("earlyfw", 14.6),
     ]
@@ -75,6 +77,7 @@ def test_parse_journal_finds_blocked_then_relaxed() -> None:
     )
     assert tunnel.started_blocked == 11.25
     assert tunnel.kicked is not None and tunnel.kicked.uptime == 14.1
+    assert tunnel.down_before_relax is not None and tunnel.down_before_relax.uptime == 13.95
     assert tunnel.keepalive is None
     assert handshake.parse_keepalive(WG_SHOW + "  persistent keepalive: every 25 seconds\n") == "every 25 seconds"
     assert tunnel.relaxed is not None and tunnel.relaxed.uptime == 14.6

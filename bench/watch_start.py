@@ -12,12 +12,16 @@ tree in the same run (rounds alternate between the two).
   frozen:  ready for the one-directory PyInstaller builds of both trees
            (--build-frozen builds them, about a minute each on two cores; or
            give --frozen and --frozen-baseline).
+  instructions (--instructions, with the frozen builds): the frozen watcher
+           under valgrind's callgrind, exec -> READY=1 -> SIGTERM and exit,
+           instructions executed in user space: what the QEMU guests'
+           instruction counter charges, whatever the host's load.
 
 Both trees run staged alike, in the wheel's package layout on PYTHONPATH:
 this worktree as it is on disk, and BASELINE from `git archive` (default
 b031c56, the last commit before the watcher's start was made lighter).
 
-  python3 bench/watch_start.py [--rounds 20] [--baseline REV] [--build-frozen]
+  python3 bench/watch_start.py [--rounds 20] [--baseline REV] [--build-frozen] [--instructions]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -98,8 +103,11 @@ def main() -> None:
     parser.add_argument("--build-frozen", action="store_true", help="build both trees' one-directory binaries")
     parser.add_argument("--frozen", type=Path, help="this tree's frozen executable (dist/earlyfw/earlyfw)")
     parser.add_argument("--frozen-baseline", type=Path, help="the baseline's frozen executable")
+    parser.add_argument(
+        "--instructions", action="store_true", help="also count the frozen watchers' instructions (valgrind)"
+    )
     args = parser.parse_args()
-    netns.require_tools(["ip", "nft"])
+    netns.require_tools(["ip", "nft", *(["valgrind"] if args.instructions else [])])
 
     with tempfile.TemporaryDirectory(prefix="efw-bench-start-") as scratch, netns.Lab() as lab:
         work = Path(scratch)
@@ -155,6 +163,32 @@ def main() -> None:
             found = alternate(args.rounds, start_frozen)
             print(row("frozen watch: exec -> READY=1", "ms", *([v[0] for v in found[w]] for w in ("baseline", "new"))))
             print(row("frozen watch: CPU at READY=1", "ms", *([v[1] for v in found[w]] for w in ("baseline", "new"))))
+        if frozen and args.instructions:
+            count_instructions(ns, frozen, watch, work, min(args.rounds, 3))
+
+
+def count_instructions(
+    ns: netns.Namespace, frozen: dict[str, Path], watch: tuple[str, ...], work: Path, rounds: int
+) -> None:
+    """Each frozen watcher under callgrind (deterministic to a fraction of a
+    percent: a few rounds suffice)."""
+
+    def counted(which: str) -> tuple[float, ...]:
+        out = work / f"callgrind-{which}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        valgrind = ("valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}/%p")
+        ready.start_until_ready(ns, (*valgrind, str(frozen[which]), *watch), timeout=600)
+        return (sum(instructions(path) for path in out.iterdir()) / 1e6,)
+
+    found = alternate(rounds, counted)
+    print(row("frozen watch: instructions", "M", *([v[0] for v in found[w]] for w in ("baseline", "new"))))
+
+
+def instructions(callgrind_out: Path) -> int:
+    """The instructions one callgrind output file counted."""
+    m = re.search(r"^summary: (\d+)$", callgrind_out.read_text(), re.M)
+    return int(m.group(1)) if m else 0
 
 
 if __name__ == "__main__":

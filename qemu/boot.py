@@ -103,17 +103,21 @@ class GuestReport:
         return m.group(1) if m else None
 
     def unit_times(self, unit: str) -> dict[str, float]:
-        """When systemd started ("start") and finished starting ("end") `unit`,
-        in uptime. Before journald runs, systemd logs to the kernel log only,
-        so both logs are searched."""
+        """When systemd started ("start") and finished starting ("end") `unit`
+        (a target: when it was reached), in uptime. Before journald runs,
+        systemd logs to the kernel log only, so both logs are searched (the
+        journal's earlyfw units; all of systemd's unit lines where a guest
+        reports them, as the WireGuard guests do)."""
         lines = [*self.kernel_log]
-        for text in self.sections.get("journal", "").splitlines():
-            m = DMESG_LINE.match(text)
-            if m:
-                lines.append(KernelLine(float(m.group(1)), m.group(2)))
+        for section in ("journal", "timeline"):
+            for text in self.sections.get(section, "").splitlines():
+                m = DMESG_LINE.match(text)
+                if m:
+                    lines.append(KernelLine(float(m.group(1)), m.group(2)))
         times: dict[str, float] = {}
+        pattern = re.compile(rf"systemd\[1\]: (Starting|Finished|Started|Reached target) {re.escape(unit)}\b")
         for line in sorted(lines, key=lambda line: line.uptime):
-            verb = re.search(rf"systemd\[1\]: (Starting|Finished|Started) {re.escape(unit)}\b", line.text)
+            verb = pattern.search(line.text)
             if verb:
                 times.setdefault("start" if verb.group(1) == "Starting" else "end", line.uptime)
         return times

@@ -5,13 +5,22 @@ Every time here is the guest's uptime: the probe stamps its attempts from
 suspends), and capture times (seconds from power-on) become uptime through
 the leak sources' endpoint probes (pcap.Capture.uptime_offset).
 
-With the watcher: the journal says blocked, then relaxed, and the relax comes
-after the handshake response reached the guest; no probe was answered through
-the tunnel before the relax, and probes are after it; then, with the watcher
-running, an outside lock holds while the tunnel's session is live, and only a
-fresh handshake relaxes again. The unit is active and never restarted. The
-control (the same guest without the watcher) has the same handshake, and no
-probe and no packet ever goes through its tunnel: the relax is what opens it.
+wg0 has no keepalive, so at boot only traffic into it (refused by the block)
+or earlyfw's watcher can start its handshake (the peer cannot: it learns the
+guest's address from that handshake).
+
+With the watcher: the journal says blocked, then that it started the handshake
+itself, then relaxed, and the relax comes after the handshake response reached
+the guest; the peer's keepalive is back to none at the end; no probe was
+answered through the tunnel before the relax, and probes are after it; then,
+with the watcher running, an outside lock holds while the tunnel's session is
+live, and only a fresh handshake relaxes again; meanwhile nobody's own
+datagram to the endpoint is refused, never the tunnel's packets (EndpointHole).
+The unit is active and never restarted. The control (the same guest without
+the watcher) first shows that nothing else starts the handshake: wg0 up with
+its peer for seconds, probes refused, not one initiation. Then the report
+starts one as the watcher would, and still no probe and no packet goes
+through its tunnel: the relax is what opens it.
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ MIN_ATTEMPTS_AFTER_HANDSHAKE = 8
 
 LINE = re.compile(r"^\[\s*(\d+\.\d+)\]\s?\S+\s+([^:\[]+)(?:\[\d+\])?:\s(.*)$")
 RELAXED = re.compile(r"^relaxed: .*handshake (\d+\.\d+)s ago")
+# The watcher's line when it starts a handshake itself (tunnels.WireGuardTunnel._waiting).
+KICKED = re.compile(r"^blocked, .*handshake initiated by earlyfw")
+INTERFACE_DOWN = re.compile(r"^blocked, interface down: ")
+KEEPALIVE = re.compile(r"^\s*persistent keepalive: (.*)$", re.M)
 SCORE = re.compile(r"Overall exposure level for \S+: (\d+(?:\.\d+)?) (\S+)")
 
 
@@ -138,7 +151,9 @@ class Tunnel:
     initiations: tuple[float, ...]
     responses: tuple[float, ...]
     tunnelled: tuple[float, ...]
-    # What the report did in the second round: lock, locked, rehandshake.
+    # What the report did: wg0 up with its peer (up); with a watcher, the
+    # second round (lock, locked, rehandshake); without, its own start of a
+    # handshake (kick).
     events: dict[str, float] = field(default_factory=dict)
     # Responses the guest sent to handshakes the peer began itself: a
     # handshake completes that way too (wireguard-go may start one when the
@@ -148,6 +163,8 @@ class Tunnel:
     # carrying its datagram that left the guest anyway.
     hole: EndpointHole | None = None
     hole_leaked: tuple[float, ...] = ()
+    # wg0's peer's persistent keepalive at the end (`wg show`), None for none.
+    keepalive: str | None = None
 
     @property
     def completed(self) -> tuple[float, ...]:
@@ -161,6 +178,23 @@ class Tunnel:
     @property
     def started_blocked(self) -> float | None:
         return next((line.uptime for line in self.watcher_lines if line.text.startswith("blocked: ")), None)
+
+    @property
+    def kicked(self) -> JournalLine | None:
+        """The watcher saying it started a handshake."""
+        return next((line for line in self.watcher_lines if KICKED.match(line.text)), None)
+
+    @property
+    def down_before_relax(self) -> JournalLine | None:
+        """The watcher's last look at wg0 still down before it relaxed: wg0
+        came up after it, so from it to the relax bounds wg0 up -> relaxed."""
+        relaxed = self.relaxed
+        down = [
+            line
+            for line in self.watcher_lines
+            if INTERFACE_DOWN.match(line.text) and relaxed is not None and line.uptime <= relaxed.uptime
+        ]
+        return down[-1] if down else None
 
     @property
     def relaxes(self) -> tuple[JournalLine, ...]:
@@ -253,6 +287,11 @@ def parse_handshake(text: str) -> float | None:
     return float(max(times)) if times and max(times) > 0 else None
 
 
+def parse_keepalive(text: str) -> str | None:
+    m = KEEPALIVE.search(text)
+    return m.group(1).strip() if m else None
+
+
 def parse_security(text: str) -> tuple[float, str] | None:
     m = SCORE.search(text)
     return (float(m.group(1)), m.group(2)) if m else None
@@ -295,6 +334,7 @@ def observe(outcome: boot.Outcome) -> Tunnel:
         answered=uptimes(answered),
         hole=parse_endpoint_hole(sections.get("endpoint-hole", "")),
         hole_leaked=uptimes([round(f.time - boot.RTC_EPOCH, 6) for f in frames if HOLE_PROBE in f.data]),
+        keepalive=parse_keepalive(sections.get("wg-show", "")),
     )
 
 
@@ -324,6 +364,14 @@ def _check_watcher(t: Tunnel) -> list[str]:
         problems.append(f"the watcher said relaxed at {relaxed.uptime:.3f}s before blocked at {blocked:.3f}s")
     if t.first_response is None or t.first_response > relaxed.uptime:
         problems.append(f"relaxed at {relaxed.uptime:.3f}s, before any handshake response reached the guest")
+    # No keepalive: the first handshake is the watcher's doing, and leaves the peer as configured.
+    kicked = t.kicked
+    if kicked is None or kicked.uptime > relaxed.uptime:
+        problems.append("the watcher's journal does not say it started the handshake before it relaxed")
+    if blocked is not None and t.initiations and t.initiations[0] < blocked:
+        problems.append(f"a handshake began at {t.initiations[0]:.3f}s, before the watcher held the block")
+    if t.keepalive is not None:
+        problems.append(f"wg0's peer ends with a persistent keepalive ({t.keepalive}); its config has none")
     # An answer is the strict test: the request went out before it, so after
     # the relax; the journal's stamp on the relaxed line may come a moment later.
     early = [a for a in t.successes if a.end < relaxed.uptime - RELAX_SLACK]
@@ -399,6 +447,23 @@ def _check_control(t: Tunnel) -> list[str]:
     problems: list[str] = []
     if t.unit.get("LoadState") != "not-found":
         problems.append(f"the control has an earlyfw-watch.service ({t.unit.get('LoadState')})")
+    # First without any kick: wg0 up with its peer, the probes refused before
+    # they reach it, so nothing may start a handshake.
+    up, kick = t.events.get("up"), t.events.get("kick")
+    if up is None or kick is None:
+        problems.append(
+            "the control's report never started a handshake itself: wg0 never came up, or something got traffic "
+            "into it through the block"
+        )
+    else:
+        early = [i for i in t.initiations if i < kick]
+        if early:
+            problems.append(f"a handshake began at {early[0]:.3f}s in the control, before the report started one")
+        waited = t.between(up, kick)
+        if len(waited) < MIN_ATTEMPTS_AFTER_HANDSHAKE:
+            problems.append(
+                f"only {len(waited)} probe attempts with wg0 up before the kick: too few to show none starts one"
+            )
     if t.successes:
         problems.append(f"a probe got through the tunnel at {t.successes[0].start:.3f}s with no watcher to relax")
     if t.tunnelled:
@@ -436,6 +501,10 @@ def figures(watch: bool, outcome: boot.Outcome) -> dict[str, Any]:
         # then with it running.
         "handshake_age_at_relax_s": Tunnel.watcher_delay(relaxed),
         "response_to_relaxed_s": t.delay(relaxed),
+        # wg0 up -> relaxed, at most (no keepalive: the watcher's kick in between).
+        "up_to_relaxed_at_most_s": (
+            round(relaxed.uptime - down.uptime, 3) if relaxed and (down := t.down_before_relax) else None
+        ),
         "response_to_first_tunnelled_s": t.first_through(t.first_response),
         "lock_noticed_s": round(lock.uptime - locked, 3) if lock and locked is not None else None,
         "second_response_uptime_s": t.second_response,

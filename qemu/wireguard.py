@@ -41,7 +41,6 @@ TUNNEL_PREFIX = 24
 # the port slirp delivers it to inside the namespace.
 ENDPOINT = "10.0.2.2:51820"
 PEER_PORT = 51820
-KEEPALIVE = 5
 
 LIBEXEC = "/usr/local/libexec/earlyfw-qemu"
 # The one-directory build where an image would put it, and the link on PATH.
@@ -74,13 +73,14 @@ ENABLED_UNITS = ("earlyfw-qemu-probe.service", "wg-quick@wg0.service", "systemd-
 
 def wg_quick_conf() -> bytes:
     """wg0 as wg-quick brings it up: kernel WireGuard, one peer at the
-    configured endpoint, keepalives so it starts a handshake with nothing to
-    send; only the peer's address is routed into the tunnel."""
+    configured endpoint, only the peer's address routed into the tunnel, and
+    no PersistentKeepalive, as many providers' configs have it: WireGuard then
+    starts a handshake only for traffic into wg0, which the block refuses, so
+    at boot only earlyfw's watcher can start it."""
     return (
         "# The guest's tunnel; its handshake is what earlyfw's watcher waits for.\n"
         f"[Interface]\nPrivateKey = {GUEST_PRIVATE}\nAddress = {GUEST_TUNNEL}/{TUNNEL_PREFIX}\n\n"
-        f"[Peer]\nPublicKey = {PEER_PUBLIC}\nEndpoint = {ENDPOINT}\n"
-        f"AllowedIPs = {PEER_TUNNEL}/32\nPersistentKeepalive = {KEEPALIVE}\n"
+        f"[Peer]\nPublicKey = {PEER_PUBLIC}\nEndpoint = {ENDPOINT}\nAllowedIPs = {PEER_TUNNEL}/32\n"
     ).encode()
 
 

@@ -13,15 +13,14 @@ import atexit
 import functools
 import importlib.util
 import json
+import marshal
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from types import CodeType
-from typing import Any
 
 import pytest
 
@@ -147,19 +146,38 @@ def test_unknown_command_fails_like_the_python_module(frozen: tuple[str, ...]) -
     assert "No such command" in frozen_out.stderr
 
 
-def python_archive(executable: str) -> Any:
-    """The binary's archive of Python modules (PYZ): `toc` names them,
-    `extract(name)` gives one's code object."""
-    from PyInstaller.archive.readers import CArchiveReader  # type: ignore[import-untyped]  # noqa: PLC0415
+class PythonModules:
+    """The binary's Python modules, wherever the build put them: the archive
+    (PYZ; all of them in the Windows single file) and the .pyc files in
+    _internal/ (the one-directory build's, the spec's noarchive). `names`: their
+    dotted names; `code(name)`: one's code object."""
 
-    return CArchiveReader(executable).open_embedded_archive("PYZ.pyz")
+    def __init__(self, executable: str) -> None:
+        from PyInstaller.archive.readers import CArchiveReader  # type: ignore[import-untyped]  # noqa: PLC0415
+
+        self.archive = CArchiveReader(executable).open_embedded_archive("PYZ.pyz")
+        internal = Path(executable).parent / "_internal"
+        self.files = {
+            ".".join(p.relative_to(internal).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in internal.rglob("*.pyc")
+        }
+        self.names: set[str] = set(self.archive.toc) | set(self.files)
+
+    def code(self, name: str) -> CodeType:
+        if name in self.files:
+            # A .pyc file: a 16-byte header (magic, flags, source stamp), then the marshalled code.
+            loaded = marshal.loads(self.files[name].read_bytes()[16:])  # noqa: S302 - this test's own build
+            assert isinstance(loaded, CodeType), name
+            return loaded
+        extracted: CodeType = self.archive.extract(name)
+        return extracted
 
 
 def test_the_binary_holds_every_module_and_template_but_not_libnftables(frozen: tuple[str, ...]) -> None:
     """Targets (found by pkgutil) and the watcher's lazily imported kernel path
     (pyroute2) are invisible to PyInstaller's import analysis; the spec names
     them. libnftables must come from the system, matching its nft."""
-    modules = set(python_archive(frozen[0]).toc)
+    modules = PythonModules(frozen[0]).names
     internal = Path(frozen[0]).parent / "_internal"
     installed = {
         f"earlyfw.{p.relative_to(ROOT / 'installer' / 'earlyfw').with_suffix('').as_posix().replace('/', '.')}"
@@ -181,9 +199,22 @@ def test_the_binary_holds_every_module_and_template_but_not_libnftables(frozen: 
 def test_the_binary_holds_no_test_double(frozen: tuple[str, ...]) -> None:
     """The product only: no double of tests/ (tests/doubles.py) bundled, left
     in its former home inside the package, or imported by the product."""
-    archive = python_archive(frozen[0])
-    code: Callable[[str], CodeType] = archive.extract
-    assert doubles_in(set(archive.toc), code) == []
+    modules = PythonModules(frozen[0])
+    assert doubles_in(modules.names, modules.code) == []
+
+
+def test_the_binary_starts_without_an_archive_to_inflate_or_unused_runtime_hooks(frozen: tuple[str, ...]) -> None:
+    """What the watcher's start at boot is spared (installer/earlyfw.spec):
+    its modules are files, not zlib entries inflated at every start, and
+    PyInstaller's inspect and multiprocessing runtime hooks do not run."""
+    from PyInstaller.archive.readers import CArchiveReader  # noqa: PLC0415
+
+    internal = Path(frozen[0]).parent / "_internal"
+    assert (internal / "earlyfw" / "linux" / "watcher" / "daemon.pyc").is_file()
+    assert (internal / "jinja2" / "environment.pyc").is_file()
+    scripts = set(CArchiveReader(frozen[0]).toc)
+    assert "pyi_rth_pkgutil" in scripts, "pyroute2 finds its plugins with pkgutil: its hook must stay"
+    assert not scripts & {"pyi_rth_inspect", "pyi_rth_multiprocessing"}
 
 
 def test_the_binary_renders_the_windows_filters(frozen: tuple[str, ...]) -> None:

@@ -150,6 +150,9 @@ def test_parse_report() -> None:
         '@@earlyfw-table\r\n\tcomment "earlyfw state=blocked"\r\n@@failed-units\r\n@@journal\r\n'
         "[   30.500000] guest systemd[1]: Starting earlyfw-block.service - earlyfw: block all traffic...\r\n"
         "[   30.750000] guest systemd[1]: Finished earlyfw-block.service - earlyfw: block all traffic.\r\n"
+        "@@timeline\r\n"
+        "[   31.000000] guest systemd[1]: Starting systemd-networkd.service - Network Configuration...\r\n"
+        "[   32.500000] guest systemd[1]: Reached target network-online.target - Network is Online.\r\n"
         "@@done\r\n"
     )
     report = boot.parse_report(text)
@@ -162,6 +165,8 @@ def test_parse_report() -> None:
     assert report.earlyfw_state == "blocked"
     assert report.unit_seconds("earlyfw-block.service") == 0.25
     assert report.unit_seconds("earlyfw-initrd.service") is None
+    assert report.unit_times("systemd-networkd.service") == {"start": 31.0}
+    assert report.unit_times("network-online.target") == {"end": 32.5}
 
 
 # -- the mutant and the namespace guard ---------------------------------------

@@ -3,11 +3,14 @@ Debian 12 guest under QEMU TCG brings up wg0 (kernel WireGuard, from
 wg-quick@wg0 once the network is online) to a wireguard-go peer running in
 QEMU's own private network namespace, and earlyfw-watch.service, hardened as
 shipped and running the frozen one-directory earlyfw under the guest's real
-systemd, relaxes the boot block on the handshake.
+systemd, relaxes the boot block on the handshake. wg0 has no keepalive: the
+watcher starts that handshake itself, and leaves the peer as configured.
 
-The control is the same guest without the watcher: its tunnel completes the
-same handshake, yet no probe ever gets through it. So the relax, and nothing
-else, is what opens the tunnel in the watcher's boot.
+The control is the same guest without the watcher: with wg0 up, nothing starts
+a handshake (the block keeps the probes out of wg0); once its report starts one
+as the watcher would, the tunnel completes the same handshake, yet no probe
+ever gets through it. So the watcher's kick starts the tunnel, and its relax,
+and nothing else, opens it.
 
 The first tests are fast checks of the parsers and of the namespace guard
 with a peer; the boots are marked qemu.
@@ -33,7 +36,18 @@ JOURNAL = """\
 -- Boot 0123 --
 [    9.100000] earlyfw-guest systemd[1]: Started earlyfw-watch.service - earlyfw: relax the VPN kill switch.
 [   11.250000] earlyfw-guest earlyfw[301]: blocked: watcher started (wireguard on wg0, guarded); relaxing only on proof
+[   13.950000] earlyfw-guest earlyfw[301]: blocked, interface down: interface wg0 is down
+[   14.100000] earlyfw-guest earlyfw[301]: blocked, handshake unanswered: no peer of wg0 has completed a handshake; \
+handshake initiated by earlyfw and unanswered since 00:00:14
 [   14.600000] earlyfw-guest earlyfw[301]: relaxed: peer 90+ZCyi4… at 10.0.2.2:51820: handshake 0.012s ago
+"""
+WG_SHOW = """\
+interface: wg0
+  public key: FHcrfqPxhV7j5NoPK002lJpzY+Q5YKzXhhJhQuZUlVs=
+
+peer: 90+ZCyi4ocT8+BLnus5W4gzLQnjT5Z/DfA0ziAaua2E=
+  endpoint: 10.0.2.2:51820
+  allowed ips: 10.99.0.1/32
 """
 
 
@@ -42,7 +56,13 @@ JOURNAL = """\
 
 def test_parse_journal_finds_blocked_then_relaxed() -> None:
     lines = handshake.parse_journal(JOURNAL)
-    assert [(line.who, line.uptime) for line in lines] == [("systemd", 9.1), ("earlyfw", 11.25), ("earlyfw", 14.6)]
+    assert [(line.who, line.uptime) for line in lines] == [
+        ("systemd", 9.1),
+        ("earlyfw", 11.25),
+        ("earlyfw", 13.95),
+        ("earlyfw", 14.1),
+        ("earlyfw", 14.6),
+    ]
     tunnel = handshake.Tunnel(
         attempts=handshake.parse_attempts("13.00 13.02 fail\n14.61 14.70 ok\nnonsense\n"),
         journal=lines,
@@ -52,9 +72,14 @@ def test_parse_journal_finds_blocked_then_relaxed() -> None:
         initiations=(14.2,),
         responses=(14.5, 20.3),
         tunnelled=(14.65,),
-        events=handshake.parse_events("lock 17.0\nlocked 17.1\nrehandshake 20.0\n"),
+        events=handshake.parse_events("up 13.9\nlock 17.0\nlocked 17.1\nrehandshake 20.0\n"),
+        keepalive=handshake.parse_keepalive(WG_SHOW),
     )
     assert tunnel.started_blocked == 11.25
+    assert tunnel.kicked is not None and tunnel.kicked.uptime == 14.1
+    assert tunnel.down_before_relax is not None and tunnel.down_before_relax.uptime == 13.95
+    assert tunnel.keepalive is None
+    assert handshake.parse_keepalive(WG_SHOW + "  persistent keepalive: every 25 seconds\n") == "every 25 seconds"
     assert tunnel.relaxed is not None and tunnel.relaxed.uptime == 14.6
     assert tunnel.watcher_delay(tunnel.relaxed) == 0.012
     assert tunnel.delay(tunnel.relaxed) == 0.1
@@ -148,6 +173,7 @@ def test_the_peer_matches_the_guest() -> None:
         derived = subprocess.run(["wg", "pubkey"], input=private + "\n", capture_output=True, text=True, check=True)
         assert derived.stdout.strip() == public
     conf = wireguard.wg_quick_conf().decode()
+    assert "keepalive" not in conf.lower(), "the proof's tunnel must need the watcher to start its handshake"
     assert f"PublicKey = {wireguard.PEER_PUBLIC}" in conf
     assert f"Endpoint = {wireguard.ENDPOINT}" in conf
     assert f"AllowedIPs = {wireguard.PEER_TUNNEL}/32" in conf
@@ -221,15 +247,16 @@ def test_peer_comes_up_in_the_namespace_and_goes_away(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("qemu_tools", "peer_tools")
 def test_watcher_relaxes_only_after_the_handshake() -> None:
     """Power-on to the end: only DHCP, ARP, IPv6 link plumbing and UDP to the
-    endpoint (handshakes, keepalives and the tunnelled probe among them). The
-    watcher's journal says blocked, then relaxed after the handshake response
-    reached the guest; no probe got through before the relax and every probe
-    a second after it did; the hardened unit is active, never restarted, and
-    the table ends relaxed. While locked, a datagram nobody sends to the
-    endpoint is refused and never leaves, while kernel WireGuard's own
-    packets (no owner: its socket has no file) still get out and the fresh
-    handshake relaxes again; relaxed, its packets carrying nobody's datagrams
-    (nobody's socket) are not refused (handshake.EndpointHole)."""
+    endpoint (handshakes, keepalives and the tunnelled probe among them). wg0
+    has no keepalive: the watcher's journal says blocked, then that it started
+    the handshake, then relaxed after the handshake response reached the
+    guest, and wg0's peer ends with no keepalive; no probe got through before
+    the relax and every probe a second after it did; the hardened unit is
+    active, never restarted, and the table ends relaxed. While locked, a
+    datagram nobody sends to the endpoint is refused and never leaves, while
+    kernel WireGuard's own packets (no owner) still get out and the fresh
+    handshake, again the watcher's kick, relaxes again; relaxed, the tunnel's
+    packets carrying nobody's datagrams are not refused (handshake.EndpointHole)."""
     variant = VARIANTS["wireguard"]
     assert variant.change is Change.WIREGUARD and variant.watch and "watch" in variant.targets
     verdict = boot_variant(variant.name)
@@ -238,6 +265,9 @@ def test_watcher_relaxes_only_after_the_handshake() -> None:
     assert verdict.outcome.capture.count(pcap.Kind.ENDPOINT) > 0
     assert t.initiations and t.tunnelled, "no handshake or no tunnelled traffic in the capture"
     assert t.relaxed is not None and t.successes
+    assert t.kicked is not None and t.kicked.uptime <= t.relaxed.uptime, t.watcher_lines
+    assert t.started_blocked is not None and t.started_blocked <= t.initiations[0]
+    assert t.keepalive is None
     assert t.successes[0].end >= t.relaxed.uptime - handshake.RELAX_SLACK
     assert verdict.outcome.report.earlyfw_state == "relaxed"
 
@@ -245,13 +275,19 @@ def test_watcher_relaxes_only_after_the_handshake() -> None:
 @pytest.mark.qemu
 @pytest.mark.usefixtures("qemu_tools", "peer_tools")
 def test_without_the_watcher_the_tunnel_stays_blocked() -> None:
-    """The control: the same guest, the same handshake, no watcher. Nothing
-    relaxes, and the probe that gets through in the watcher's boot never does."""
+    """The control: the same guest, no watcher. With wg0 up and its probes
+    refused, nothing starts a handshake; once the report starts one as the
+    watcher would, the same handshake completes, yet nothing relaxes, and the
+    probe that gets through in the watcher's boot never does."""
     variant = VARIANTS["wireguard-no-watch"]
     assert variant.change is Change.WIREGUARD and not variant.watch
     verdict = boot_variant(variant.name)
     assert verdict.passed, verdict.explain()
     t = handshake.observe(verdict.outcome)
+    up, kick = t.events.get("up"), t.events.get("kick")
+    assert up is not None and kick is not None, t.events
+    assert len(t.between(up, kick)) >= handshake.MIN_ATTEMPTS_AFTER_HANDSHAKE
+    assert t.initiations and min(t.initiations) >= kick, "a handshake began in the control before the kick"
     assert t.responses, "the control's tunnel never completed a handshake, so it shows nothing"
     assert t.attempts and not t.successes
     assert not t.tunnelled, "a packet went through the tunnel in the control"

@@ -7,16 +7,22 @@ start; these hold the import set and the compiled templates."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import jinja2
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from earlyfw import templates
+from earlyfw import cli, entry, templates
+from earlyfw.errors import EarlyfwError
 from earlyfw.linux.watcher import ruleset
 from tests import netns, ready
 from tests.netns import Lab, Namespace
@@ -34,6 +40,10 @@ OTHER_COMMANDS = (
     "earlyfw.targets",
     "earlyfw.windows",
 )
+
+
+# The command line's parser and what earlyfw.cli imports for the other commands.
+COMMAND_LINE = ("click", "earlyfw.cli", "earlyfw.importers")
 
 
 def loaded(modules: list[str], prefixes: tuple[str, ...]) -> list[str]:
@@ -60,8 +70,94 @@ def test_the_watcher_reaches_ready_without_the_other_commands_modules(lab: Lab, 
         start = ready.start_until_ready(namespace, argv)
     modules = ready.imported(start.stderr)
     # Control: the import list is read, and holds what the watcher does need.
-    assert {"earlyfw.cli", "earlyfw.linux.watcher.daemon", "jinja2"} <= set(modules), start.stderr[-2000:]
+    assert {"earlyfw.entry", "earlyfw.linux.watcher.daemon", "jinja2"} <= set(modules), start.stderr[-2000:]
     assert loaded(modules, OTHER_COMMANDS) == []
+    # Nor the command line's parser: a plain watch command line never reaches earlyfw.cli (earlyfw.entry).
+    assert loaded(modules, COMMAND_LINE) == []
+
+
+# Option values and stray tokens of every kind a command line near `earlyfw
+# watch` has: good and bad values, a directory, help, other commands.
+CONFIGS = ("/nonexistent/earlyfw.toml", str(Path(__file__).parent), "", "-", "-q", "watch")
+SOURCES = ("auto", "wg", "netlink", "WG", "bogus", "")
+STRAYS = ("watch", "-q", "--quiet=1", "-qq", "--config", "--conf", "--", "--source", "--help", "-h", "--version")
+
+
+def option(name: str, values: tuple[str, ...], flags: tuple[str, ...] = ()) -> st.SearchStrategy[list[str]]:
+    """`--name value`, `--name=value`, a flag, or a stray token."""
+    value = st.sampled_from(values)
+    return st.one_of(
+        value.map(lambda v: [name, v]),
+        value.map(lambda v: [f"{name}={v}"]),
+        *([st.sampled_from(flags).map(lambda f: [f])] if flags else []),
+        st.sampled_from(STRAYS).map(lambda f: [f]),
+    )
+
+
+def joined(parts: list[list[str]]) -> list[str]:
+    return [token for part in parts for token in part]
+
+
+COMMAND_LINES = st.builds(
+    lambda group, command, options: [*joined(group), command, *joined(options)],
+    st.lists(option("--config", CONFIGS, ("-q", "--quiet")), max_size=3),
+    st.sampled_from(("watch", "watch", "watch", "status", "--help")),
+    st.lists(option("--source", SOURCES), max_size=2),
+)
+
+
+def click_reaches_watch(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[Path | None, str] | None:
+    """What earlyfw.cli, parsing `argv`, runs the watcher with; None when it
+    does not run it (help, a usage error, another command)."""
+    reached: list[tuple[Path | None, str]] = []
+
+    def watch(config_path: Path | None, source: str) -> int:
+        reached.append((config_path, source))
+        return 0
+
+    monkeypatch.setattr(entry, "watch", watch)
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+        contextlib.suppress(click.ClickException, SystemExit, EarlyfwError),
+    ):
+        cli.cli.main(argv, prog_name="earlyfw", standalone_mode=False)
+    return reached[0] if reached else None
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=COMMAND_LINES)
+def test_the_watch_shortcut_runs_only_what_click_would(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """earlyfw.entry runs the watcher itself only for a command line click
+    would run it for, with the same config path and source; everything else
+    goes to click."""
+    shortcut = entry.watch_command(argv)
+    if shortcut is not None:
+        assert click_reaches_watch(argv, monkeypatch) == shortcut
+
+
+def test_the_units_watch_command_lines_take_the_shortcut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control for the property above: the command lines the watcher
+    really starts with (earlyfw-watch.service, the tests) are taken."""
+    for argv in (["--quiet", "watch"], ["-q", "--config", "/etc/x.toml", "watch", "--source", "netlink"]):
+        shortcut = entry.watch_command(argv)
+        assert shortcut is not None and click_reaches_watch(argv, monkeypatch) == shortcut
+    assert entry.watch_command(["--quiet", "watch", "--help"]) is None
+
+
+def test_a_watch_error_reads_as_through_click() -> None:
+    """The shortcut's errors end as click's path ends them: same lines, same status."""
+    argv = ["--quiet", "--config", "/nonexistent/earlyfw.toml", "watch"]
+    ways = ([sys.executable, "-m", "earlyfw"], [sys.executable, "-c", "from earlyfw import cli; cli.main()"])
+    shortcut, through_click = (
+        subprocess.run([*way, *argv], capture_output=True, text=True, check=False) for way in ways
+    )
+    assert "no such config file" in shortcut.stderr
+    assert (shortcut.returncode, shortcut.stdout, shortcut.stderr) == (
+        through_click.returncode,
+        through_click.stdout,
+        through_click.stderr,
+    )
 
 
 def test_help_loads_no_command_modules() -> None:

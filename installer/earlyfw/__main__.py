@@ -1,3 +1,3 @@
-from earlyfw.cli import main
+from earlyfw.entry import main
 
 main()

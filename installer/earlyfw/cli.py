@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NoReturn, TextIO, cast
 
 import click
 
@@ -16,7 +17,7 @@ import click
 # modules (plumbum, jinja2, dnspython, the targets, WFP...) when it runs, so
 # `earlyfw watch`, started at boot before any tunnel, loads only the watcher's.
 # tests/test_cli_imports.py holds the watcher's path to that.
-from earlyfw import __version__, importers, policy
+from earlyfw import __version__, entry, importers, policy
 from earlyfw import config as configuration
 from earlyfw.errors import ConfigError, EarlyfwError
 from earlyfw.policy import State
@@ -140,11 +141,11 @@ def _put(ctx: Context, state: State) -> None:
     click.echo(f"earlyfw: {state}")
 
 
-@cli.command()
+@cli.command(name=entry.WATCH)
 @click.option(
     "--source",
-    type=click.Choice(["auto", "uapi", "netlink", "wg"]),
-    default="auto",
+    type=click.Choice(list(entry.WATCH_SOURCES)),
+    default=entry.WATCH_SOURCES[0],
     show_default=True,
     help="Where WireGuard peers are read: userspace UAPI socket, kernel netlink, or `wg show`.",
 )
@@ -152,8 +153,7 @@ def _put(ctx: Context, state: State) -> None:
 def watch(ctx: Context, source: str) -> None:
     """Relax the block only once the tunnel's handshake completes; lock it again
     when the tunnel stops being live; repair earlyfw's table if it is removed."""
-    ctx.runner.verbose = False
-    sys.exit(System.current().platform.watch(ctx.runner, ctx.config(), source))
+    sys.exit(entry.watch(ctx.config_path, source))
 
 
 @cli.command()
@@ -394,15 +394,35 @@ def refresh(ctx: Context) -> None:
 def main() -> None:
     try:
         status = cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except Exception as e:
+        fail(e)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def fail(e: Exception) -> NoReturn:
+    """End on `e` as every command does (`earlyfw watch` started by
+    earlyfw.entry too): one line and a hint, never a traceback, for what
+    earlyfw and click report; anything else is raised."""
+    if isinstance(e, click.exceptions.Abort):
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
+    if isinstance(e, click.ClickException):
         e.show()
         sys.exit(e.exit_code)
-    except EarlyfwError as e:
+    if isinstance(e, EarlyfwError):
         click.echo(f"earlyfw: error: {e}", err=True)
         if e.hint:
             click.echo(f"earlyfw: hint: {e.hint}", err=True)
         sys.exit(e.exit_status)
-    sys.exit(status if isinstance(status, int) else 0)
+    if isinstance(e, OSError) and e.errno == errno.EPIPE:
+        # What click's parser does when the reader of the output went away.
+        sys.stdout = cast("TextIO", click.utils.PacifyFlushWrapper(sys.stdout))
+        sys.stderr = cast("TextIO", click.utils.PacifyFlushWrapper(sys.stderr))
+        sys.exit(1)
+    raise e
+
+
+def interrupted(e: KeyboardInterrupt | EOFError) -> NoReturn:
+    """Ctrl-C (or the end of input) inside a command, as click's parser ends it."""
+    click.echo(file=sys.stderr)
+    fail(click.exceptions.Abort(str(e)))

@@ -8,8 +8,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import click
-
 from earlyfw import config as configuration
 from earlyfw import policy
 from earlyfw.config import Config
@@ -34,6 +32,8 @@ def put_state(runner: Runner, config: Config, state: State, *, root: Root, confi
 
 def status(runner: Runner, config: Config, *, as_json: bool, textfile: Path | None) -> int:
     """The tables, as loaded against as the config renders them, and the watcher's verdict."""
+    import click  # noqa: PLC0415 - `earlyfw watch` imports this room before READY=1, and needs no click
+
     from earlyfw import metrics  # noqa: PLC0415 - only status reads handshakes and writes metrics
     from earlyfw.linux.watcher import daemon  # noqa: PLC0415
 
@@ -114,6 +114,8 @@ def portal(runner: Runner, config: Config, command: tuple[str, ...], minutes: fl
 
 
 def refresh_endpoints(runner: Runner, config_path: Path) -> None:
+    import click  # noqa: PLC0415 - see status
+
     # Imported here: dnspython is needed by this command alone.
     from earlyfw import resolve as resolver  # noqa: PLC0415
     from earlyfw.linux import endpoints as endpoints_refresh  # noqa: PLC0415

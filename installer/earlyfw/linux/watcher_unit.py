@@ -13,6 +13,7 @@ from earlyfw import templates
 from earlyfw.config import Config, TunnelKind
 from earlyfw.linux import boot, nft
 from earlyfw.linux.systemd import NETWORK_MANAGERS, UNIT_DIR
+from earlyfw.linux.watcher.ruleset import WAKE_MODULES
 from earlyfw.root import Root
 from earlyfw.system import System
 from earlyfw.targets import Artifact, File, Plan, Symlink, Target
@@ -32,7 +33,7 @@ OPENVPN_HOOK = "/usr/lib/earlyfw/openvpn-hook"
 
 
 def render_unit(unit: str) -> bytes:
-    return boot.render(f"units/{unit}.j2", network_managers=ORDERED_BEFORE)
+    return boot.render(f"units/{unit}.j2", network_managers=ORDERED_BEFORE, wake_modules=WAKE_MODULES)
 
 
 def openvpn_notes(config: Config) -> tuple[str, ...]:

@@ -48,6 +48,10 @@ WAKE_TEMPLATE = "payload/nftables/earlyfw-watch.nft.j2"
 WATCHER_TEMPLATES = (policy.TEMPLATE, policy.TABLES_TEMPLATE, WAKE_TEMPLATE)
 # At most this many wake-ups a second from handshake packets, spoofed or not.
 WAKE_RATE = 20
+# What the wake table needs beyond the blocked ruleset's modules: `limit`, and
+# `log group` to NFLOG. earlyfw-watch.service loads them before the watcher
+# starts (linux/watcher_unit.py).
+WAKE_MODULES = ("nft_limit", "nft_log", "nfnetlink_log")
 
 
 def wake_script(config: Config, group: int) -> str:

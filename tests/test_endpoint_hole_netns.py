@@ -210,6 +210,37 @@ def datagrams(ns: netns.Namespace, host: str, port: int, count: int, who: str) -
     return ns.exec([sys.executable, "-c", DATAGRAMS, host, str(port), str(count), who]).splitlines()
 
 
+def vxlan_tunnel(lab: netns.Lab, tag: str) -> netns.ClientWorld:
+    """A client and a world joined by vx0, a kernel tunnel whose outer flow
+    is VXLAN_PORT both ways (as a WireGuard flow is the listen port and the
+    endpoint's). No IPv6 on vx0: its solicitations would keep that flow alive
+    on their own; the tests make it, as a handshake would."""
+    pair = netns.client_world(lab, [], tag=tag)
+    for ns, local, remote, inner in (
+        (pair.client, netns.CLIENT_V4, netns.WORLD_V4, INNER_CLIENT),
+        (pair.world, netns.WORLD_V4, netns.CLIENT_V4, INNER_WORLD),
+    ):
+        ns.ip_batch(
+            [
+                f"link add vx0 type vxlan id 42 local {local} remote {remote} dstport {VXLAN_PORT} "
+                f"srcport {VXLAN_PORT} {VXLAN_PORT + 1}",
+                f"addr add {inner}/24 dev vx0",
+                "link set vx0 addrgenmode none",
+                "link set vx0 up",
+            ]
+        )
+    return pair
+
+
+def open_the_flow(pair: netns.ClientWorld, inside: socket.socket) -> None:
+    """Root's datagram through the tunnel and the far end's answer: the
+    tunnel's flow, established (kernel WireGuard's opens with its handshake
+    and the peer's response)."""
+    assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 1, "root") == ["sent"]
+    assert received(inside, 1.0) == [b"root-0"]
+    assert datagrams(pair.world, INNER_CLIENT, PROBE_PORT, 1, "root") == ["sent"]
+
+
 @pytest.mark.parametrize("rules", ["plain-owner-rule", "relaxed"])
 def test_relaxed_a_kernel_tunnel_carries_every_users_traffic(lab: netns.Lab, rules: str) -> None:
     """VXLAN stands in for kernel WireGuard (not in this kernel; the QEMU
@@ -220,19 +251,7 @@ def test_relaxed_a_kernel_tunnel_carries_every_users_traffic(lab: netns.Lab, rul
     endpoint:port is refused. The control, the relaxed state with the plain
     owner rule (no exemption for the tunnel's established flow), refuses the
     tunnelled traffic: what that would do to every non-root user."""
-    pair = netns.client_world(lab, [], tag="ev")
-    for ns, local, remote, inner in (
-        (pair.client, netns.CLIENT_V4, netns.WORLD_V4, INNER_CLIENT),
-        (pair.world, netns.WORLD_V4, netns.CLIENT_V4, INNER_WORLD),
-    ):
-        ns.ip_batch(
-            [
-                f"link add vx0 type vxlan id 42 local {local} remote {remote} dstport {VXLAN_PORT} "
-                f"srcport {VXLAN_PORT} {VXLAN_PORT + 1}",
-                f"addr add {inner}/24 dev vx0",
-                "link set vx0 up",
-            ]
-        )
+    pair = vxlan_tunnel(lab, "ev")
     config = endpoint_config(TunnelKind.MANUAL, "vx0", [Endpoint(netns.WORLD_V4, VXLAN_PORT)])
     script = policy.render(config, State.RELAXED)
     if rules == "plain-owner-rule":
@@ -243,9 +262,7 @@ def test_relaxed_a_kernel_tunnel_carries_every_users_traffic(lab: netns.Lab, rul
     inside.bind((INNER_WORLD, PROBE_PORT))
     inside.settimeout(0.2)
 
-    # Root's first: the tunnel's flow (kernel WireGuard's opens with its handshake).
-    assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 1, "root") == ["sent"]
-    assert received(inside, 1.0) == [b"root-0"]
+    open_the_flow(pair, inside)
     assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 3, "nobody") == ["sent"] * 3
     tunnelled = received(inside, 1.0)
     direct = datagrams(pair.client, str(netns.WORLD_V4), VXLAN_PORT, 1, "nobody")
@@ -281,21 +298,7 @@ def test_relaxed_a_kernel_tunnel_after_conntrack_forgot_its_flow(lab: netns.Lab,
     program is then a new flow with that program's socket, refused like the
     program's own packet to the endpoint. With the tunnel's FwMark named as
     [tunnel] mark, the tunnel's packets pass whoever's socket they carry."""
-    pair = netns.client_world(lab, [], tag="ec")
-    for ns, local, remote, inner in (
-        (pair.client, netns.CLIENT_V4, netns.WORLD_V4, INNER_CLIENT),
-        (pair.world, netns.WORLD_V4, netns.CLIENT_V4, INNER_WORLD),
-    ):
-        ns.ip_batch(
-            [
-                f"link add vx0 type vxlan id 42 local {local} remote {remote} dstport {VXLAN_PORT} "
-                f"srcport {VXLAN_PORT} {VXLAN_PORT + 1}",
-                f"addr add {inner}/24 dev vx0",
-                # No IPv6 on it: its solicitations would keep the flow alive.
-                "link set vx0 addrgenmode none",
-                "link set vx0 up",
-            ]
-        )
+    pair = vxlan_tunnel(lab, "ec")
     for key in ("net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"):
         pair.client.sysctl(key, "1")
     config = endpoint_config(TunnelKind.MANUAL, "vx0", [Endpoint(netns.WORLD_V4, VXLAN_PORT)], mark=mark)
@@ -304,10 +307,7 @@ def test_relaxed_a_kernel_tunnel_after_conntrack_forgot_its_flow(lab: netns.Lab,
     inside.bind((INNER_WORLD, PROBE_PORT))
     inside.settimeout(0.2)
 
-    assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 1, "root") == ["sent"]
-    assert received(inside, 1.0) == [b"root-0"]
-    # The far end's answer makes the flow established, as the peer's handshake response does.
-    assert datagrams(pair.world, INNER_CLIENT, PROBE_PORT, 1, "root") == ["sent"]
+    open_the_flow(pair, inside)
     assert datagrams(pair.client, INNER_WORLD, PROBE_PORT, 1, "nobody") == ["sent"]
     assert received(inside, 1.0) == [b"nobody-0"], "the flow was not established: no control"
     time.sleep(3)  # the flow is forgotten; the neighbour entry (30 s) is not, so no ARP renews it

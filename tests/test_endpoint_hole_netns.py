@@ -289,20 +289,73 @@ table inet fwmark_test {{
 """
 
 
-@pytest.mark.parametrize("mark", [None, TUNNEL_FWMARK], ids=["no-mark", "fwmark-and-tunnel-mark"])
-def test_relaxed_a_kernel_tunnel_after_conntrack_forgot_its_flow(lab: netns.Lab, mark: int | None) -> None:
-    """The README's limit and its remedy. Conntrack forgets an idle UDP flow
+# Binds a UDP socket to PORT on every address as nobody, with SO_REUSEADDR and
+# SO_REUSEPORT as each try asks; prints what each bind said.
+BINDS = r"""
+import errno, json, os, socket, sys
+port = int(sys.argv[1])
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+out = {}
+for name, options in (("plain", ()), ("reuseaddr", (socket.SO_REUSEADDR,)),
+                      ("reuseport", (socket.SO_REUSEPORT,)), ("both", (socket.SO_REUSEADDR, socket.SO_REUSEPORT))):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for option in options:
+            s.setsockopt(socket.SOL_SOCKET, option, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            out[name] = "bound"
+        except OSError as e:
+            out[name] = errno.errorcode[e.errno]
+print(json.dumps(out))
+"""
+
+
+def nobody_binds(ns: netns.Namespace, port: int) -> dict[str, str]:
+    return dict(json.loads(ns.exec([sys.executable, "-c", BINDS, str(port)])))
+
+
+def test_only_the_tunnels_socket_holds_its_listen_port(lab: netns.Lab) -> None:
+    """What exempting the listen port rests on: a port a socket holds without
+    SO_REUSEADDR or SO_REUSEPORT (kernel WireGuard's, wireguard-go's) cannot
+    be bound by an unprivileged program, whatever flags it sets; VXLAN's
+    kernel socket (no file, like WireGuard's) neither. The control: the same
+    program binds the port once it is free."""
+    pair = vxlan_tunnel(lab, "eb")
+    refused = dict.fromkeys(("plain", "reuseaddr", "reuseport", "both"), "EADDRINUSE")
+    assert nobody_binds(pair.client, VXLAN_PORT) == refused, "nobody shares the kernel tunnel's port"
+    held = lab.own(pair.client.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    held.bind(("0.0.0.0", WG_PORT))
+    assert nobody_binds(pair.client, WG_PORT) == refused, "nobody shares root's port"
+    held.close()
+    assert nobody_binds(pair.client, WG_PORT)["plain"] == "bound", "the control: nobody cannot bind at all"
+
+
+@pytest.mark.parametrize(
+    ("mark", "port"),
+    [(None, None), (TUNNEL_FWMARK, None), (None, VXLAN_PORT)],
+    ids=["no-mark", "fwmark-and-tunnel-mark", "listen-port"],
+)
+def test_relaxed_a_kernel_tunnel_after_conntrack_forgot_its_flow(
+    lab: netns.Lab, mark: int | None, port: int | None
+) -> None:
+    """The README's limit and its remedies. Conntrack forgets an idle UDP flow
     (30 s after a short exchange, 120 s after a longer one; 1 s here, through
     this namespace's own timeouts) while WireGuard's session key may still be
     valid (180 s): the next packet the kernel tunnel carries for a non-root
     program is then a new flow with that program's socket, refused like the
-    program's own packet to the endpoint. With the tunnel's FwMark named as
-    [tunnel] mark, the tunnel's packets pass whoever's socket they carry."""
+    program's own packet to the endpoint (no-mark: the control). With the
+    tunnel's FwMark named as [tunnel] mark, or its listen port known to the
+    watcher (VXLAN's source port is fixed, as WireGuard's listen port is), the
+    tunnel's packets pass whoever's socket they carry; nobody's own datagram
+    to the endpoint, from any other port, is still refused."""
     pair = vxlan_tunnel(lab, "ec")
     for key in ("net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"):
         pair.client.sysctl(key, "1")
     config = endpoint_config(TunnelKind.MANUAL, "vx0", [Endpoint(netns.WORLD_V4, VXLAN_PORT)], mark=mark)
-    pair.client.nft(policy.render(config, State.RELAXED) + (MARKS_VX0 if mark is not None else ""))
+    script = policy.render(config, State.RELAXED, tunnel_port=port)
+    pair.client.nft(script + (MARKS_VX0 if mark is not None else ""))
     inside = lab.own(pair.world.socket(socket.AF_INET, socket.SOCK_DGRAM))
     inside.bind((INNER_WORLD, PROBE_PORT))
     inside.settimeout(0.2)
@@ -313,12 +366,15 @@ def test_relaxed_a_kernel_tunnel_after_conntrack_forgot_its_flow(lab: netns.Lab,
     time.sleep(3)  # the flow is forgotten; the neighbour entry (30 s) is not, so no ARP renews it
     datagrams(pair.client, INNER_WORLD, PROBE_PORT, 3, "nobody")
     tunnelled = received(inside, 1.0)
-    if mark is None:
+    if mark is None and port is None:
         assert tunnelled == [], "the forgotten flow's next packets passed: the README's limit is not what it says"
         assert refused_endpoint(pair.client) == 3
-    else:
-        assert tunnelled == [b"nobody-0", b"nobody-1", b"nobody-2"], "the marked tunnel's packets were refused"
-        assert refused_endpoint(pair.client) == 0
+        return
+    assert tunnelled == [b"nobody-0", b"nobody-1", b"nobody-2"], "the tunnel's packets were refused"
+    assert refused_endpoint(pair.client) == 0
+    direct = datagrams(pair.client, str(netns.WORLD_V4), VXLAN_PORT, 1, "nobody")
+    assert direct == ["Operation not permitted"], "nobody's own datagram to the endpoint was not refused"
+    assert refused_endpoint(pair.client) == 1
 
 
 # --- raw frames: the netdev egress chain ------------------------------------------

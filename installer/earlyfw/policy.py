@@ -158,13 +158,16 @@ def render(
     counters: Counters | None = None,
     egress_devices: Iterable[str] = (),
     guard: Tables | None = None,
+    tunnel_port: int | None = None,
 ) -> str:
     """The nft script that atomically puts `state` in place.
 
     `counters` carries the refuse counters over a state change; `egress_devices`
     are the physical interfaces, present right now, whose raw egress is filtered.
     `guard`: the same tables once more under its names, their counters at zero,
-    in the same script (the watcher's owned copy).
+    in the same script (the watcher's owned copy). `tunnel_port`: the UDP
+    port the tunnel's own socket holds (WireGuard's listen port), whose
+    packets the relaxed endpoint hole lets out whoever's socket they carry.
     """
     devices = sorted(set(egress_devices))
     unknown = set(devices) - set(config.egress_interfaces)
@@ -173,7 +176,7 @@ def render(
     copies = [(MAIN, counter_values(counters))]
     if guard is not None:
         copies.append((guard, counter_values()))
-    return templates.render(TEMPLATE, copies=copies, egress_devices=devices, **context(config, state))
+    return templates.render(TEMPLATE, copies=copies, egress_devices=devices, **context(config, state, tunnel_port))
 
 
 def counter_values(counters: Counters | None = None) -> dict[str, tuple[int, int]]:
@@ -181,14 +184,18 @@ def counter_values(counters: Counters | None = None) -> dict[str, tuple[int, int
     return {name: (counters or {}).get(name, (0, 0)) for name in COUNTERS}
 
 
-def context(config: Config, state: State) -> dict[str, object]:
+def context(config: Config, state: State, tunnel_port: int | None = None) -> dict[str, object]:
     """What the tables (TABLES_TEMPLATE) read besides a copy's names and
-    counters: the config, the state and the facts above, each written once."""
+    counters: the config, the state, the tunnel's listen port (None: not
+    known) and the facts above, each written once."""
+    if tunnel_port is not None and not 0 < tunnel_port < 1 << 16:
+        raise ValueError(f"tunnel port {tunnel_port!r} is not a port")
     return {
         "config": config,
         "state": state,
         "main": MAIN,
         "claim": f"{CLAIM}{state}",
+        "tunnel_port": tunnel_port,
         "inet_counters": list(INET_COUNTERS),
         "egress_counters": list(EGRESS_COUNTERS),
         "endpoint_sets": ENDPOINT_SETS,

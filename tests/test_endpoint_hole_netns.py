@@ -326,7 +326,7 @@ def test_only_the_tunnels_socket_holds_its_listen_port(lab: netns.Lab) -> None:
     refused = dict.fromkeys(("plain", "reuseaddr", "reuseport", "both"), "EADDRINUSE")
     assert nobody_binds(pair.client, VXLAN_PORT) == refused, "nobody shares the kernel tunnel's port"
     held = lab.own(pair.client.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    held.bind(("0.0.0.0", WG_PORT))
+    held.bind(("0.0.0.0", WG_PORT))  # noqa: S104 (in the test's namespace, as WireGuard binds)
     assert nobody_binds(pair.client, WG_PORT) == refused, "nobody shares root's port"
     held.close()
     assert nobody_binds(pair.client, WG_PORT)["plain"] == "bound", "the control: nobody cannot bind at all"

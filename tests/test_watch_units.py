@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,54 @@ def test_wg_dump_errors_are_refused() -> None:
         handshake.parse_wg_dump("a\tb\t1\toff\nshort\tline\n")
 
 
+def test_each_source_reads_the_listen_port() -> None:
+    """The port the relaxed endpoint hole spares (policy.render tunnel_port),
+    from the same reply each source reads the peers from; 0, none bound,
+    and a missing key are None (the hole then spares no port)."""
+    assert sources.uapi_listen_port(UAPI_REPLY) == 57076
+    assert sources.dump_listen_port(WG_DUMP) == 57076
+    assert sources.uapi_listen_port(UAPI_REPLY.replace("listen_port=57076", "listen_port=0")) is None
+    assert sources.uapi_listen_port(UAPI_REPLY.replace("listen_port=57076\n", "")) is None
+    # A peer's keys are not the interface's.
+    assert sources.uapi_listen_port("public_key=00\nlisten_port=1\nerrno=0\n\n") is None
+    assert sources.dump_listen_port(WG_DUMP.replace("\t57076\t", "\t0\t", 1)) is None
+
+
+@pytest.mark.parametrize("value", ["65536", "-1", "51820x", ""])
+def test_a_bad_listen_port_is_refused(value: str) -> None:
+    with pytest.raises(SourceError, match="is not a port"):
+        sources.uapi_listen_port(UAPI_REPLY.replace("listen_port=57076", f"listen_port={value}"))
+    with pytest.raises(SourceError, match="is not a port"):
+        sources.dump_listen_port(WG_DUMP.replace("\t57076\t", f"\t{value}\t", 1))
+
+
+def test_uapi_and_wg_sources_note_the_listen_port(tmp_path: Path) -> None:
+    """Through the sources themselves: a UAPI socket answering `get=1`, and
+    `wg show dump` through the runner."""
+    path = tmp_path / "wg0.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        source = sources.UapiSource("wg0", tmp_path)
+        assert source.listen_port is None
+
+        def answer() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(64)
+                connection.sendall(UAPI_REPLY.encode())
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert len(source.peers()) == 3
+        thread.join()
+    assert source.listen_port == 57076
+    runner = RecordingRunner(respond=lambda argv, input: Result(0, WG_DUMP, ""))
+    wg = sources.WgShowSource("wg0", runner)
+    assert len(wg.peers()) == 3
+    assert wg.listen_port == 57076
+
+
 def _nla(kind: int, payload: bytes) -> bytes:
     length = 4 + len(payload)
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
@@ -198,6 +247,7 @@ def test_kernel_netlink_reply_is_parsed_through_pyroute2() -> None:
     message = wgmsg(data)
     message.decode()
     peers = sources.peers_from_netlink([message])
+    assert sources.netlink_listen_port([message]) == 51820
     assert [p.public_key for p in peers] == [base64.b64encode(k).decode() for k in keys]
     assert peers[0].endpoint == (ip("192.0.2.1"), 51820)
     assert peers[0].last_handshake == pytest.approx(1795671947.263103337)
@@ -316,6 +366,7 @@ def test_reject_after_below_wireguards_session_lifetime_is_refused(value: int) -
 class StaticSource:
     name = "static"
     fast_poll = 0.02
+    listen_port: int | None = None
 
     def __init__(self, *peers: Peer, error: Exception | None = None) -> None:
         self.result = peers

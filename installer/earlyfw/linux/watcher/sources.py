@@ -11,7 +11,8 @@ Three ways to ask, as `wg` itself has them:
 implementation while the watcher runs; for the kernel module it prefers `wg`
 when installed, so no read waits for pyroute2's import. What they read
 (`Peer`) and the `wg show dump` format are WireGuard's on every platform
-(earlyfw.handshake).
+(earlyfw.handshake). Each read also notes the tunnel's listen port
+(`listen_port`), the one UDP port only its own socket can hold.
 """
 
 from __future__ import annotations
@@ -98,6 +99,40 @@ def parse_uapi(text: str) -> tuple[Peer, ...]:
     return tuple(peers)
 
 
+def listen_port(value: object, where: str) -> int | None:
+    """A listen port as a source reports it; 0 (no socket bound) is None."""
+    text = str(value)
+    if not text.isdigit() or int(text) >= 1 << 16:
+        raise SourceError(f"{where}: listen port {value!r} is not a port")
+    return int(text) or None
+
+
+def uapi_listen_port(text: str) -> int | None:
+    """`listen_port=` among the interface's keys, before the first peer."""
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key == "public_key":
+            break
+        if key == "listen_port":
+            return listen_port(value, "UAPI")
+    return None
+
+
+def dump_listen_port(text: str) -> int | None:
+    """The third field of `wg show IF dump`'s interface line (private key,
+    public key, listen port, fwmark); parse_wg_dump has checked its shape."""
+    interface = next(line for line in text.splitlines() if line)
+    return listen_port(interface.split("\t")[2], "wg show dump")
+
+
+def netlink_listen_port(messages: Iterable[Any]) -> int | None:
+    """WGDEVICE_A_LISTEN_PORT of the first WG_CMD_GET_DEVICE reply (each
+    carries the device's attributes)."""
+    for message in messages:
+        return listen_port(message.get_attr("WGDEVICE_A_LISTEN_PORT") or 0, "netlink")
+    return None
+
+
 def peers_from_netlink(messages: Iterable[Any]) -> tuple[Peer, ...]:
     """Peers from pyroute2's decoded WG_CMD_GET_DEVICE replies (a device with
     many peers arrives as several messages)."""
@@ -129,6 +164,10 @@ class PeerSource(Protocol):
     def name(self) -> str: ...
 
     @property
+    def listen_port(self) -> int | None:
+        """The tunnel's listen port as of the last peers() (None: not known)."""
+
+    @property
     def fast_poll(self) -> float:
         """How often a blocked watcher may ask while it waits for a handshake."""
 
@@ -147,6 +186,7 @@ class UapiSource:
 
     def __init__(self, interface: str, directory: Path = UAPI_DIR) -> None:
         self.path = directory / f"{interface}.sock"
+        self.listen_port: int | None = None
 
     def _ask(self, request: bytes) -> str:
         try:
@@ -167,7 +207,10 @@ class UapiSource:
         return reply.decode(errors="replace")
 
     def peers(self) -> tuple[Peer, ...]:
-        return parse_uapi(self._ask(b"get=1\n\n"))
+        reply = self._ask(b"get=1\n\n")
+        peers = parse_uapi(reply)
+        self.listen_port = uapi_listen_port(reply)
+        return peers
 
     def set_keepalive(self, public_key: str, seconds: int) -> None:
         key = _key_hex(public_key)
@@ -208,6 +251,7 @@ class NetlinkSource:
         self.interface = interface
         self.runner = runner or Runner(verbose=False)
         self._wg: Any = None
+        self.listen_port: int | None = None
 
     def peers(self) -> tuple[Peer, ...]:
         try:
@@ -227,12 +271,15 @@ class NetlinkSource:
                     raise gone from None
                 raise SourceError(f"WireGuard netlink: {e}") from None
         try:
-            return peers_from_netlink(self._wg.info(self.interface))
+            messages = list(self._wg.info(self.interface))
         except NetlinkError as e:
             self.close()
             if e.code in (errno.ENODEV, errno.ENOENT, errno.EOPNOTSUPP):
                 raise gone from None
             raise SourceError(f"{self.interface}: WireGuard netlink: {e}") from None
+        peers = peers_from_netlink(messages)
+        self.listen_port = netlink_listen_port(messages)
+        return peers
 
     def set_keepalive(self, public_key: str, seconds: int) -> None:
         wg_set_keepalive(self.runner, self.interface, public_key, seconds)
@@ -251,6 +298,7 @@ class WgShowSource:
     def __init__(self, interface: str, runner: Runner) -> None:
         self.interface = interface
         self.runner = runner
+        self.listen_port: int | None = None
 
     def peers(self) -> tuple[Peer, ...]:
         result = self.runner.run(["wg", "show", self.interface, "dump"], check=False)
@@ -258,7 +306,9 @@ class WgShowSource:
             if "No such device" in result.stderr:
                 raise InterfaceGone(f"{self.interface}: no such WireGuard device")
             raise SourceError(f"wg show {self.interface} dump: {result.stderr.strip()}")
-        return parse_wg_dump(result.stdout)
+        peers = parse_wg_dump(result.stdout)
+        self.listen_port = dump_listen_port(result.stdout)
+        return peers
 
     def set_keepalive(self, public_key: str, seconds: int) -> None:
         wg_set_keepalive(self.runner, self.interface, public_key, seconds)
@@ -311,6 +361,10 @@ class AutoSource:
     @property
     def fast_poll(self) -> float:
         return self.current.fast_poll
+
+    @property
+    def listen_port(self) -> int | None:
+        return self.current.listen_port
 
     def peers(self) -> tuple[Peer, ...]:
         if not (self.sys_class_net / self.interface).exists():

@@ -357,6 +357,35 @@ def test_wg_show_source_relaxes_too(lab: netns.Lab, tmp_path: Path) -> None:
     assert pair.client_keepalive() == "off"
 
 
+def spared_ports(ns: netns.Namespace, table: str) -> list[int]:
+    """The source ports the endpoint refusals in inet `table` spare."""
+    listing = ns.exec(["nft", "list", "table", "inet", table])
+    return [int(m) for m in re.findall(r"th sport != \{ udp \. (\d+) \}", listing)]
+
+
+@pytest.mark.parametrize("source", ["uapi", "wg"])
+def test_relaxed_the_hole_spares_the_live_listen_port_and_follows_it(
+    lab: netns.Lab, tmp_path: Path, source: str
+) -> None:
+    """The relaxed endpoint refusal spares the tunnel's listen port as read
+    from the tunnel (both families, table and guard), and a new listen port
+    replaces it while relaxed, with no state change."""
+    pair = wg_pair(lab)
+    config_path = write_config(tmp_path, config_for(pair.client_wg.name))
+    watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, "--source", source, log_dir=tmp_path)
+    watcher.wait_for(r"^relaxed: ", 15)
+    port = int(pair.client.exec(["wg", "show", pair.client_wg.name, "listen-port"]))
+    assert port != 0
+    for table in (policy.TABLE, "earlyfw_guard"):
+        assert spared_ports(pair.client, table) == [port, port], table
+    moved = port + 1 if port < 65535 else port - 1
+    pair.client.exec(["wg", "set", pair.client_wg.name, "listen-port", str(moved)])
+    watcher.wait_for(rf"^relaxed, the tunnel's listen port now {moved} \(was {port}\)", 10)
+    for table in (policy.TABLE, "earlyfw_guard"):
+        assert spared_ports(pair.client, table) == [moved, moved], table
+    assert state_lines(watcher) == ["blocked", "relaxed"], "a new port is no state change"
+
+
 def test_nftables_events_from_the_kernel_name_table_and_process(lab: netns.Lab) -> None:
     ns = lab.namespace("efwev-")
     with ns.entered():

@@ -326,7 +326,13 @@ class Watcher:
         situation = self._situation(verdict)
         if verdict.state is not self.state:
             self.change(verdict.state, verdict.reason, situation)
-        elif situation != self.situation:
+        elif self.state is State.RELAXED and self.tunnel.listen_port != self.ruleset.rendered_port:
+            # The listen port moved (`wg set … listen-port`, a new socket):
+            # the hole must spare the new one, and no longer the old one.
+            was = self.ruleset.rendered_port
+            self.ruleset.put(State.RELAXED)
+            self.log(f"relaxed, the tunnel's listen port now {self.tunnel.listen_port} (was {was})")
+        if situation != self.situation:
             # The same state for a different reason: the journal says so.
             self.situation, self.situation_since, self.reason = situation, self.clock.wall(), verdict.reason
             self.log(f"{self.state}, {situation}: {verdict.reason}")
@@ -521,7 +527,7 @@ def main(config: Config, runner: Runner, source: SourceKind = SourceKind.AUTO, *
         except OSError as e:
             log(f"warning: no handshake wake-ups (NFLOG: {e}); polling instead")
     context = Libnftables()
-    ruleset = LiveRuleset(config, context)
+    ruleset = LiveRuleset(config, context, tunnel_port=lambda: tunnel.listen_port)
     watcher = Watcher(
         config,
         ruleset,

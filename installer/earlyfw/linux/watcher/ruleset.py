@@ -103,6 +103,7 @@ class LiveRuleset:
         guard: bool = True,
         devices: Callable[[], list[str]] | None = None,
         sys_class_net: Path = Path("/sys/class/net"),
+        tunnel_port: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.config = config
         self.nft = nft_ctx
@@ -110,6 +111,10 @@ class LiveRuleset:
         self.notes: list[str] = []
         # Read at each change: a reload may bring other [egress] interfaces.
         self._devices = devices or (lambda: nft.present_devices(self.config.egress_interfaces, sys_class_net))
+        # Read at each change: the tunnel's listen port, which the relaxed
+        # endpoint hole spares; a repair keeps the one the guards hold.
+        self._tunnel_port = tunnel_port
+        self.rendered_port: int | None = None
         # Without a guard, the reference for "intact" is what the watcher itself
         # listed right after its last change.
         self._reference: dict[str, str | None] = {}
@@ -132,9 +137,12 @@ class LiveRuleset:
         its endpoints changed too)."""
         counters = self._counters(with_guard=self.guarded and not repair)
         devices = self._devices()
+        port = self.rendered_port if repair else self._tunnel_port()
 
         def script(guard: policy.Tables | None = None) -> str:
-            return policy.render(self.config, state, counters=counters, egress_devices=devices, guard=guard)
+            return policy.render(
+                self.config, state, counters=counters, egress_devices=devices, guard=guard, tunnel_port=port
+            )
 
         if self.guarded and not repair:
             wake = wake_script(self.config, wake_group) if wake_group is not None else ""
@@ -154,6 +162,7 @@ class LiveRuleset:
             if not self.guarded:
                 self._reference = {name: self.nft.list_table(family, name) for family, name, _ in PAIRS}
         self._carried = counters
+        self.rendered_port = port
         self.changes += 1
         if not repair:
             self._egress_loaded = bool(devices)

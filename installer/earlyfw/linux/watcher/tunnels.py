@@ -143,6 +143,9 @@ class Tunnel(ABC):
         self.hint: str | None = None
         # One-line notes for the journal since the watcher last took them.
         self.notes: list[str] = []
+        # The UDP port only the tunnel's own socket holds (WireGuard's listen
+        # port) as of the last evaluate(); None where not known.
+        self.listen_port: int | None = None
 
     def fileno(self) -> int | None:
         return None
@@ -217,8 +220,10 @@ class WireGuardTunnel(Tunnel):
             self._live = False
 
     def evaluate(self, not_before: float) -> Verdict:
+        self.listen_port = None
         try:
             peers = self.source.peers()
+            self.listen_port = self.source.listen_port
         except InterfaceGone as e:
             self._forget()
             verdict = Verdict(State.BLOCKED, str(e), situation=Situation.NO_INTERFACE)

@@ -20,6 +20,7 @@ import stat
 import struct
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -759,11 +760,15 @@ class RecordingRuleset(LiveRuleset):
         self.finding = Finding()
         self.fail = False
         self.wake_groups: list[int] = []
+        self.rendered_port: int | None = None
+        self.tunnel_port: Callable[[], int | None] = lambda: None
 
     def put(self, state: State, *, repair: bool = False, wake_group: int | None = None) -> None:
         if self.fail:
             raise CommandError("nft: Operation not permitted")
         self.puts.append(state)
+        if not repair:
+            self.rendered_port = self.tunnel_port()
 
     def inspect(self, state: State) -> Finding:
         return self.finding
@@ -783,6 +788,7 @@ class ScriptedTunnel(tunnels.Tunnel):
     config: Config = CONFIG
     notes: list[str] = field(default_factory=list)
     woken: bool = False
+    listen_port: int | None = None
 
     def request(self, state: State) -> None:
         self.requests.append(state)
@@ -828,6 +834,31 @@ def test_start_locks_then_relaxes_once_on_proof() -> None:
     watcher.step(0)
     assert rules.puts == [State.BLOCKED, State.RELAXED], "one transaction per change"
     assert lines[1:] == ["relaxed: peer X: handshake 0.010s ago"], "one line per change"
+
+
+def test_a_new_listen_port_while_relaxed_is_put_in_place_once() -> None:
+    """The relaxed hole spares the port the tunnel holds now: a new one is
+    a transaction (tables and guards) in the same state; blocked, where the
+    port is not rendered, it is none."""
+    tunnel = ScriptedTunnel(Verdict(State.RELAXED, "fresh"), listen_port=51820)
+    watcher, rules, lines, _ = make(tunnel)
+    rules.tunnel_port = lambda: tunnel.listen_port
+    watcher.start()
+    watcher.step(0)
+    assert (rules.puts, rules.rendered_port) == ([State.BLOCKED, State.RELAXED], 51820)
+    tunnel.listen_port = 40000
+    for _ in range(2):
+        watcher.due = 0
+        watcher.step(0)
+    assert (rules.puts[2:], rules.rendered_port) == ([State.RELAXED], 40000), "one transaction per new port"
+    assert lines[-1] == "relaxed, the tunnel's listen port now 40000 (was 51820)"
+    tunnel.verdict, tunnel.listen_port = Verdict(State.BLOCKED, "gone"), None
+    watcher.due = 0
+    watcher.step(0)
+    tunnel.listen_port = 40001
+    watcher.due = 0
+    watcher.step(0)
+    assert rules.puts[3:] == [State.BLOCKED], "blocked: a new port changes nothing"
 
 
 def test_resume_from_suspend_locks_and_needs_newer_proof() -> None:

@@ -8,6 +8,7 @@ module and against the single-file PyInstaller binary (see test_frozen.py).
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -363,13 +364,20 @@ def spared_ports(ns: netns.Namespace, table: str) -> list[int]:
     return [int(m) for m in re.findall(r"th sport != \{ udp \. (\d+) \}", listing)]
 
 
+def intact_status(ns: netns.Namespace, config_path: Path) -> tuple[str, bool]:
+    result = earlyfw(ns, config_path, "status", "--json")
+    document = json.loads(result.stdout)
+    return document["state"], document["intact"]
+
+
 @pytest.mark.parametrize("source", ["uapi", "wg"])
 def test_relaxed_the_hole_spares_the_live_listen_port_and_follows_it(
     lab: netns.Lab, tmp_path: Path, source: str
 ) -> None:
     """The relaxed endpoint refusal spares the tunnel's listen port as read
     from the tunnel (both families, table and guard), and a new listen port
-    replaces it while relaxed, with no state change."""
+    replaces it while relaxed, with no state change; `earlyfw status` renders
+    the tables with the port the watcher published, so finds them intact."""
     pair = wg_pair(lab)
     config_path = write_config(tmp_path, config_for(pair.client_wg.name))
     watcher = start_watcher(lab, pair.client, PYTHON_MODULE, config_path, "--source", source, log_dir=tmp_path)
@@ -378,11 +386,13 @@ def test_relaxed_the_hole_spares_the_live_listen_port_and_follows_it(
     assert port != 0
     for table in (policy.TABLE, "earlyfw_guard"):
         assert spared_ports(pair.client, table) == [port, port], table
+    assert intact_status(pair.client, config_path) == ("relaxed", True)
     moved = port + 1 if port < 65535 else port - 1
     pair.client.exec(["wg", "set", pair.client_wg.name, "listen-port", str(moved)])
     watcher.wait_for(rf"^relaxed, the tunnel's listen port now {moved} \(was {port}\)", 10)
     for table in (policy.TABLE, "earlyfw_guard"):
         assert spared_ports(pair.client, table) == [moved, moved], table
+    assert intact_status(pair.client, config_path) == ("relaxed", True)
     assert state_lines(watcher) == ["blocked", "relaxed"], "a new port is no state change"
 
 

@@ -1246,3 +1246,23 @@ def test_the_verdict_is_published_where_chown_is_forbidden(tmp_path: Path, monke
     published = daemon.read_verdict("wg0", tmp_path)
     assert published is not None and published["situation"] == "no peer"
     assert stat.S_IMODE((tmp_path / "watch-wg0.json").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize(
+    ("verdict", "port"),
+    [
+        ({"running": True, "stopped": False, "tunnel_port": 51820}, 51820),
+        ({"running": False, "stopped": False, "tunnel_port": 51820}, None),
+        ({"running": True, "stopped": True, "tunnel_port": 51820}, None),
+        ({"running": True, "stopped": False, "tunnel_port": None}, None),
+        ({"running": True, "stopped": False}, None),
+        ({"running": True, "stopped": False, "tunnel_port": 65536}, None),
+        ({"running": True, "stopped": False, "tunnel_port": "51820"}, None),
+        ({"running": True, "stopped": False, "tunnel_port": True}, None),
+        (None, None),
+    ],
+)
+def test_status_renders_with_the_port_only_a_running_watcher_published(
+    verdict: dict[str, object] | None, port: int | None
+) -> None:
+    assert daemon.spared_port(verdict) == port

@@ -220,12 +220,13 @@ def check(runner: Runner, config: Config, state: State) -> None:
 
 
 def canonical(
-    runner: Runner, config: Config, state: State, devices: Sequence[str]
+    runner: Runner, config: Config, state: State, devices: Sequence[str], tunnel_port: int | None = None
 ) -> dict[tuple[str, str], str | None]:
     """How the kernel lists earlyfw's tables with `state` loaded and raw egress
-    filtered on `devices`, with no counter values: the form the live tables
-    are compared against to tell whether they are intact."""
-    script = policy.render(config, state, egress_devices=devices)
+    filtered on `devices` (and the watcher's `tunnel_port` spared), with no
+    counter values: the form the live tables are compared against to tell
+    whether they are intact."""
+    script = policy.render(config, state, egress_devices=devices, tunnel_port=tunnel_port)
     listed = private_load(runner, script, devices, list_tables=MAIN_TABLES)
     return {key: normalise(listing) for key, listing in listed.items()}
 
@@ -283,7 +284,9 @@ class Status:
         }
 
 
-def status(runner: Runner, config: Config) -> Status:
+def status(runner: Runner, config: Config, *, tunnel_port: int | None = None) -> Status:
+    """`tunnel_port`: the listen port the running watcher's relaxed tables
+    spare (daemon.spared_port)."""
     # Two listings of the live kernel in all (and one of a small set while a
     # portal window is open): each costs a full fetch of every set element in
     # nft 1.0.6 (seconds at 100,000 endpoints).
@@ -316,7 +319,7 @@ def status(runner: Runner, config: Config) -> Status:
     claimed = policy.claimed_state(main)
     state = None
     for candidate in [claimed] if claimed else list(State):
-        if canonical(runner, config, candidate, devices) == live:
+        if canonical(runner, config, candidate, devices, tunnel_port) == live:
             state = candidate
             break
     warnings = []

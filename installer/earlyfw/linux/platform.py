@@ -37,8 +37,8 @@ def status(runner: Runner, config: Config, *, as_json: bool, textfile: Path | No
     from earlyfw import metrics  # noqa: PLC0415 - only status reads handshakes and writes metrics
     from earlyfw.linux.watcher import daemon  # noqa: PLC0415
 
-    result = nft.status(runner, config)
     verdict = daemon.read_verdict(config.interface)
+    result = nft.status(runner, config, tunnel_port=daemon.spared_port(verdict))
     document = metrics.status_document(
         {**result.to_json(), "watcher": verdict}, last_handshake=metrics.last_handshake(config, runner)
     )

@@ -90,6 +90,15 @@ def read_verdict(interface: str, directory: Path = VERDICT_DIR) -> dict[str, Any
     return data
 
 
+def spared_port(verdict: dict[str, Any] | None) -> int | None:
+    """The listen port a running watcher's relaxed tables spare (published
+    as "tunnel_port"), for `earlyfw status` to render the same tables."""
+    if verdict is None or not verdict.get("running") or verdict.get("stopped"):
+        return None
+    port = verdict.get("tunnel_port")
+    return port if type(port) is int and 0 < port < 1 << 16 else None
+
+
 Log = Callable[[str], None]
 
 
@@ -332,6 +341,7 @@ class Watcher:
             was = self.ruleset.rendered_port
             self.ruleset.put(State.RELAXED)
             self.log(f"relaxed, the tunnel's listen port now {self.tunnel.listen_port} (was {was})")
+            self.publish()
         if situation != self.situation:
             # The same state for a different reason: the journal says so.
             self.situation, self.situation_since, self.reason = situation, self.clock.wall(), verdict.reason
@@ -388,6 +398,8 @@ class Watcher:
             # What it enforces now, and how the last reload went.
             "endpoints": [str(e) for e in self.config.endpoints],
             "reloaded": self.reloaded,
+            # The listen port the relaxed tables spare: `earlyfw status` renders them with it.
+            "tunnel_port": self.ruleset.rendered_port if self.state is State.RELAXED else None,
             # The captive-portal window, and its last answer to `earlyfw portal`.
             "portal": self.portal.published(),
         }

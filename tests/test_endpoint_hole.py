@@ -69,16 +69,19 @@ def endpoints(v4: int, v6: int) -> tuple[Endpoint, ...]:
     state=st.sampled_from(list(State)),
     egress=st.booleans(),
     kind=st.sampled_from(list(TunnelKind)),
+    port=st.none() | st.integers(1, 65535),
 )
 def test_every_endpoint_accept_comes_after_its_owner_refusal(
-    *, v4: int, v6: int, mark: int | None, state: State, egress: bool, kind: TunnelKind
+    *, v4: int, v6: int, mark: int | None, state: State, egress: bool, kind: TunnelKind, port: int | None
 ) -> None:
     """In the inet output chain and the netdev egress chain the first rule
     naming an endpoint set refuses other owners (the mark the one exception
     when configured) before the accept: always while blocked and in the
     initramfs; relaxed, the inet chain spares established flows (a kernel
     tunnel's packets carry the socket of the packet inside) and the egress
-    chain, without conntrack, refuses none."""
+    chain, without conntrack, refuses none; relaxed, the inet chain spares
+    the tunnel's listen port as UDP source too, when known. Blocked and in
+    the initramfs the port changes nothing."""
     cfg = Config(
         tunnel_kind=kind,
         interface="wg0",
@@ -86,7 +89,9 @@ def test_every_endpoint_accept_comes_after_its_owner_refusal(
         egress_interfaces=("eth0",) if egress else (),
         tunnel_mark=mark,
     )
-    script = policy.render(cfg, state, egress_devices=cfg.egress_interfaces)
+    script = policy.render(cfg, state, egress_devices=cfg.egress_interfaces, tunnel_port=port)
+    if not state.allows_tunnel:
+        assert script == policy.render(cfg, state, egress_devices=cfg.egress_interfaces)
     chains = CHAIN.findall(script)
     assert {name for name, _ in chains} == ({"output", "egress"} if egress else {"output"})
     owner = "meta skuid != 0" + (f" meta mark != {mark:#010x}" if mark is not None else "")
@@ -100,6 +105,8 @@ def test_every_endpoint_accept_comes_after_its_owner_refusal(
                 continue
             assert len(refusals) == 1, (name, lines)
             flows = "ct state != established " if state.allows_tunnel else ""
+            if state.allows_tunnel and port is not None:
+                flows += f"meta l4proto . th sport != {{ udp . {port} }} "
             assert f"th dport @endpoints_v{family} {flows}{owner} " in refusals[0]
             assert refusals[0].endswith("drop") or "reject" in refusals[0]
             assert "refused_endpoint" in refusals[0] or "refused_raw" in refusals[0] or state.core_only
@@ -162,3 +169,10 @@ def test_openvpn_mark_is_imported_and_user_without_it_is_warned(
     assert importers.build(imported).tunnel_mark == mark
     assert bool(imported.warnings) == warned
     assert all("mark" in w and "user nobody" in w for w in imported.warnings)
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536])
+def test_a_tunnel_port_out_of_range_is_refused(port: int) -> None:
+    cfg = Config(tunnel_kind=TunnelKind.WIREGUARD, interface="wg0", endpoints=endpoints(1, 0))
+    with pytest.raises(ValueError, match=f"tunnel port {port} is not a port"):
+        policy.render(cfg, State.RELAXED, tunnel_port=port)

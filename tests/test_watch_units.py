@@ -163,7 +163,7 @@ def test_each_source_reads_the_listen_port() -> None:
     assert sources.dump_listen_port(WG_DUMP.replace("\t57076\t", "\t0\t", 1)) is None
 
 
-@pytest.mark.parametrize("value", ["65536", "-1", "51820x", ""])
+@pytest.mark.parametrize("value", ["65536", "-1", "51820x", "", "²"])
 def test_a_bad_listen_port_is_refused(value: str) -> None:
     with pytest.raises(SourceError, match="is not a port"):
         sources.uapi_listen_port(UAPI_REPLY.replace("listen_port=57076", f"listen_port={value}"))

@@ -102,7 +102,7 @@ def parse_uapi(text: str) -> tuple[Peer, ...]:
 def listen_port(value: object, where: str) -> int | None:
     """A listen port as a source reports it; 0 (no socket bound) is None."""
     text = str(value)
-    if not text.isdigit() or int(text) >= 1 << 16:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 1 << 16:  # isdigit alone takes '²'
         raise SourceError(f"{where}: listen port {value!r} is not a port")
     return int(text) or None
 

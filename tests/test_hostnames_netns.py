@@ -331,6 +331,9 @@ def test_refresh_while_relaxed_asks_only_through_the_tunnel_and_swaps_without_a_
         netns.wait_until(lambda: len(pinger.received) > 20, 5, "echo answers through the tunnel")
         result = provider.earlyfw("--config", str(out), "endpoints", "refresh")
         time.sleep(0.5)
+        # Enough echoes around the swap however fast the refresh was (one
+        # took under a second, leaving 99 sent).
+        netns.wait_until(lambda: pinger.sent > 100, 5, "100 echo requests sent")
         lost = pinger.stop()
         frames = capture.since(0)
     assert result.returncode == 0, result.stderr
